@@ -1,0 +1,158 @@
+"""Branches, segments, dilation and head offsets: the index sets of dilated attention.
+
+LongNet (Ding et al., arXiv 2307.02486, §2.2-2.3; SPEC §2). This module is the *only* place
+that knows which rows head ``h`` of branch ``i`` sees. The reference, the kernels, the
+multiplicity matrix, the complexity counts and the distributed code all ask it.
+
+For branch ``i`` with segment length ``w`` and dilation ``r``, head ``h`` keeps, in segment ``s``,
+
+    P(i, s, h) = { s*w + o + t*r : t >= 0, o + t*r < w, s*w + o + t*r < N },  o = offset(h, r)
+
+(the selection never leaves its segment; a short last segment simply has fewer rows).
+
+Docs: ``docs/segments.md`` and ``docs/offsets.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+OFFSET_RULES = ("paper", "torchscale")
+
+
+class InputTypeError(TypeError, ValueError):
+    """An argument of the wrong type.
+
+    SPEC §7 asks for ``TypeError`` for a wrong type and lists several type problems (dtype,
+    non-integer ``w``) among its ``ValueError`` cases; like NumPy's ``AxisError`` this class is
+    both, so either ``except`` clause catches it.
+    """
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One ``(w, r)`` branch of the mixture (paper Eq. 9)."""
+
+    segment_length: int  # w
+    dilation: int  # r
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise InputTypeError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def validate_branches(segment_lengths, dilation_rates) -> tuple[Branch, ...]:
+    """Check ``segment_lengths`` and ``dilation_rates`` (SPEC §2, §7) and pair them as branches."""
+    for name, seq in (("segment_lengths", segment_lengths), ("dilation_rates", dilation_rates)):
+        if isinstance(seq, (str, bytes)) or not isinstance(seq, (Sequence, np.ndarray)):
+            raise InputTypeError(f"{name} must be a sequence of positive integers, got {type(seq).__name__}")
+    if len(segment_lengths) == 0:
+        raise ValueError("segment_lengths must name at least one branch, got an empty list")
+    if len(dilation_rates) == 0:
+        raise ValueError("dilation_rates must name at least one branch, got an empty list")
+    if len(segment_lengths) != len(dilation_rates):
+        raise ValueError(
+            f"segment_lengths and dilation_rates must have the same length, "
+            f"got {len(segment_lengths)} and {len(dilation_rates)}"
+        )
+    return tuple(
+        Branch(_positive_int(w, f"segment_lengths[{i}]"), _positive_int(r, f"dilation_rates[{i}]"))
+        for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates))
+    )
+
+
+def validate_offset_rule(offsets) -> str:
+    if not isinstance(offsets, str) or offsets not in OFFSET_RULES:
+        raise ValueError(f"offsets must be one of {OFFSET_RULES}, got {offsets!r}")
+    return offsets
+
+
+def head_offsets(num_heads: int, dilation: int, rule: str = "paper") -> np.ndarray:
+    """The offset ``o`` of every head for dilation ``r`` (paper Eq. 13; SPEC §2).
+
+    ``"paper"``:      o(h) = h mod r
+    ``"torchscale"``: o(h) = h // (Hp / r),  Hp = ceil(H / r) * r  (contiguous blocks of heads)
+    """
+    h = np.arange(num_heads)  # (H,)
+    if rule == "paper":
+        return h % dilation
+    if rule == "torchscale":
+        heads_per_offset = math.ceil(num_heads / dilation)  # Hp / r
+        return h // heads_per_offset
+    raise ValueError(f"offsets must be one of {OFFSET_RULES}, got {rule!r}")
+
+
+def segment_rows(n: int, segment_length: int, dilation: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions ``P(i, s, h)`` of every segment as a padded ``(S, T)`` table (SPEC §2).
+
+    Row ``s`` holds ``s*w + o + t*r`` for ``t = 0..T-1``; ``valid[s, t]`` says whether that
+    position is selected (``o + t*r < w`` and ``< N``). Padded entries hold position 0 and must
+    never be read: every consumer masks them with ``valid``.
+    """
+    w, r, o = segment_length, dilation, offset
+    num_segments = -(-n // w)  # S = ceil(N / w)
+    rows_per_segment = max(0, -(-(min(w, n) - o) // r))  # T: rows of offset o in a full segment
+    s = np.arange(num_segments)[:, None]  # (S, 1)
+    t = np.arange(rows_per_segment)[None, :]  # (1, T)
+    within = o + t * r  # (1, T) distance from the segment start
+    positions = s * w + within  # (S, T)
+    valid = (within < w) & (positions < n)  # (S, T)
+    return np.where(valid, positions, 0), valid
+
+
+@dataclass(frozen=True)
+class SparseSegments:
+    """All segments of one branch seen by the heads that share one offset.
+
+    ``positions`` and ``valid`` are the ``(S, T)`` table of :func:`segment_rows`; ``heads`` the
+    heads with this offset. Within one ``SparseSegments`` every valid position occurs once, so a
+    scatter by fancy indexing never writes the same row twice.
+    """
+
+    branch: int
+    segment_length: int
+    dilation: int
+    offset: int
+    heads: np.ndarray  # (Hs,)
+    positions: np.ndarray  # (S, T)
+    valid: np.ndarray  # (S, T)
+
+    def attended(self, causal: bool) -> np.ndarray:
+        """``(S, T, T)`` mask of the (query row, key row) pairs attended: ``K_i(p)`` of SPEC §3.
+
+        Positions increase with ``t`` inside a segment, so the causal rule ``k <= p`` is the
+        lower triangle.
+        """
+        mask = self.valid[:, :, None] & self.valid[:, None, :]  # (S, Tq, Tk)
+        if causal:
+            rows = self.valid.shape[1]
+            mask = mask & np.tri(rows, rows, dtype=bool)[None]
+        return mask
+
+
+def sparse_segments(n: int, num_heads: int, branches: Sequence[Branch], offsets: str = "paper") -> Iterator[SparseSegments]:
+    """Every (branch, offset) group of sparse segments, the unit all backends iterate over."""
+    for i, branch in enumerate(branches):
+        per_head = head_offsets(num_heads, branch.dilation, offsets)  # (H,)
+        for o in np.unique(per_head):
+            positions, valid = segment_rows(n, branch.segment_length, branch.dilation, int(o))
+            if not valid.any():
+                continue  # offset beyond the segment (o >= min(w, N)): this head sees no row
+            yield SparseSegments(
+                branch=i,
+                segment_length=branch.segment_length,
+                dilation=branch.dilation,
+                offset=int(o),
+                heads=np.flatnonzero(per_head == o),
+                positions=positions,
+                valid=valid,
+            )
