@@ -31,7 +31,7 @@ def attention_from_scores(scores, v):
     m = xp.where(m == -xp.inf, 0, m)  # a row with no key: keep exp(-inf - m) = 0, not NaN
     p = xp.exp(scores - m)  # (..., Tq, Tk) unnormalised probabilities
     l = p.sum(axis=-1, keepdims=True)  # (..., Tq, 1) softmax denominator
-    out = (p @ v) / xp.where(l == 0, 1, l)  # (..., Tq, Dv)
+    out = attended_product(p, scores != -xp.inf, v) / xp.where(l == 0, 1, l)  # (..., Tq, Dv)
     with np.errstate(divide="ignore"):
         lse = (xp.log(l) + m)[..., 0]  # (..., Tq); log(0) = -inf for a row with no key
     return out, lse
@@ -51,12 +51,33 @@ def attention_backward_from_scores(scores, lse, dsum, q, k, v, dout, scale):
     xp = array_namespace(scores)
     lse = xp.where(lse == -xp.inf, xp.inf, lse)  # a row with no key: P = exp(-inf) = 0, not NaN
     p = xp.exp(scores - lse[..., None])  # (..., Tq, Tk)
-    dv = xp.swapaxes(p, -1, -2) @ dout  # (..., Tk, Dv)
-    dp = dout @ xp.swapaxes(v, -1, -2)  # (..., Tq, Tk)
-    ds = p * (dp - dsum[..., None])  # (..., Tq, Tk)
-    dq = scale * (ds @ k)  # (..., Tq, D)
-    dk = scale * (xp.swapaxes(ds, -1, -2) @ q)  # (..., Tk, D)
+    attended = scores != -xp.inf  # (..., Tq, Tk)
+    attended_t, transpose = xp.swapaxes(attended, -1, -2), lambda x: xp.swapaxes(x, -1, -2)
+    dv = attended_product(transpose(p), attended_t, dout)  # (..., Tk, Dv)
+    dp = dout @ transpose(v)  # (..., Tq, Tk)
+    ds = xp.where(attended, p * (dp - dsum[..., None]), 0)  # (..., Tq, Tk)
+    dq = scale * attended_product(ds, attended, k)  # (..., Tq, D)
+    dk = scale * attended_product(transpose(ds), attended_t, q)  # (..., Tk, D)
     return dq, dk, dv
+
+
+def attended_product(weights, attended, rows):
+    """``weights @ rows`` in which a pair that is not attended contributes exactly nothing.
+
+    ``weights (..., Tq, Tk)`` is 0 wherever ``attended`` is False, but ``0 * NaN = NaN``: a
+    plain product would let a NaN or Inf row of ``rows (..., Tk, C)`` reach every output row,
+    also the ones that do not attend it (SPEC §7). When such rows exist (rare), their columns
+    are multiplied pair by pair under the mask; the finite part is one matrix product.
+    """
+    xp = array_namespace(weights)
+    bad = ~xp.isfinite(rows).all(axis=-1)  # (..., Tk)
+    if not bad.any():
+        return weights @ rows
+    cols = xp.flatnonzero(bad.reshape(-1, bad.shape[-1]).any(axis=0))  # keys non-finite anywhere
+    clean = rows.copy()
+    clean[..., cols, :] = 0
+    pairs = weights[..., :, cols, None] * rows[..., None, cols, :]  # (..., Tq, Kb, C)
+    return weights @ clean + xp.where(attended[..., :, cols, None], pairs, 0).sum(axis=-2)
 
 
 def _check_bias(bias, batch, num_heads, n, dtype):

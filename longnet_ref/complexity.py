@@ -1,0 +1,145 @@
+"""Cost and reach of dilated attention: exact counts, the paper's closed forms, path length.
+
+LongNet (arXiv 2307.02486) §2.4. Every count here is taken from the same index sets the
+implementation attends over (``config.sparse_segments``), so "the FLOPs we claim" and "the
+FLOPs we do" cannot drift apart.
+
+- One branch, ``N`` divisible by ``w`` and ``w`` by ``r`` (Eq. 16):
+  ``N/w`` segments of ``w/r`` rows, ``(w/r)^2`` pairs each: ``2 N w d / r^2`` FLOPs for ``Q K^T``.
+- All branches (Eqs. 17-18): ``2 N d sum_i w_i / r_i^2``; with geometric ``w_i = w_0 a^i``,
+  ``r_i = a^i`` each term is ``w_0 / a^i``: the sum is bounded and the cost is linear in ``N``.
+- Path length (Eqs. 19-20): a token reaches distance ``D = sum_{i<l} w_0 a^i`` in ``l`` layers,
+  so ``l ~ log_a(N (a - 1) / w_0)`` layers link any two of ``N`` tokens.
+
+Docs: ``docs/complexity.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+from .config import sparse_segments, validate_branches, validate_offset_rule
+
+
+@dataclass(frozen=True)
+class Flops:
+    """Floating-point operations of one forward pass, 2 per multiply-add."""
+
+    qk: int  # S = Q K^T: 2 D per attended pair
+    pv: int  # O = P V:   2 Dv per attended pair
+
+    @property
+    def total(self) -> int:
+        return self.qk + self.pv
+
+
+def attended_pairs(n, num_heads, segment_lengths, dilation_rates, *, causal=False, offsets="paper", batch=1) -> int:
+    """The exact number of (query, key) pairs dilated attention scores, over all branches.
+
+    A sparse segment of ``c`` rows scores ``c^2`` pairs, or ``c (c + 1) / 2`` causally; pairs
+    that two branches share are counted twice, because both branches compute them.
+    """
+    branches = validate_branches(segment_lengths, dilation_rates)
+    pairs = 0
+    for segments in sparse_segments(n, num_heads, branches, validate_offset_rule(offsets)):
+        rows = segments.valid.sum(axis=1).astype(np.int64)  # (S,) c = |P(i, s, h)|
+        per_head = rows * (rows + 1) // 2 if causal else rows * rows
+        pairs += int(per_head.sum()) * len(segments.heads)
+    return batch * pairs
+
+
+def dilated_flops(
+    n, num_heads, head_dim, segment_lengths, dilation_rates, *, value_dim=None, causal=False, offsets="paper", batch=1
+) -> Flops:
+    """Exact forward FLOPs: ``2 D`` per pair for ``Q K^T`` and ``2 Dv`` for ``P V``."""
+    value_dim = head_dim if value_dim is None else value_dim
+    pairs = attended_pairs(n, num_heads, segment_lengths, dilation_rates, causal=causal, offsets=offsets, batch=batch)
+    return Flops(qk=2 * head_dim * pairs, pv=2 * value_dim * pairs)
+
+
+def dense_pairs(n, num_heads, *, causal=False, batch=1) -> int:
+    """Pairs scored by dense attention: ``N^2`` per head, ``N (N + 1) / 2`` causally."""
+    return batch * num_heads * (n * (n + 1) // 2 if causal else n * n)
+
+
+def dense_flops(n, num_heads, head_dim, *, value_dim=None, causal=False, batch=1) -> Flops:
+    value_dim = head_dim if value_dim is None else value_dim
+    pairs = dense_pairs(n, num_heads, causal=causal, batch=batch)
+    return Flops(qk=2 * head_dim * pairs, pv=2 * value_dim * pairs)
+
+
+def closed_form_flops(n, head_dim, segment_lengths, dilation_rates, *, num_heads=1, batch=1) -> float:
+    """The paper's ``Q K^T`` FLOPs (Eqs. 16-18): ``2 N d sum_i w_i / r_i^2`` per head.
+
+    Exact when every ``w_i`` divides ``N`` and every ``r_i`` divides ``w_i`` (non-causal);
+    otherwise an estimate (a segment longer than ``N`` is counted at its full length ``w``).
+    """
+    branches = validate_branches(segment_lengths, dilation_rates)
+    # Exact rationals: the sum of w / r^2 is a whole number of FLOPs only after multiplying by N.
+    return float(batch * num_heads * 2 * n * head_dim * sum(Fraction(b.segment_length, b.dilation**2) for b in branches))
+
+
+def geometric_configuration(n, first_segment_length, ratio) -> tuple[list[int], list[int]]:
+    """The paper's geometric branches ``w_i = w_0 a^i``, ``r_i = a^i``, up to the first ``w_i >= N``."""
+    segment_lengths, dilation_rates = [first_segment_length], [1]
+    while segment_lengths[-1] < n:
+        segment_lengths.append(segment_lengths[-1] * ratio)
+        dilation_rates.append(dilation_rates[-1] * ratio)
+    return segment_lengths, dilation_rates
+
+
+def predicted_path_length(n, first_segment_length, ratio) -> float:
+    """Paper Eq. 20: ``l = log_a(N (a - 1) / w_0)`` layers link any two of ``N`` tokens."""
+    return math.log(n * (ratio - 1) / first_segment_length, ratio)
+
+
+def path_length(n, num_heads, segment_lengths, dilation_rates, *, causal=False, offsets="paper", source=None, target=None):
+    """Layers of dilated attention after which information has flowed between tokens.
+
+    The attention graph of one layer links key ``k`` to query ``p`` if any head of any branch
+    attends ``p -> k`` (``m_h(p, k) > 0``); every token also keeps its own state (the
+    residual connection). Returns the least number of stacked layers ``L`` such that
+
+    - ``source``/``target`` given: ``source`` reaches ``target``;
+    - otherwise: every token reaches every other (causally: every later token),
+
+    or ``None`` if that never happens (a token no branch covers, for instance).
+
+    Reachability is a bit matrix ``reach[p, s]`` (packed 8 sources a byte); one layer ORs it
+    over the rows of every sparse segment: ``O(N^2 / 8)`` bytes per group per layer.
+    """
+    branches = validate_branches(segment_lengths, dilation_rates)
+    groups = list(sparse_segments(n, num_heads, branches, validate_offset_rule(offsets)))
+    sources = np.arange(n) if source is None else np.array([source])
+    if np.any((sources < 0) | (sources >= n)) or (target is not None and not 0 <= target < n):
+        raise ValueError(f"source and target must lie in [0, {n}), got {source!r} and {target!r}")
+
+    reached = np.zeros((n, sources.size), bool)  # (N, sources) before packing
+    reached[sources, np.arange(sources.size)] = True
+    if source is not None:
+        wanted = np.zeros_like(reached)
+        wanted[n - 1 if target is None else target, 0] = True
+    elif causal:
+        wanted = np.tri(n, n, dtype=bool)  # every p must hear from every s <= p
+    else:
+        wanted = np.ones((n, n), bool)
+    reach, wanted = np.packbits(reached, axis=1), np.packbits(wanted, axis=1)  # (N, W) bytes
+
+    layers = 0
+    while not np.array_equal(reach & wanted, wanted):
+        new = reach.copy()
+        for segments in groups:
+            rows = np.where(segments.valid[:, :, None], reach[segments.positions], 0)  # (S, T, W)
+            if causal:
+                heard = np.bitwise_or.accumulate(rows, axis=1)  # row t hears rows 0..t
+            else:
+                heard = np.broadcast_to(np.bitwise_or.reduce(rows, axis=1)[:, None], rows.shape)  # every row hears all
+            new[segments.positions[segments.valid]] |= heard[segments.valid]
+        if np.array_equal(new, reach):
+            return None  # nothing new can be reached
+        reach, layers = new, layers + 1
+    return layers
