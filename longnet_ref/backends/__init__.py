@@ -17,6 +17,7 @@ import numpy as np
 
 BACKENDS = {
     "numpy": "longnet_ref.reference",
+    "numba": "longnet_ref.backends.numba_cpu",
 }
 
 

@@ -1,0 +1,328 @@
+"""``backend="numba"``: fused, parallel CPU kernels for dilated attention (SPEC §3-5).
+
+The same maths as ``longnet_ref.reference``, without materialising any ``(T, T)`` score
+matrix: FlashAttention-style tiles over each sparse segment.
+
+Forward, for every branch ``i`` in turn (a parallel loop over work items
+``(batch, head, segment, query block)``; each item owns its query rows):
+
+    gather Q_blk (rows s*w + o + t*r), pre-scaled;  m = -inf, l = 0, acc = 0
+    for each key block:  S = Q_blk K_blk^T                      (BLAS)
+                         m' = max(m, rowmax S);  P = exp(S - m')  (vectorised exp)
+                         l = l e^{m - m'} + rowsum P;  acc = acc e^{m - m'} + P V_blk
+    o_i = acc / l,  lse_i = m + log l
+    mix into the output with a running LSE (paper Eq. 10):
+        LSE' = logaddexp(LSE, lse_i),  out = out e^{LSE - LSE'} + o_i e^{lse_i - LSE'}
+
+Backward (exact gradient, SPEC §5) with the global ``LSE`` and ``Dsum = rowsum(dO * O)``,
+per branch in two parallel passes so no two work items write the same row (deterministic,
+independent of the thread count):
+
+    keys pass    (b, h, s, key block):   dV += P^T dO;  dK += scale dS^T Q
+    queries pass (b, h, s, query block): dQ += scale dS K
+    with P = exp(scale Q K^T - LSE),  dS = P * (dO V^T - Dsum)
+
+Extra memory is O(block^2 + block * D) per thread; nothing of size N * w / r. Indices are
+computed from ``(w, r, o)`` and validated by the public API before entry; every loop bound is
+clipped to the segment and to N, so no input the API accepts can make a kernel read out of
+bounds (CI runs these tests with ``NUMBA_BOUNDSCHECK=1``).
+Docs: ``docs/numba.md``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+from threadpoolctl import threadpool_limits
+
+from ..config import head_offsets
+from .numba_exp import exp_shifted
+
+BLOCK_Q = 128  # query rows per work item
+BLOCK_K = 128  # key rows per inner step
+
+
+@njit(cache=True, inline="always")
+def segment_size(n, w, r, o, s):
+    """Rows of segment ``s`` at offset ``o``: #{t : o + t r < w, s w + o + t r < N} (SPEC §2)."""
+    extent = min(w, n - s * w) - o
+    return 0 if extent <= 0 else (extent + r - 1) // r
+
+
+@njit(cache=True, inline="always")
+def work_item(item, heads, num_segments, blocks):
+    """``item`` -> ``(batch, head, segment, block)``; int64 throughout (prange's index is unsigned)."""
+    item = np.int64(item)
+    block = item % blocks
+    item //= blocks
+    segment = item % num_segments
+    item //= num_segments
+    return item // heads, item % heads, segment, block
+
+
+@njit(cache=True)
+def _all_finite(x):
+    for value in x.ravel():
+        if not np.isfinite(value):
+            return False
+    return True
+
+
+@njit(cache=True)
+def attended_dot_add(acc, weights, rows, transpose, q0, k0, causal):
+    """``acc += weights @ rows`` (``weights^T @ rows`` if ``transpose``) over attended pairs only.
+
+    ``weights`` is ``(nq, nk)`` indexed (query q0 + i, key k0 + j). Unattended (causal) pairs
+    have weight 0, but 0 * NaN = NaN: when ``rows`` holds a NaN/Inf and the block has masked
+    pairs, multiply pair by pair so the bad row reaches only rows that attend it (SPEC §7).
+    """
+    nq, nk = weights.shape
+    fully_attended = (not causal) or (k0 + nk - 1 <= q0)
+    if fully_attended or _all_finite(rows):
+        if transpose:
+            acc += np.dot(weights.T, rows)
+        else:
+            acc += np.dot(weights, rows)
+        return
+    for i in range(nq):
+        for j in range(min(nk, q0 + i - k0 + 1)):  # key k0 + j <= query q0 + i
+            if transpose:
+                acc[j] += weights[i, j] * rows[i]
+            else:
+                acc[i] += weights[i, j] * rows[j]
+
+
+@njit(cache=True, inline="always")
+def mask_future(scores, q0, k0):
+    """Causal rule inside a block: key ``k0 + j`` is not attended by query ``q0 + i`` if later."""
+    nq, nk = scores.shape
+    if k0 + nk - 1 > q0:
+        for i in range(nq):
+            for j in range(max(0, q0 + i - k0 + 1), nk):
+                scores[i, j] = -np.inf
+
+
+@njit(cache=True, inline="always")
+def gather(x, b, h, base, r, t0, count, out, factor):
+    """``out[j] = factor * x[b, base + (t0 + j) r, h]``: rows of one sparse segment."""
+    for j in range(count):
+        out[j] = x[b, base + (t0 + j) * r, h] * factor
+
+
+@njit(cache=True, parallel=True)
+def forward_branch(q, k, v, w, r, offsets, causal, scale, int_like, out, lse):
+    """One branch of the forward, mixed into ``out (B, N, H, Dv)``, ``lse (B, N, H)`` in place."""
+    batch, n, heads, dim = q.shape
+    value_dim = v.shape[3]
+    num_segments = (n + w - 1) // w
+    blocks = (min(w, n) + r - 1) // r
+    blocks = (blocks + BLOCK_Q - 1) // BLOCK_Q  # query blocks of the largest segment
+    itype = int_like.dtype  # int32 for float32, int64 for float64: the exp's exponent scratch
+    for item in prange(batch * heads * num_segments * blocks):
+        b, h, s, qb = work_item(item, heads, num_segments, blocks)
+        o = offsets[h]
+        size = segment_size(n, w, r, o, s)
+        q0 = qb * BLOCK_Q
+        if q0 >= size:
+            continue
+        nq = min(BLOCK_Q, size - q0)
+        base = s * w + o
+        q_blk = np.empty((nq, dim), q.dtype)
+        gather(q, b, h, base, r, q0, nq, q_blk, scale)  # pre-scaled: S = (scale Q) K^T
+        k_blk = np.empty((BLOCK_K, dim), q.dtype)
+        v_blk = np.empty((BLOCK_K, value_dim), q.dtype)
+        p_buffer = np.empty(nq * BLOCK_K, q.dtype)  # flat, so every (nq, nk) view is contiguous
+        exponent_buffer = np.empty(nq * BLOCK_K, itype)
+        m = np.full(nq, -np.inf, q.dtype)  # running max
+        m_new = np.empty(nq, q.dtype)
+        l = np.zeros(nq, q.dtype)  # running softmax denominator
+        acc = np.zeros((nq, value_dim), q.dtype)  # running numerator P V
+        k_end = min(size, q0 + nq) if causal else size
+        for k0 in range(0, k_end, BLOCK_K):
+            nk = min(BLOCK_K, k_end - k0)
+            gather(k, b, h, base, r, k0, nk, k_blk, 1.0)
+            gather(v, b, h, base, r, k0, nk, v_blk, 1.0)
+            scores = np.dot(q_blk, k_blk[:nk].T)  # (nq, nk)
+            if causal:
+                mask_future(scores, q0, k0)
+            for i in range(nq):
+                row_max = m[i]
+                for j in range(nk):
+                    if scores[i, j] > row_max or scores[i, j] != scores[i, j]:  # a NaN sticks
+                        row_max = scores[i, j]
+                m_new[i] = row_max
+            p_blk = p_buffer[: nq * nk].reshape((nq, nk))
+            exp_shifted(scores, m_new, p_blk, exponent_buffer[: nq * nk].reshape((nq, nk)))
+            for i in range(nq):
+                correction = np.exp(m[i] - m_new[i]) if m[i] != -np.inf else 0.0
+                l[i] = l[i] * correction + p_blk[i].sum()
+                acc[i] *= correction
+                m[i] = m_new[i]
+            attended_dot_add(acc, p_blk, v_blk[:nk], False, q0, k0, causal)
+        for i in range(nq):
+            row = base + (q0 + i) * r
+            lse_i = m[i] + np.log(l[i])
+            old = lse[b, row, h]
+            if old == -np.inf:  # first branch covering this row
+                out[b, row, h] = acc[i] / l[i]
+                lse[b, row, h] = lse_i
+            else:
+                new = np.logaddexp(old, lse_i)
+                out[b, row, h] = out[b, row, h] * np.exp(old - new) + acc[i] * (np.exp(lse_i - new) / l[i])
+                lse[b, row, h] = new
+
+
+@njit(cache=True, inline="always")
+def probabilities(q_blk, k_blk, lse_blk, q0, k0, causal, p, exponents):
+    """``P = exp(scale Q K^T - LSE)`` for one (query block, key block) pair, masked causally."""
+    scores = np.dot(q_blk, k_blk.T)  # q_blk is pre-scaled
+    if causal:
+        mask_future(scores, q0, k0)
+    exp_shifted(scores, lse_blk, p, exponents)
+
+
+@njit(cache=True, inline="always")
+def score_gradient(p, do_blk, v_blk, dsum_blk, q0, k0, causal):
+    """``dS = P * (dO V^T - Dsum)``, exactly 0 on unattended pairs (even if dO V^T is NaN)."""
+    ds = np.dot(do_blk, v_blk.T)  # dP
+    nq, nk = ds.shape
+    for i in range(nq):
+        limit = nk if not causal else min(nk, max(0, q0 + i - k0 + 1))
+        for j in range(nk):
+            ds[i, j] = p[i, j] * (ds[i, j] - dsum_blk[i]) if j < limit else 0.0
+    return ds
+
+
+@njit(cache=True, parallel=True)
+def backward_keys_branch(q, k, v, dout, lse, dsum, w, r, offsets, causal, scale, int_like, dk, dv):
+    """Keys pass of one branch: ``dV += P^T dO``, ``dK += scale dS^T Q`` per key block."""
+    batch, n, heads, dim = q.shape
+    value_dim = v.shape[3]
+    num_segments = (n + w - 1) // w
+    blocks = ((min(w, n) + r - 1) // r + BLOCK_K - 1) // BLOCK_K
+    itype = int_like.dtype  # int32 for float32, int64 for float64: the exp's exponent scratch
+    for item in prange(batch * heads * num_segments * blocks):
+        b, h, s, kb = work_item(item, heads, num_segments, blocks)
+        o = offsets[h]
+        size = segment_size(n, w, r, o, s)
+        k0 = kb * BLOCK_K
+        if k0 >= size:
+            continue
+        nk = min(BLOCK_K, size - k0)
+        base = s * w + o
+        k_blk = np.empty((nk, dim), q.dtype)
+        v_blk = np.empty((nk, value_dim), q.dtype)
+        gather(k, b, h, base, r, k0, nk, k_blk, 1.0)
+        gather(v, b, h, base, r, k0, nk, v_blk, 1.0)
+        dk_blk = np.zeros((nk, dim), q.dtype)
+        dv_blk = np.zeros((nk, value_dim), q.dtype)
+        q_blk = np.empty((BLOCK_Q, dim), q.dtype)
+        do_blk = np.empty((BLOCK_Q, value_dim), q.dtype)
+        lse_blk = np.empty(BLOCK_Q, q.dtype)
+        dsum_blk = np.empty(BLOCK_Q, q.dtype)
+        p = np.empty((BLOCK_Q, nk), q.dtype)
+        exponents = np.empty((BLOCK_Q, nk), itype)
+        first_query = k0 if causal else 0  # earlier queries never see these keys
+        for q0 in range(first_query - first_query % BLOCK_Q, size, BLOCK_Q):
+            nq = min(BLOCK_Q, size - q0)
+            gather(q, b, h, base, r, q0, nq, q_blk, scale)
+            gather(dout, b, h, base, r, q0, nq, do_blk, 1.0)
+            for i in range(nq):
+                row = base + (q0 + i) * r
+                lse_blk[i] = lse[b, row, h] if lse[b, row, h] != -np.inf else np.inf  # uncovered: P = 0
+                dsum_blk[i] = dsum[b, row, h]
+            probabilities(q_blk[:nq], k_blk, lse_blk[:nq], q0, k0, causal, p[:nq], exponents[:nq])
+            attended_dot_add(dv_blk, p[:nq], do_blk[:nq], True, q0, k0, causal)
+            ds = score_gradient(p[:nq], do_blk[:nq], v_blk, dsum_blk[:nq], q0, k0, causal)
+            attended_dot_add(dk_blk, ds, q_blk[:nq], True, q0, k0, causal)  # q_blk carries the scale
+        for j in range(nk):
+            row = base + (k0 + j) * r
+            dk[b, row, h] += dk_blk[j]
+            dv[b, row, h] += dv_blk[j]
+
+
+@njit(cache=True, parallel=True)
+def backward_queries_branch(q, k, v, dout, lse, dsum, w, r, offsets, causal, scale, int_like, dq):
+    """Queries pass of one branch: ``dQ += scale dS K`` per query block."""
+    batch, n, heads, dim = q.shape
+    value_dim = v.shape[3]
+    num_segments = (n + w - 1) // w
+    blocks = ((min(w, n) + r - 1) // r + BLOCK_Q - 1) // BLOCK_Q
+    itype = int_like.dtype  # int32 for float32, int64 for float64: the exp's exponent scratch
+    for item in prange(batch * heads * num_segments * blocks):
+        b, h, s, qb = work_item(item, heads, num_segments, blocks)
+        o = offsets[h]
+        size = segment_size(n, w, r, o, s)
+        q0 = qb * BLOCK_Q
+        if q0 >= size:
+            continue
+        nq = min(BLOCK_Q, size - q0)
+        base = s * w + o
+        q_blk = np.empty((nq, dim), q.dtype)
+        do_blk = np.empty((nq, value_dim), q.dtype)
+        gather(q, b, h, base, r, q0, nq, q_blk, scale)
+        gather(dout, b, h, base, r, q0, nq, do_blk, 1.0)
+        lse_blk = np.empty(nq, q.dtype)
+        dsum_blk = np.empty(nq, q.dtype)
+        for i in range(nq):
+            row = base + (q0 + i) * r
+            lse_blk[i] = lse[b, row, h] if lse[b, row, h] != -np.inf else np.inf
+            dsum_blk[i] = dsum[b, row, h]
+        dq_blk = np.zeros((nq, dim), q.dtype)
+        k_blk = np.empty((BLOCK_K, dim), q.dtype)
+        v_blk = np.empty((BLOCK_K, value_dim), q.dtype)
+        p_buffer = np.empty(nq * BLOCK_K, q.dtype)
+        exponent_buffer = np.empty(nq * BLOCK_K, itype)
+        k_end = min(size, q0 + nq) if causal else size
+        for k0 in range(0, k_end, BLOCK_K):
+            nk = min(BLOCK_K, k_end - k0)
+            gather(k, b, h, base, r, k0, nk, k_blk, 1.0)
+            gather(v, b, h, base, r, k0, nk, v_blk, 1.0)
+            p = p_buffer[: nq * nk].reshape((nq, nk))
+            probabilities(q_blk, k_blk[:nk], lse_blk, q0, k0, causal, p, exponent_buffer[: nq * nk].reshape((nq, nk)))
+            ds = score_gradient(p, do_blk, v_blk[:nk], dsum_blk, q0, k0, causal)
+            attended_dot_add(dq_blk, ds, k_blk[:nk], False, q0, k0, causal)
+        for i in range(nq):
+            dq[b, base + (q0 + i) * r, h] += scale * dq_blk[i]
+
+
+def _contiguous(*arrays):
+    return tuple(np.ascontiguousarray(x) for x in arrays)
+
+
+def _int_like(dtype):
+    """A 0-size int array of the float's width: the kernels take its dtype for the exp scratch."""
+    return np.empty(0, np.int32 if dtype == np.float32 else np.int64)
+
+
+def forward(q, k, v, branches, causal, scale, offsets):
+    """Dilated attention forward (SPEC §3-4); inputs validated by ``longnet_ref.attention``."""
+    q, k, v = _contiguous(q, k, v)
+    batch, n, heads, _ = q.shape
+    out = np.zeros((batch, n, heads, v.shape[3]), q.dtype)  # (B, N, H, Dv)
+    lse = np.full((batch, n, heads), -np.inf, q.dtype)  # (B, N, H)
+    if out.size == 0 and lse.size == 0:
+        return out, lse
+    with threadpool_limits(1, user_api="blas"):  # the parallel loop owns the cores
+        for branch in branches:
+            o = head_offsets(heads, branch.dilation, offsets).astype(np.int64)
+            forward_branch(
+                q, k, v, branch.segment_length, branch.dilation, o, causal, q.dtype.type(scale), _int_like(q.dtype), out, lse
+            )
+    return out, lse
+
+
+def backward(dout, q, k, v, out, lse, branches, causal, scale, offsets):
+    """Exact gradient (SPEC §5); inputs validated by ``longnet_ref.attention``."""
+    dout, q, k, v, out, lse = _contiguous(dout, q, k, v, out, lse)
+    dsum = (dout * out).sum(axis=-1)  # (B, N, H)  Dsum = rowsum(dO * O)
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    if q.shape[1] == 0:
+        return dq, dk, dv
+    with threadpool_limits(1, user_api="blas"):
+        for branch in branches:
+            o = head_offsets(q.shape[2], branch.dilation, offsets).astype(np.int64)
+            args = (q, k, v, dout, lse, dsum, branch.segment_length, branch.dilation, o, causal, q.dtype.type(scale), _int_like(q.dtype))
+            backward_keys_branch(*args, dk, dv)
+            backward_queries_branch(*args, dq)
+    return dq, dk, dv
