@@ -15,14 +15,15 @@ from .backends import array_namespace
 from .validation import check_attention_inputs, check_flag, check_gradient_inputs, resolve_scale
 
 
-def attention_from_scores(scores, v):
+def attention_from_scores(scores, v, attended=None):
     """Stable softmax attention of a block of scores (paper Eq. 1-2; SPEC §3).
 
         m   = max_k S[q, k]                 (running max; 0 for a row with no key)
         lse = m + log sum_k exp(S[q, k] - m)
         out = sum_k exp(S[q, k] - lse) v[k]
 
-    ``scores``: ``(..., Tq, Tk)`` with ``-inf`` for keys not attended; ``v``: ``(..., Tk, Dv)``.
+    ``scores``: ``(..., Tq, Tk)`` with ``-inf`` for keys not attended; ``v``: ``(..., Tk, Dv)``;
+    ``attended``: the structural mask of attended pairs (broadcastable bool, ``None`` = all).
     Returns ``out: (..., Tq, Dv)`` and ``lse: (..., Tq)``. A row with no key gets ``out = 0``
     and ``lse = -inf``; a NaN score makes its own row NaN and nothing else.
     """
@@ -31,13 +32,13 @@ def attention_from_scores(scores, v):
     m = xp.where(m == -xp.inf, 0, m)  # a row with no key: keep exp(-inf - m) = 0, not NaN
     p = xp.exp(scores - m)  # (..., Tq, Tk) unnormalised probabilities
     l = p.sum(axis=-1, keepdims=True)  # (..., Tq, 1) softmax denominator
-    out = attended_product(p, scores != -xp.inf, v) / xp.where(l == 0, 1, l)  # (..., Tq, Dv)
+    out = attended_product(p, attended, v) / xp.where(l == 0, 1, l)  # (..., Tq, Dv)
     with np.errstate(divide="ignore"):
         lse = (xp.log(l) + m)[..., 0]  # (..., Tq); log(0) = -inf for a row with no key
     return out, lse
 
 
-def attention_backward_from_scores(scores, lse, dsum, q, k, v, dout, scale):
+def attention_backward_from_scores(scores, attended, lse, dsum, q, k, v, dout, scale):
     """FlashAttention-2 backward of one block, given the row statistics (SPEC §5).
 
         P  = exp(S - lse)          dV = P^T dO          dP = dO V^T
@@ -45,17 +46,20 @@ def attention_backward_from_scores(scores, lse, dsum, q, k, v, dout, scale):
 
     ``lse`` and ``Dsum = rowsum(dO * O)`` are those of the *final* output of each query row, so
     when a query's keys are split over several blocks (branches) the blocks' gradients add up to
-    the exact gradient. Shapes: ``scores (..., Tq, Tk)``, ``lse, dsum (..., Tq)``,
+    the exact gradient. ``attended`` as in :func:`attention_from_scores`. Shapes:
+    ``scores (..., Tq, Tk)``, ``lse, dsum (..., Tq)``,
     ``q (..., Tq, D)``, ``k (..., Tk, D)``, ``v (..., Tk, Dv)``, ``dout (..., Tq, Dv)``.
     """
     xp = array_namespace(scores)
     lse = xp.where(lse == -xp.inf, xp.inf, lse)  # a row with no key: P = exp(-inf) = 0, not NaN
     p = xp.exp(scores - lse[..., None])  # (..., Tq, Tk)
-    attended = scores != -xp.inf  # (..., Tq, Tk)
-    attended_t, transpose = xp.swapaxes(attended, -1, -2), lambda x: xp.swapaxes(x, -1, -2)
+    transpose = lambda x: None if x is None else xp.swapaxes(x, -1, -2)
+    attended_t = transpose(attended)
     dv = attended_product(transpose(p), attended_t, dout)  # (..., Tk, Dv)
     dp = dout @ transpose(v)  # (..., Tq, Tk)
-    ds = xp.where(attended, p * (dp - dsum[..., None]), 0)  # (..., Tq, Tk)
+    ds = p * (dp - dsum[..., None])  # (..., Tq, Tk)
+    if attended is not None:
+        ds = xp.where(attended, ds, 0)  # exactly 0 off the pattern, even where dP is NaN
     dq = scale * attended_product(ds, attended, k)  # (..., Tq, D)
     dk = scale * attended_product(transpose(ds), attended_t, q)  # (..., Tk, D)
     return dq, dk, dv
@@ -68,11 +72,15 @@ def attended_product(weights, attended, rows):
     plain product would let a NaN or Inf row of ``rows (..., Tk, C)`` reach every output row,
     also the ones that do not attend it (SPEC §7). When such rows exist (rare), their columns
     are multiplied pair by pair under the mask; the finite part is one matrix product.
+    ``attended=None`` means every pair is attended.
     """
     xp = array_namespace(weights)
+    if attended is None:
+        return weights @ rows
     bad = ~xp.isfinite(rows).all(axis=-1)  # (..., Tk)
     if not bad.any():
         return weights @ rows
+    attended = xp.broadcast_to(attended, weights.shape)
     cols = xp.flatnonzero(bad.reshape(-1, bad.shape[-1]).any(axis=0))  # keys non-finite anywhere
     clean = rows.copy()
     clean[..., cols, :] = 0
@@ -98,16 +106,21 @@ def _check_bias(bias, batch, num_heads, n, dtype):
 def dense_scores(q, k, scale, causal, bias):
     """``S = scale * Q K^T + bias`` as ``(B, H, N, N)``, ``-inf`` where not attended.
 
-    A ``-inf`` bias masks its entry outright (the score is not read), so a NaN key that a
-    row does not attend never reaches that row.
+    Also returns the attended pattern (``None`` = every pair): a ``-inf`` bias and the causal
+    rule mask their entries outright (the score is not read), so a NaN key that a row does
+    not attend never reaches that row.
     """
     n = q.shape[1]
     scores = scale * (q.transpose(0, 2, 1, 3) @ k.transpose(0, 2, 3, 1))  # (B, H, N, N)
+    attended = None
     if bias is not None:
-        scores = np.where(np.isneginf(bias), -np.inf, scores + bias)
+        attended = ~np.isneginf(bias)
+        scores = np.where(attended, scores + bias, -np.inf)
     if causal:
-        scores = np.where(np.tri(n, n, dtype=bool), scores, -np.inf)  # key k <= query p
-    return scores
+        before = np.tri(n, n, dtype=bool)  # key k <= query p
+        attended = before if attended is None else attended & before
+        scores = np.where(before, scores, -np.inf)
+    return scores, attended
 
 
 def dense_attention(q, k, v, *, causal=False, scale=None, bias=None, return_lse=False):
@@ -126,8 +139,8 @@ def dense_attention(q, k, v, *, causal=False, scale=None, bias=None, return_lse=
     if n == 0:
         out, lse = np.zeros(v.shape, q.dtype), np.zeros((batch, 0, num_heads), q.dtype)
     else:
-        scores = dense_scores(q, k, scale, causal, bias)  # (B, H, N, N)
-        out, lse = attention_from_scores(scores, v.transpose(0, 2, 1, 3))  # (B, H, N, Dv), (B, H, N)
+        scores, attended = dense_scores(q, k, scale, causal, bias)  # (B, H, N, N)
+        out, lse = attention_from_scores(scores, v.transpose(0, 2, 1, 3), attended)  # (B, H, N, Dv), (B, H, N)
         out, lse = out.transpose(0, 2, 1, 3), lse.transpose(0, 2, 1)  # (B, N, H, Dv), (B, N, H)
     out, lse = np.ascontiguousarray(out, dtype=q.dtype), np.ascontiguousarray(lse, dtype=q.dtype)
     return (out, lse) if return_lse else out
@@ -149,7 +162,7 @@ def dense_attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=Non
     dsum = (dout * out).sum(axis=-1)  # (B, N, H)  D = rowsum(dO * O)
     heads_first = lambda x: x.transpose(0, 2, 1, 3)  # (B, N, H, .) -> (B, H, N, .)
     dq, dk, dv = attention_backward_from_scores(
-        dense_scores(q, k, scale, causal, bias),
+        *dense_scores(q, k, scale, causal, bias),
         lse.transpose(0, 2, 1),
         dsum.transpose(0, 2, 1),
         heads_first(q),

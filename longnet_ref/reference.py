@@ -55,11 +55,12 @@ def scatter_rows(dst, rows, segments: SparseSegments, accumulate: bool = False):
 def segment_scores(qs, ks, segments: SparseSegments, causal: bool, scale: float):
     """``S = scale * Q_s K_s^T`` per sparse segment, ``-inf`` outside ``K_i(p)`` (SPEC §3).
 
-    ``qs, ks: (B, S, Hs, T, D)`` -> ``(B, S, Hs, T, T)``.
+    ``qs, ks: (B, S, Hs, T, D)`` -> scores ``(B, S, Hs, T, T)`` and the attended pattern
+    ``(1, S, 1, T, T)``.
     """
     scores = scale * (qs @ np.swapaxes(ks, -1, -2))  # (B, S, Hs, T, T)
     attended = segments.attended(causal)[None, :, None]  # (1, S, 1, T, T)
-    return np.where(attended, scores, -np.inf)
+    return np.where(attended, scores, -np.inf), attended
 
 
 def sparse_segment_attention(q, k, v, segments: SparseSegments, causal: bool, scale: float):
@@ -68,7 +69,8 @@ def sparse_segment_attention(q, k, v, segments: SparseSegments, causal: bool, sc
     Returns ``out (B, S, Hs, T, Dv)`` and ``lse (B, S, Hs, T)``.
     """
     qs, ks, vs = (gather_rows(x, segments) for x in (q, k, v))  # (B, S, Hs, T, .)
-    return attention_from_scores(segment_scores(qs, ks, segments, causal, scale), vs)
+    scores, attended = segment_scores(qs, ks, segments, causal, scale)
+    return attention_from_scores(scores, vs, attended)
 
 
 def mix_branches(branch_out, branch_lse):
@@ -115,8 +117,8 @@ def backward(dout, q, k, v, out, lse, branches: tuple[Branch, ...], causal: bool
     for segments in sparse_segments(q.shape[1], q.shape[2], branches, offsets):
         qs, ks, vs, dout_s = (gather_rows(x, segments) for x in (q, k, v, dout))  # (B, S, Hs, T, .)
         lse_s, dsum_s = gather_rows(lse, segments), gather_rows(dsum, segments)  # (B, S, Hs, T)
-        scores = segment_scores(qs, ks, segments, causal, scale)  # (B, S, Hs, T, T)
-        grads = attention_backward_from_scores(scores, lse_s, dsum_s, qs, ks, vs, dout_s, scale)
+        scores, attended = segment_scores(qs, ks, segments, causal, scale)  # (B, S, Hs, T, T)
+        grads = attention_backward_from_scores(scores, attended, lse_s, dsum_s, qs, ks, vs, dout_s, scale)
         for total, share in zip((dq, dk, dv), grads):
             scatter_rows(total, share, segments, accumulate=True)
     return dq, dk, dv

@@ -135,6 +135,7 @@ def forward_branch(q, k, v, w, r, offsets, causal, scale, int_like, out, lse):
         exponent_buffer = np.empty(nq * BLOCK_K, itype)
         m = np.full(nq, -np.inf, q.dtype)  # running max
         m_new = np.empty(nq, q.dtype)
+        shift = np.empty(nq, q.dtype)  # m', or 0 while a row has seen no key (as the reference)
         l = np.zeros(nq, q.dtype)  # running softmax denominator
         acc = np.zeros((nq, value_dim), q.dtype)  # running numerator P V
         k_end = min(size, q0 + nq) if causal else size
@@ -151,8 +152,9 @@ def forward_branch(q, k, v, w, r, offsets, causal, scale, int_like, out, lse):
                     if scores[i, j] > row_max or scores[i, j] != scores[i, j]:  # a NaN sticks
                         row_max = scores[i, j]
                 m_new[i] = row_max
+                shift[i] = 0.0 if row_max == -np.inf else row_max
             p_blk = p_buffer[: nq * nk].reshape((nq, nk))
-            exp_shifted(scores, m_new, p_blk, exponent_buffer[: nq * nk].reshape((nq, nk)))
+            exp_shifted(scores, shift, p_blk, exponent_buffer[: nq * nk].reshape((nq, nk)))
             for i in range(nq):
                 correction = np.exp(m[i] - m_new[i]) if m[i] != -np.inf else 0.0
                 l[i] = l[i] * correction + p_blk[i].sum()
@@ -160,6 +162,8 @@ def forward_branch(q, k, v, w, r, offsets, causal, scale, int_like, out, lse):
                 m[i] = m_new[i]
             attended_dot_add(acc, p_blk, v_blk[:nk], False, q0, k0, causal)
         for i in range(nq):
+            if l[i] == 0.0:
+                continue  # every score -inf: no key, lse_i = -inf, alpha_i = 0 (SPEC §3)
             row = base + (q0 + i) * r
             lse_i = m[i] + np.log(l[i])
             old = lse[b, row, h]
