@@ -40,6 +40,10 @@ from .numba_exp import exp_shifted
 
 BLOCK_Q = 128  # query rows per work item
 BLOCK_K = 128  # key rows per inner step
+# The backward runs one item per whole sparse segment (5 GEMMs per block pair) when a branch has
+# at least this many segments, else splits them in two passes (7 GEMMs, any parallelism). A
+# constant, not the thread count, so results are the same whatever the number of threads.
+MIN_SEGMENT_ITEMS = 8
 
 
 @njit(cache=True, inline="always")
@@ -106,7 +110,25 @@ def mask_future(scores, q0, k0):
 def gather(x, b, h, base, r, t0, count, out, factor):
     """``out[j] = factor * x[b, base + (t0 + j) r, h]``: rows of one sparse segment."""
     for j in range(count):
-        out[j] = x[b, base + (t0 + j) * r, h] * factor
+        row = base + (t0 + j) * r
+        for c in range(x.shape[3]):  # element loop: a row expression would allocate a temporary
+            out[j, c] = x[b, row, h, c] * factor
+
+
+@njit(cache=True, fastmath={"nnan"})
+def running_max(scores, m, m_new, shift):
+    """``m' = max(m, rowmax S)`` and the exp shift (``m'``, or 0 while a row has seen no key).
+
+    ``nnan`` lets LLVM vectorise the reduction; a NaN score does not need to win here, since it
+    reaches its row anyway through ``exp(S - m')`` -> ``P`` -> ``l``.
+    """
+    nq, nk = scores.shape
+    for i in range(nq):
+        row_max = m[i]
+        for j in range(nk):
+            row_max = max(row_max, scores[i, j])
+        m_new[i] = row_max
+        shift[i] = 0.0 if row_max == -np.inf else row_max
 
 
 @njit(cache=True, parallel=True)
@@ -115,9 +137,9 @@ def forward_branch(q, k, v, w, r, offsets, causal, scale, int_like, out, lse):
     batch, n, heads, dim = q.shape
     value_dim = v.shape[3]
     num_segments = (n + w - 1) // w
-    blocks = (min(w, n) + r - 1) // r
-    blocks = (blocks + BLOCK_Q - 1) // BLOCK_Q  # query blocks of the largest segment
+    blocks = ((min(w, n) + r - 1) // r + BLOCK_Q - 1) // BLOCK_Q  # query blocks of the largest segment
     itype = int_like.dtype  # int32 for float32, int64 for float64: the exp's exponent scratch
+    one = q.dtype.type(1.0)
     for item in prange(batch * heads * num_segments * blocks):
         b, h, s, qb = work_item(item, heads, num_segments, blocks)
         o = offsets[h]
@@ -130,49 +152,55 @@ def forward_branch(q, k, v, w, r, offsets, causal, scale, int_like, out, lse):
         q_blk = np.empty((nq, dim), q.dtype)
         gather(q, b, h, base, r, q0, nq, q_blk, scale)  # pre-scaled: S = (scale Q) K^T
         k_blk = np.empty((BLOCK_K, dim), q.dtype)
-        v_blk = np.empty((BLOCK_K, value_dim), q.dtype)
-        p_buffer = np.empty(nq * BLOCK_K, q.dtype)  # flat, so every (nq, nk) view is contiguous
+        # V with a column of ones: P [V | 1] gives the numerator and the row sums l in one GEMM.
+        v_blk = np.empty((BLOCK_K, value_dim + 1), q.dtype)
+        v_blk[:, value_dim] = one
+        scores_buffer = np.empty(nq * BLOCK_K, q.dtype)  # flat: every (nq, nk) view is contiguous
+        p_buffer = np.empty(nq * BLOCK_K, q.dtype)
         exponent_buffer = np.empty(nq * BLOCK_K, itype)
+        pv = np.empty((nq, value_dim + 1), q.dtype)
         m = np.full(nq, -np.inf, q.dtype)  # running max
         m_new = np.empty(nq, q.dtype)
-        shift = np.empty(nq, q.dtype)  # m', or 0 while a row has seen no key (as the reference)
-        l = np.zeros(nq, q.dtype)  # running softmax denominator
-        acc = np.zeros((nq, value_dim), q.dtype)  # running numerator P V
+        shift = np.empty(nq, q.dtype)
+        acc = np.zeros((nq, value_dim + 1), q.dtype)  # running [P V | l]
         k_end = min(size, q0 + nq) if causal else size
         for k0 in range(0, k_end, BLOCK_K):
             nk = min(BLOCK_K, k_end - k0)
-            gather(k, b, h, base, r, k0, nk, k_blk, 1.0)
-            gather(v, b, h, base, r, k0, nk, v_blk, 1.0)
-            scores = np.dot(q_blk, k_blk[:nk].T)  # (nq, nk)
+            gather(k, b, h, base, r, k0, nk, k_blk, one)
+            gather(v, b, h, base, r, k0, nk, v_blk[:, :value_dim], one)
+            scores = scores_buffer[: nq * nk].reshape((nq, nk))
+            np.dot(q_blk, k_blk[:nk].T, scores)
             if causal:
                 mask_future(scores, q0, k0)
-            for i in range(nq):
-                row_max = m[i]
-                for j in range(nk):
-                    if scores[i, j] > row_max or scores[i, j] != scores[i, j]:  # a NaN sticks
-                        row_max = scores[i, j]
-                m_new[i] = row_max
-                shift[i] = 0.0 if row_max == -np.inf else row_max
-            p_blk = p_buffer[: nq * nk].reshape((nq, nk))
-            exp_shifted(scores, shift, p_blk, exponent_buffer[: nq * nk].reshape((nq, nk)))
+            running_max(scores, m, m_new, shift)
+            p = p_buffer[: nq * nk].reshape((nq, nk))
+            exp_shifted(scores, shift, p, exponent_buffer[: nq * nk].reshape((nq, nk)))
+            if causal and k0 + nk - 1 > q0 and not _all_finite(v_blk[:nk]):
+                pv[:] = 0.0  # masked pairs must not multiply a NaN/Inf value row (SPEC §7)
+                attended_dot_add(pv, p, v_blk[:nk], False, q0, k0, causal)
+            else:
+                np.dot(p, v_blk[:nk], pv)
             for i in range(nq):
                 correction = np.exp(m[i] - m_new[i]) if m[i] != -np.inf else 0.0
-                l[i] = l[i] * correction + p_blk[i].sum()
-                acc[i] *= correction
                 m[i] = m_new[i]
-            attended_dot_add(acc, p_blk, v_blk[:nk], False, q0, k0, causal)
+                for c in range(value_dim + 1):
+                    acc[i, c] = acc[i, c] * correction + pv[i, c]
         for i in range(nq):
-            if l[i] == 0.0:
+            l = acc[i, value_dim]
+            if l == 0.0:
                 continue  # every score -inf: no key, lse_i = -inf, alpha_i = 0 (SPEC §3)
             row = base + (q0 + i) * r
-            lse_i = m[i] + np.log(l[i])
+            lse_i = m[i] + np.log(l)
             old = lse[b, row, h]
             if old == -np.inf:  # first branch covering this row
-                out[b, row, h] = acc[i] / l[i]
+                for c in range(value_dim):
+                    out[b, row, h, c] = acc[i, c] / l
                 lse[b, row, h] = lse_i
-            else:
+            else:  # paper Eq. 10 with a running LSE
                 new = np.logaddexp(old, lse_i)
-                out[b, row, h] = out[b, row, h] * np.exp(old - new) + acc[i] * (np.exp(lse_i - new) / l[i])
+                keep, add = np.exp(old - new), np.exp(lse_i - new) / l
+                for c in range(value_dim):
+                    out[b, row, h, c] = out[b, row, h, c] * keep + acc[i, c] * add
                 lse[b, row, h] = new
 
 
@@ -192,9 +220,81 @@ def score_gradient(p, do_blk, v_blk, dsum_blk, q0, k0, causal):
     nq, nk = ds.shape
     for i in range(nq):
         limit = nk if not causal else min(nk, max(0, q0 + i - k0 + 1))
-        for j in range(nk):
-            ds[i, j] = p[i, j] * (ds[i, j] - dsum_blk[i]) if j < limit else 0.0
+        for j in range(limit):
+            ds[i, j] = p[i, j] * (ds[i, j] - dsum_blk[i])
+        for j in range(limit, nk):
+            ds[i, j] = 0.0
     return ds
+
+
+@njit(cache=True, inline="always")
+def gather_row_statistics(lse, dsum, b, h, base, r, q0, nq, lse_blk, dsum_blk):
+    """``LSE`` and ``Dsum`` of a query block; an uncovered row (``LSE = -inf``) gets ``+inf``: P = 0."""
+    for i in range(nq):
+        row = base + (q0 + i) * r
+        lse_blk[i] = lse[b, row, h] if lse[b, row, h] != -np.inf else np.inf
+        dsum_blk[i] = dsum[b, row, h]
+
+
+@njit(cache=True, parallel=True)
+def backward_segments_branch(q, k, v, dout, lse, dsum, w, r, offsets, causal, scale, int_like, dq, dk, dv):
+    """One branch of the backward, one work item per ``(batch, head, segment)`` (FA2 order).
+
+    The item owns every row of its sparse segment for this branch, so it accumulates dQ, dK
+    and dV directly: 5 GEMMs per (query block, key block) pair.
+    """
+    batch, n, heads, dim = q.shape
+    value_dim = v.shape[3]
+    num_segments = (n + w - 1) // w
+    itype = int_like.dtype
+    one = q.dtype.type(1.0)
+    for item in prange(batch * heads * num_segments):
+        b, h, s, _ = work_item(item, heads, num_segments, 1)
+        o = offsets[h]
+        size = segment_size(n, w, r, o, s)
+        if size == 0:
+            continue
+        base = s * w + o
+        k_blk = np.empty((BLOCK_K, dim), q.dtype)
+        v_blk = np.empty((BLOCK_K, value_dim), q.dtype)
+        dk_blk = np.empty((BLOCK_K, dim), q.dtype)
+        dv_blk = np.empty((BLOCK_K, value_dim), q.dtype)
+        q_blk = np.empty((BLOCK_Q, dim), q.dtype)
+        do_blk = np.empty((BLOCK_Q, value_dim), q.dtype)
+        dq_blk = np.empty((BLOCK_Q, dim), q.dtype)
+        lse_blk = np.empty(BLOCK_Q, q.dtype)
+        dsum_blk = np.empty(BLOCK_Q, q.dtype)
+        p_buffer = np.empty(BLOCK_Q * BLOCK_K, q.dtype)
+        exponent_buffer = np.empty(BLOCK_Q * BLOCK_K, itype)
+        for k0 in range(0, size, BLOCK_K):
+            nk = min(BLOCK_K, size - k0)
+            gather(k, b, h, base, r, k0, nk, k_blk, one)
+            gather(v, b, h, base, r, k0, nk, v_blk, one)
+            dk_blk[:] = 0.0
+            dv_blk[:] = 0.0
+            first_query = k0 if causal else 0  # earlier queries never see these keys
+            for q0 in range(first_query - first_query % BLOCK_Q, size, BLOCK_Q):
+                nq = min(BLOCK_Q, size - q0)
+                gather(q, b, h, base, r, q0, nq, q_blk, scale)  # pre-scaled
+                gather(dout, b, h, base, r, q0, nq, do_blk, one)
+                gather_row_statistics(lse, dsum, b, h, base, r, q0, nq, lse_blk, dsum_blk)
+                p = p_buffer[: nq * nk].reshape((nq, nk))
+                probabilities(q_blk[:nq], k_blk[:nk], lse_blk[:nq], q0, k0, causal, p, exponent_buffer[: nq * nk].reshape((nq, nk)))
+                attended_dot_add(dv_blk[:nk], p, do_blk[:nq], True, q0, k0, causal)  # dV += P^T dO
+                ds = score_gradient(p, do_blk[:nq], v_blk[:nk], dsum_blk[:nq], q0, k0, causal)
+                attended_dot_add(dk_blk[:nk], ds, q_blk[:nq], True, q0, k0, causal)  # dK += dS^T (scale Q)
+                dq_blk[:nq] = 0.0
+                attended_dot_add(dq_blk[:nq], ds, k_blk[:nk], False, q0, k0, causal)  # dQ += dS K
+                for i in range(nq):
+                    row = base + (q0 + i) * r
+                    for c in range(dim):
+                        dq[b, row, h, c] += scale * dq_blk[i, c]
+            for j in range(nk):
+                row = base + (k0 + j) * r
+                for c in range(dim):
+                    dk[b, row, h, c] += dk_blk[j, c]
+                for c in range(value_dim):
+                    dv[b, row, h, c] += dv_blk[j, c]
 
 
 @njit(cache=True, parallel=True)
@@ -205,6 +305,7 @@ def backward_keys_branch(q, k, v, dout, lse, dsum, w, r, offsets, causal, scale,
     num_segments = (n + w - 1) // w
     blocks = ((min(w, n) + r - 1) // r + BLOCK_K - 1) // BLOCK_K
     itype = int_like.dtype  # int32 for float32, int64 for float64: the exp's exponent scratch
+    one = q.dtype.type(1.0)
     for item in prange(batch * heads * num_segments * blocks):
         b, h, s, kb = work_item(item, heads, num_segments, blocks)
         o = offsets[h]
@@ -216,8 +317,8 @@ def backward_keys_branch(q, k, v, dout, lse, dsum, w, r, offsets, causal, scale,
         base = s * w + o
         k_blk = np.empty((nk, dim), q.dtype)
         v_blk = np.empty((nk, value_dim), q.dtype)
-        gather(k, b, h, base, r, k0, nk, k_blk, 1.0)
-        gather(v, b, h, base, r, k0, nk, v_blk, 1.0)
+        gather(k, b, h, base, r, k0, nk, k_blk, one)
+        gather(v, b, h, base, r, k0, nk, v_blk, one)
         dk_blk = np.zeros((nk, dim), q.dtype)
         dv_blk = np.zeros((nk, value_dim), q.dtype)
         q_blk = np.empty((BLOCK_Q, dim), q.dtype)
@@ -230,19 +331,18 @@ def backward_keys_branch(q, k, v, dout, lse, dsum, w, r, offsets, causal, scale,
         for q0 in range(first_query - first_query % BLOCK_Q, size, BLOCK_Q):
             nq = min(BLOCK_Q, size - q0)
             gather(q, b, h, base, r, q0, nq, q_blk, scale)
-            gather(dout, b, h, base, r, q0, nq, do_blk, 1.0)
-            for i in range(nq):
-                row = base + (q0 + i) * r
-                lse_blk[i] = lse[b, row, h] if lse[b, row, h] != -np.inf else np.inf  # uncovered: P = 0
-                dsum_blk[i] = dsum[b, row, h]
+            gather(dout, b, h, base, r, q0, nq, do_blk, one)
+            gather_row_statistics(lse, dsum, b, h, base, r, q0, nq, lse_blk, dsum_blk)
             probabilities(q_blk[:nq], k_blk, lse_blk[:nq], q0, k0, causal, p[:nq], exponents[:nq])
             attended_dot_add(dv_blk, p[:nq], do_blk[:nq], True, q0, k0, causal)
             ds = score_gradient(p[:nq], do_blk[:nq], v_blk, dsum_blk[:nq], q0, k0, causal)
             attended_dot_add(dk_blk, ds, q_blk[:nq], True, q0, k0, causal)  # q_blk carries the scale
         for j in range(nk):
             row = base + (k0 + j) * r
-            dk[b, row, h] += dk_blk[j]
-            dv[b, row, h] += dv_blk[j]
+            for c in range(dim):
+                dk[b, row, h, c] += dk_blk[j, c]
+            for c in range(value_dim):
+                dv[b, row, h, c] += dv_blk[j, c]
 
 
 @njit(cache=True, parallel=True)
@@ -253,6 +353,7 @@ def backward_queries_branch(q, k, v, dout, lse, dsum, w, r, offsets, causal, sca
     num_segments = (n + w - 1) // w
     blocks = ((min(w, n) + r - 1) // r + BLOCK_Q - 1) // BLOCK_Q
     itype = int_like.dtype  # int32 for float32, int64 for float64: the exp's exponent scratch
+    one = q.dtype.type(1.0)
     for item in prange(batch * heads * num_segments * blocks):
         b, h, s, qb = work_item(item, heads, num_segments, blocks)
         o = offsets[h]
@@ -265,13 +366,10 @@ def backward_queries_branch(q, k, v, dout, lse, dsum, w, r, offsets, causal, sca
         q_blk = np.empty((nq, dim), q.dtype)
         do_blk = np.empty((nq, value_dim), q.dtype)
         gather(q, b, h, base, r, q0, nq, q_blk, scale)
-        gather(dout, b, h, base, r, q0, nq, do_blk, 1.0)
+        gather(dout, b, h, base, r, q0, nq, do_blk, one)
         lse_blk = np.empty(nq, q.dtype)
         dsum_blk = np.empty(nq, q.dtype)
-        for i in range(nq):
-            row = base + (q0 + i) * r
-            lse_blk[i] = lse[b, row, h] if lse[b, row, h] != -np.inf else np.inf
-            dsum_blk[i] = dsum[b, row, h]
+        gather_row_statistics(lse, dsum, b, h, base, r, q0, nq, lse_blk, dsum_blk)
         dq_blk = np.zeros((nq, dim), q.dtype)
         k_blk = np.empty((BLOCK_K, dim), q.dtype)
         v_blk = np.empty((BLOCK_K, value_dim), q.dtype)
@@ -280,14 +378,21 @@ def backward_queries_branch(q, k, v, dout, lse, dsum, w, r, offsets, causal, sca
         k_end = min(size, q0 + nq) if causal else size
         for k0 in range(0, k_end, BLOCK_K):
             nk = min(BLOCK_K, k_end - k0)
-            gather(k, b, h, base, r, k0, nk, k_blk, 1.0)
-            gather(v, b, h, base, r, k0, nk, v_blk, 1.0)
+            gather(k, b, h, base, r, k0, nk, k_blk, one)
+            gather(v, b, h, base, r, k0, nk, v_blk, one)
             p = p_buffer[: nq * nk].reshape((nq, nk))
             probabilities(q_blk, k_blk[:nk], lse_blk, q0, k0, causal, p, exponent_buffer[: nq * nk].reshape((nq, nk)))
             ds = score_gradient(p, do_blk, v_blk[:nk], dsum_blk, q0, k0, causal)
             attended_dot_add(dq_blk, ds, k_blk[:nk], False, q0, k0, causal)
         for i in range(nq):
-            dq[b, base + (q0 + i) * r, h] += scale * dq_blk[i]
+            row = base + (q0 + i) * r
+            for c in range(dim):
+                dq[b, row, h, c] += scale * dq_blk[i, c]
+
+
+def segments_per_branch(batch, n, heads, segment_length):
+    """Work items of :func:`backward_segments_branch`: one per (batch, head, segment)."""
+    return batch * heads * -(-n // segment_length)
 
 
 def _contiguous(*arrays):
@@ -327,6 +432,9 @@ def backward(dout, q, k, v, out, lse, branches, causal, scale, offsets):
         for branch in branches:
             o = head_offsets(q.shape[2], branch.dilation, offsets).astype(np.int64)
             args = (q, k, v, dout, lse, dsum, branch.segment_length, branch.dilation, o, causal, q.dtype.type(scale), _int_like(q.dtype))
-            backward_keys_branch(*args, dk, dv)
-            backward_queries_branch(*args, dq)
+            if segments_per_branch(q.shape[0], q.shape[1], q.shape[2], branch.segment_length) >= MIN_SEGMENT_ITEMS:
+                backward_segments_branch(*args, dq, dk, dv)
+            else:  # too few segments to keep every core busy: split segments into blocks
+                backward_keys_branch(*args, dk, dv)
+                backward_queries_branch(*args, dq)
     return dq, dk, dv
