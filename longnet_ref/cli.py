@@ -39,37 +39,66 @@ def demo(args) -> int:
     options = dict(causal=args.causal, offsets=args.offsets)
 
     print(f"longnet_ref demo: B={args.batch} N={args.n} H={args.heads} D={args.dim} w={w} r={r} "
-          f"causal={args.causal} offsets={args.offsets} dtype={dtype} backend=numpy")
-    (out, lse), t_fwd = _timed(lambda: dilated_attention(q, k, v, w, r, return_lse=True, **options))
-    grads, t_bwd = _timed(lambda: dilated_attention_backward(dout, q, k, v, out, lse, w, r, **options))
+          f"causal={args.causal} offsets={args.offsets} dtype={dtype}")
+    backends = [args.backend] + (["numpy"] if args.backend != "numpy" else [])
+    timings, results = {}, {}
+    for backend in backends:
+        if backend == "numba":  # compile (or load the cached kernels) outside the timing
+            tiny = np.zeros((1, 4, 1, args.dim), dtype)
+            o, l = dilated_attention(tiny, tiny, tiny, w, r, backend=backend, return_lse=True)
+            dilated_attention_backward(o, tiny, tiny, tiny, o, l, w, r, backend=backend)
+        (out, lse), t_fwd = _timed(lambda: dilated_attention(q, k, v, w, r, return_lse=True, backend=backend, **options))
+        grads, t_bwd = _timed(lambda: dilated_attention_backward(dout, q, k, v, out, lse, w, r, backend=backend, **options))
+        timings[backend], results[backend] = (t_fwd, t_bwd), (out, lse, *grads)
 
     bias, t_mult = _timed(lambda: multiplicity_bias(multiplicity(args.n, args.heads, w, r, **options)))
     (out_d, lse_d), t_dfwd = _timed(lambda: dense_attention(q, k, v, causal=args.causal, bias=bias, return_lse=True))
     grads_d, t_dbwd = _timed(lambda: dense_attention_backward(dout, q, k, v, out_d, lse_d, causal=args.causal, bias=bias))
+    timings["dense oracle"] = (t_dfwd, t_dbwd)
 
     sizes = dict(batch=args.batch, causal=args.causal)
     flops = complexity.dilated_flops(args.n, args.heads, args.dim, w, r, offsets=args.offsets, **sizes)
     dense = complexity.dense_flops(args.n, args.heads, args.dim, **sizes)
     pairs = complexity.attended_pairs(args.n, args.heads, w, r, offsets=args.offsets, **sizes)
+    dense_pairs = complexity.dense_pairs(args.n, args.heads, **sizes)
 
     print()
-    print(f"{'':32s}{'dilated (numpy)':>18s}{'dense oracle':>16s}{'ratio':>10s}")
-    print(f"{'attended (query, key) pairs':32s}{pairs:>18,d}{complexity.dense_pairs(args.n, args.heads, **sizes):>16,d}"
-          f"{pairs / complexity.dense_pairs(args.n, args.heads, **sizes):>10.4f}")
-    print(f"{'forward FLOPs (QK^T + PV)':32s}{flops.total:>18,d}{dense.total:>16,d}{flops.total / dense.total:>10.4f}")
-    print(f"{'forward time [s]':32s}{t_fwd:>18.3f}{t_dfwd:>16.3f}{t_fwd / t_dfwd:>10.3f}")
-    print(f"{'backward time [s]':32s}{t_bwd:>18.3f}{t_dbwd:>16.3f}{t_bwd / t_dbwd:>10.3f}")
-    print(f"{'(multiplicity matrix [s])':32s}{'':>18s}{t_mult:>16.3f}")
+    print(f"{'attended (query, key) pairs':34s}{pairs:>16,d}  (dense: {dense_pairs:,d}, ratio {pairs / dense_pairs:.4f})")
+    print(f"{'forward FLOPs (QK^T + PV)':34s}{flops.total:>16,d}  (dense: {dense.total:,d})")
     print()
-    print("max relative error vs dense attention with bias log(multiplicity):")
-    errors = {"out": max_relative_error(out, out_d), "lse": max_relative_error(lse, lse_d)}
-    errors.update({name: max_relative_error(g, gd) for name, g, gd in zip(("dq", "dk", "dv"), grads, grads_d)})
-    print("  " + "  ".join(f"{name}={err:.2e}" for name, err in errors.items()))
+    print(f"{'time [s]':20s}" + "".join(f"{name:>16s}" for name in timings))
+    for i, phase in enumerate(("forward", "backward")):
+        print(f"{phase:20s}" + "".join(f"{t[i]:16.3f}" for t in timings.values()))
+    base = timings[args.backend]
+    print(f"{'speed-up of ' + args.backend:20s}" + "".join(f"{(t[0] + t[1]) / (base[0] + base[1]):15.1f}x" for t in timings.values()))
+    print(f"(the multiplicity matrix for the oracle took {t_mult:.3f} s)")
+    print()
     # Both sides are computed in `dtype`; sums of at most N terms of rounding eps each.
     tolerance = 1e-4 if dtype == np.float32 else 1e-10
-    ok = all(err <= tolerance for err in errors.values())
+    ok = True
+    oracle = (out_d, lse_d, *grads_d)
+    for backend, values in results.items():
+        errors = {name: max_relative_error(x, y) for name, x, y in zip(("out", "lse", "dq", "dk", "dv"), values, oracle)}
+        ok &= all(err <= tolerance for err in errors.values())
+        print(f"max relative error of {backend} vs dense attention with bias log(multiplicity):")
+        print("  " + "  ".join(f"{name}={err:.2e}" for name, err in errors.items()))
     print(f"{'OK' if ok else 'FAILED'}: every error {'<=' if ok else 'not <='} {tolerance:g}")
     return 0 if ok else 1
+
+
+def bench(args) -> int:
+    """Benchmark presets; prints the table and writes JSON + PNG under ``--output-dir``."""
+    from . import bench as benchmarks
+
+    configs = [c for name in args.preset for c in benchmarks.PRESETS[name] if c.n <= args.max_n]
+    results = benchmarks.run(
+        configs, backend=args.backend, repeats=args.repeats, reference_max_n=args.reference_max_n,
+        dense_max_n=args.dense_max_n, memory=args.memory,
+    )
+    print(benchmarks.format_table(results))
+    for path in benchmarks.save(results, args.output_dir):
+        print(f"wrote {path}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -86,7 +115,19 @@ def main(argv=None) -> int:
     p.add_argument("--offsets", choices=["paper", "torchscale"], default="paper")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", choices=["numba", "numpy"], default="numba")
     p.set_defaults(func=demo)
+
+    p = sub.add_parser("bench", help="benchmarks: GFLOP/s vs this machine's GEMM rate, speed-ups vs numpy and dense")
+    p.add_argument("--preset", nargs="+", default=["quick"], choices=["quick", "paper", "lm", "sweep"])
+    p.add_argument("--backend", default="numba")
+    p.add_argument("--repeats", type=int, default=3, help="runs per measurement (median)")
+    p.add_argument("--max-n", type=int, default=2**20, help="skip configurations longer than this")
+    p.add_argument("--reference-max-n", type=int, default=16384, help="time the NumPy reference up to this N")
+    p.add_argument("--dense-max-n", type=int, default=16384, help="time dense attention up to this N")
+    p.add_argument("--memory", action="store_true", help="also measure peak memory (fresh subprocess)")
+    p.add_argument("--output-dir", default="bench-results")
+    p.set_defaults(func=bench)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

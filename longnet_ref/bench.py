@@ -1,0 +1,278 @@
+"""Benchmarks: every figure is a ratio to something measured in the same run.
+
+These machines are shared and noisy, so a time alone means little. Each configuration reports
+
+- forward and forward+backward time (median of ``repeats`` runs, after a warm-up that also
+  compiles the kernels),
+- GFLOP/s from ``longnet_ref.complexity`` (forward: 2 (D + Dv) per attended pair, i.e. 4 D;
+  backward counted as 2.5x the forward, the FlashAttention convention),
+- the fraction of this machine's GEMM rate, measured in the same run (best of a few
+  2048 x 2048 products of the same dtype),
+- speed-ups over the NumPy reference and over dense attention (timed on one head and scaled by
+  ``B * H``, exact for dense attention's per-head cost) where those fit in memory,
+- optionally peak memory, measured in a fresh subprocess (``ru_maxrss`` after warm-up vs after).
+
+Docs: ``docs/numba.md`` (results) and ``docs/complexity.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import complexity
+from .attention import dilated_attention, dilated_attention_backward
+from .dense import dense_attention, dense_attention_backward
+
+BACKWARD_FLOP_FACTOR = 2.5  # backward FLOPs / forward FLOPs (FlashAttention-2 convention)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    n: int
+    segment_lengths: tuple[int, ...]
+    dilation_rates: tuple[int, ...]
+    batch: int = 1
+    heads: int = 8
+    dim: int = 64
+    causal: bool = False
+    dtype: str = "float32"
+
+
+PAPER_BRANCHES = dict(segment_lengths=(2048, 4096, 8192, 16384), dilation_rates=(1, 2, 4, 8))
+LM_BRANCHES = dict(segment_lengths=(2048, 4096, 8192, 16384, 32768), dilation_rates=(1, 2, 4, 6, 12))
+
+PRESETS = {
+    "quick": [Config("quick", 4096, (256, 512, 1024), (1, 2, 4), heads=4, dim=64)],
+    "paper": [
+        Config(f"paper N={n}{' causal' if causal else ''}", n, causal=causal, **PAPER_BRANCHES)
+        for n in (16384, 65536)
+        for causal in (False, True)
+    ],
+    "lm": [Config(f"paper LM N={n}", n, **LM_BRANCHES) for n in (32768, 65536)],
+    "sweep": [Config(f"sweep N=2^{e}", 2**e, heads=4, **PAPER_BRANCHES) for e in range(14, 21)],
+}
+
+
+@dataclass
+class Result:
+    config: Config
+    backend: str
+    gemm_gflops: float
+    forward_s: float
+    forward_backward_s: float
+    forward_flops: int
+    reference_forward_s: float | None = None
+    reference_forward_backward_s: float | None = None
+    dense_forward_s: float | None = None
+    dense_forward_backward_s: float | None = None
+    peak_memory_ratio: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def forward_gflops(self):
+        return self.forward_flops / self.forward_s / 1e9
+
+    @property
+    def forward_backward_gflops(self):
+        return (1 + BACKWARD_FLOP_FACTOR) * self.forward_flops / self.forward_backward_s / 1e9
+
+    def as_dict(self):
+        row = asdict(self)
+        row.update(
+            forward_gflops=self.forward_gflops,
+            forward_backward_gflops=self.forward_backward_gflops,
+            forward_fraction_of_gemm=self.forward_gflops / self.gemm_gflops,
+            forward_backward_fraction_of_gemm=self.forward_backward_gflops / self.gemm_gflops,
+            time_per_token_us=self.forward_backward_s / self.config.n * 1e6,
+        )
+        return row
+
+
+def gemm_gflops(dtype, size=2048, repeats=5) -> float:
+    """This machine's matrix-multiply rate now: the best of ``repeats`` square products."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((size, size)).astype(dtype) for _ in range(2))
+    a @ b
+    best = min(_seconds(lambda: a @ b) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _median_seconds(fn, repeats) -> float:
+    return statistics.median(_seconds(fn) for _ in range(repeats))
+
+
+def _inputs(config: Config, heads=None, batch=None):
+    rng = np.random.default_rng(0)
+    shape = (batch or config.batch, config.n, heads or config.heads, config.dim)  # (B, N, H, D)
+    return tuple(rng.standard_normal(shape, dtype=np.float32).astype(config.dtype) for _ in range(4))
+
+
+def _forward_backward(q, k, v, dout, config, backend):
+    args = (config.segment_lengths, config.dilation_rates)
+    out, lse = dilated_attention(q, k, v, *args, causal=config.causal, backend=backend, return_lse=True)
+    return dilated_attention_backward(dout, q, k, v, out, lse, *args, causal=config.causal, backend=backend)
+
+
+def time_dilated(config: Config, backend: str, repeats: int):
+    q, k, v, dout = _inputs(config)
+    args = (config.segment_lengths, config.dilation_rates)
+    forward = lambda: dilated_attention(q, k, v, *args, causal=config.causal, backend=backend)
+    both = lambda: _forward_backward(q, k, v, dout, config, backend)
+    both()  # warm-up (and compilation, for the numba backend)
+    return _median_seconds(forward, repeats), _median_seconds(both, repeats)
+
+
+def time_dense_one_head(config: Config, repeats: int):
+    """Dense attention timed on one (batch, head) and scaled by ``B * H``."""
+    q, k, v, dout = _inputs(config, heads=1, batch=1)
+
+    def both():
+        out, lse = dense_attention(q, k, v, causal=config.causal, return_lse=True)
+        dense_attention_backward(dout, q, k, v, out, lse, causal=config.causal)
+
+    forward = _median_seconds(lambda: dense_attention(q, k, v, causal=config.causal), repeats)
+    return forward * config.batch * config.heads, _median_seconds(both, repeats) * config.batch * config.heads
+
+
+PEAK_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys
+    import numpy as np
+    from longnet_ref import dilated_attention, dilated_attention_backward
+    c = json.loads(sys.argv[1])
+    w, r = c["segment_lengths"], c["dilation_rates"]
+    tiny = np.zeros((1, 8, 1, c["dim"]), c["dtype"])
+    o, l = dilated_attention(tiny, tiny, tiny, w, r, backend=c["backend"], return_lse=True)  # load kernels
+    dilated_attention_backward(o, tiny, tiny, tiny, o, l, w, r, backend=c["backend"])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    shape = (c["batch"], c["n"], c["heads"], c["dim"])
+    q, k, v, dout = (np.random.default_rng(0).standard_normal(shape, dtype=np.float32).astype(c["dtype"]) for _ in range(4))
+    out, lse = dilated_attention(q, k, v, w, r, causal=c["causal"], backend=c["backend"], return_lse=True)
+    grads = dilated_attention_backward(dout, q, k, v, out, lse, w, r, causal=c["causal"], backend=c["backend"])
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    arrays = (q, k, v, dout, out, lse, *grads)
+    print(json.dumps({"peak_kib": after - before, "array_kib": sum(a.nbytes for a in arrays) / 1024}))
+    """
+)
+
+
+def peak_memory_ratio(config: Config, backend: str) -> float:
+    """Peak resident memory of forward + backward over the bytes of q, k, v, out, lse, dout, dq, dk, dv."""
+    settings = dict(asdict(config), backend=backend)
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_MEMORY_SCRIPT, json.dumps(settings)], capture_output=True, text=True, check=True
+    )
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    return measured["peak_kib"] / measured["array_kib"]
+
+
+def run(configs, backend="numba", repeats=3, reference_max_n=16384, dense_max_n=16384, memory=False, progress=True):
+    """Measure every configuration; returns a list of :class:`Result`."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the bench extra is optional
+        tqdm = None
+    bar = tqdm(total=len(configs), desc="benchmark", unit="config") if (progress and tqdm) else None
+    results = []
+    for config in configs:
+        if bar:
+            bar.set_postfix_str(config.name)
+        gemm = gemm_gflops(config.dtype)
+        forward_s, both_s = time_dilated(config, backend, repeats)
+        flops = complexity.dilated_flops(
+            config.n, config.heads, config.dim, config.segment_lengths, config.dilation_rates,
+            causal=config.causal, batch=config.batch,
+        ).total
+        result = Result(config, backend, gemm, forward_s, both_s, flops)
+        if backend != "numpy" and config.n <= reference_max_n:
+            result.reference_forward_s, result.reference_forward_backward_s = time_dilated(config, "numpy", 1)
+        if config.n <= dense_max_n:
+            result.dense_forward_s, result.dense_forward_backward_s = time_dense_one_head(config, 1)
+        if memory:
+            result.peak_memory_ratio = peak_memory_ratio(config, backend)
+        results.append(result)
+        if bar:
+            bar.update()
+    if bar:
+        bar.close()
+    return results
+
+
+def _ratio(numerator, denominator):
+    return f"{numerator / denominator:7.1f}x" if numerator else "      --"
+
+
+def format_table(results) -> str:
+    header = (
+        f"{'configuration':28s} {'fwd s':>8s} {'GF/s':>6s} {'%GEMM':>6s} {'fwd+bwd s':>10s} {'GF/s':>6s} {'%GEMM':>6s}"
+        f" {'us/token':>9s} {'vs numpy':>9s} {'vs dense':>9s} {'GEMM GF/s':>10s} {'peak mem':>9s}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in results:
+        lines.append(
+            f"{r.config.name:28s} {r.forward_s:8.3f} {r.forward_gflops:6.1f} {r.forward_gflops / r.gemm_gflops:6.1%}"
+            f" {r.forward_backward_s:10.3f} {r.forward_backward_gflops:6.1f} {r.forward_backward_gflops / r.gemm_gflops:6.1%}"
+            f" {r.forward_backward_s / r.config.n * 1e6:9.2f}"
+            f" {_ratio(r.reference_forward_backward_s, r.forward_backward_s):>9s}"
+            f" {_ratio(r.dense_forward_backward_s, r.forward_backward_s):>9s}"
+            f" {r.gemm_gflops:10.1f} {'' if r.peak_memory_ratio is None else f'{r.peak_memory_ratio:8.2f}x':>9s}"
+        )
+    lines.append("vs numpy / vs dense: forward+backward speed-up over the NumPy reference / dense attention, same run.")
+    return "\n".join(lines)
+
+
+def save(results, output_dir) -> list[Path]:
+    """Write ``results.json`` and, if matplotlib is installed, ``throughput.png`` and ``scaling.png``."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = [output_dir / "results.json"]
+    written[0].write_text(json.dumps([r.as_dict() for r in results], indent=2))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return written
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = [r.config.name for r in results]
+    x = np.arange(len(results))
+    ax.bar(x - 0.2, [r.forward_gflops / r.gemm_gflops for r in results], 0.4, label="forward")
+    ax.bar(x + 0.2, [r.forward_backward_gflops / r.gemm_gflops for r in results], 0.4, label="forward+backward")
+    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("fraction of this run's GEMM rate")
+    ax.legend()
+    fig.tight_layout()
+    written.append(output_dir / "throughput.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    if len({r.config.n for r in results}) > 1:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ns = [r.config.n for r in results]
+        ax.semilogx(ns, [r.forward_s / r.config.n * 1e6 for r in results], "o-", base=2, label="forward")
+        ax.semilogx(ns, [r.forward_backward_s / r.config.n * 1e6 for r in results], "s-", base=2, label="forward+backward")
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel("time per token [us]")
+        ax.set_ylim(bottom=0)
+        ax.legend()
+        fig.tight_layout()
+        written.append(output_dir / "scaling.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
