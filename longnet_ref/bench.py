@@ -98,29 +98,44 @@ class Result:
         return row
 
 
-def gemm_gflops(dtype, size=2048, repeats=5) -> float:
-    """This machine's matrix-multiply rate now: the best of ``repeats`` square products."""
+def gemm_gflops(dtype, size=2048, repeats=5, backend="numba") -> float:
+    """The matrix-multiply rate now: best of ``repeats`` square products (on the GPU for cupy)."""
     rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((size, size)).astype(dtype) for _ in range(2))
+    a, b = (_to_device(rng.standard_normal((size, size)).astype(dtype), backend) for _ in range(2))
+    size = 8192 if backend == "cupy" else size  # a GPU needs a larger product to reach its rate
+    if backend == "cupy":
+        a, b = (_to_device(rng.standard_normal((size, size)).astype(dtype), backend) for _ in range(2))
     a @ b
-    best = min(_seconds(lambda: a @ b) for _ in range(repeats))
+    best = min(_seconds(lambda: a @ b, backend) for _ in range(repeats))
     return 2 * size**3 / best / 1e9
 
 
-def _seconds(fn) -> float:
+def _to_device(x, backend):
+    if backend != "cupy":
+        return x
+    import cupy
+
+    return cupy.asarray(x)
+
+
+def _seconds(fn, backend="numba") -> float:
+    """Wall time of ``fn()``; for the GPU, from a synchronised start to a synchronised end."""
+    sync = (lambda: None) if backend != "cupy" else __import__("cupy").cuda.Device().synchronize
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
 
 
-def _median_seconds(fn, repeats) -> float:
-    return statistics.median(_seconds(fn) for _ in range(repeats))
+def _median_seconds(fn, repeats, backend="numba") -> float:
+    return statistics.median(_seconds(fn, backend) for _ in range(repeats))
 
 
-def _inputs(config: Config, heads=None, batch=None):
+def _inputs(config: Config, heads=None, batch=None, backend="numpy"):
     rng = np.random.default_rng(0)
     shape = (batch or config.batch, config.n, heads or config.heads, config.dim)  # (B, N, H, D)
-    return tuple(rng.standard_normal(shape, dtype=np.float32).astype(config.dtype) for _ in range(4))
+    return tuple(_to_device(rng.standard_normal(shape, dtype=np.float32).astype(config.dtype), backend) for _ in range(4))
 
 
 def _forward_backward(q, k, v, dout, config, backend):
@@ -130,12 +145,12 @@ def _forward_backward(q, k, v, dout, config, backend):
 
 
 def time_dilated(config: Config, backend: str, repeats: int):
-    q, k, v, dout = _inputs(config)
+    q, k, v, dout = _inputs(config, backend=backend)
     args = (config.segment_lengths, config.dilation_rates)
     forward = lambda: dilated_attention(q, k, v, *args, causal=config.causal, backend=backend)
     both = lambda: _forward_backward(q, k, v, dout, config, backend)
-    both()  # warm-up (and compilation, for the numba backend)
-    return _median_seconds(forward, repeats), _median_seconds(both, repeats)
+    _seconds(both, backend)  # warm-up (and compilation, for the numba and cupy backends)
+    return _median_seconds(forward, repeats, backend), _median_seconds(both, repeats, backend)
 
 
 def time_dense_one_head(config: Config, repeats: int):
@@ -193,7 +208,7 @@ def run(configs, backend="numba", repeats=3, reference_max_n=16384, dense_max_n=
     for config in configs:
         if bar:
             bar.set_postfix_str(config.name)
-        gemm = gemm_gflops(config.dtype)
+        gemm = gemm_gflops(config.dtype, backend=backend)
         forward_s, both_s = time_dilated(config, backend, repeats)
         flops = complexity.dilated_flops(
             config.n, config.heads, config.dim, config.segment_lengths, config.dilation_rates,

@@ -18,6 +18,7 @@ import numpy as np
 BACKENDS = {
     "numpy": "longnet_ref.reference",
     "numba": "longnet_ref.backends.numba_cpu",
+    "cupy": "longnet_ref.backends.cupy_gpu",
 }
 
 

@@ -1,0 +1,32 @@
+"""``backend="cupy"``: dilated attention on an NVIDIA GPU, on CuPy arrays (SPEC §6).
+
+Inputs and outputs are CuPy arrays; nothing is copied to the host. The work is done by the
+Numba-CUDA kernels of ``cuda_kernels.py``, launched on the CuPy arrays' device memory.
+Install with ``pip install "longnet-ref[gpu]"`` (CuPy for CUDA 12; see ``docs/gpu.md`` for
+other CUDA versions). Docs: ``docs/gpu.md``.
+"""
+
+from __future__ import annotations
+
+try:
+    import cupy
+except ImportError as error:  # pragma: no cover - depends on the machine
+    raise ImportError(
+        "backend='cupy' needs CuPy and an NVIDIA GPU: pip install 'longnet-ref[gpu]' (see docs/gpu.md)"
+    ) from error
+
+from . import cuda_kernels
+
+
+def _contiguous(*arrays):
+    return tuple(cupy.ascontiguousarray(x) for x in arrays)
+
+
+def forward(q, k, v, branches, causal, scale, offsets):
+    """Dilated attention forward on the GPU; inputs validated by ``longnet_ref.attention``."""
+    return cuda_kernels.forward(cupy, *_contiguous(q, k, v), branches, causal, scale, offsets)
+
+
+def backward(dout, q, k, v, out, lse, branches, causal, scale, offsets):
+    """Exact gradient on the GPU (SPEC §5)."""
+    return cuda_kernels.backward(cupy, *_contiguous(dout, q, k, v, out, lse), branches, causal, scale, offsets)
