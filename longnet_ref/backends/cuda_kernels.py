@@ -27,7 +27,14 @@ import math
 from functools import lru_cache
 
 import numpy as np
-from numba import cuda, float32, float64
+
+if not hasattr(np, "row_stack"):
+    # numba-cuda <= 0.30 registers an overload for np.row_stack at import, which NumPy 2.5
+    # removed (it was an alias of vstack since NumPy 1.x). Restore the alias so numba-cuda
+    # imports; no numerical behaviour depends on it.
+    np.row_stack = np.vstack
+
+from numba import cuda, float32, float64  # noqa: E402
 
 BLOCK = 64  # threads (query or key rows) per thread block
 MAX_DIM = 128  # largest D and Dv: per-thread arrays have a fixed size
