@@ -101,6 +101,15 @@ def bench(args) -> int:
     return 0
 
 
+def pattern(args) -> int:
+    """Draw the documentation's figures from the library (``docs/figures`` by default)."""
+    from .figures import generate
+
+    for path in generate(args.output_dir):
+        print(f"wrote {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="longnet-ref", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +137,9 @@ def main(argv=None) -> int:
     p.add_argument("--memory", action="store_true", help="also measure peak memory (fresh subprocess)")
     p.add_argument("--output-dir", default="bench-results")
     p.set_defaults(func=bench)
+    p = sub.add_parser("pattern", help="draw the attention-pattern, multiplicity, FLOPs and path-length figures")
+    p.add_argument("--output-dir", default="docs/figures")
+    p.set_defaults(func=pattern)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
