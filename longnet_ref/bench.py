@@ -300,3 +300,82 @@ def save(results, output_dir) -> list[Path]:
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
     return written
+
+
+WEAK_SCALING_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    from mpi4py import MPI
+    from longnet_ref import distributed
+
+    c = json.loads(sys.argv[1])
+    comm = MPI.COMM_WORLD
+    w, r, options = c["segment_lengths"], c["dilation_rates"], dict(causal=c["causal"], backend=c["backend"])
+    rng = np.random.default_rng(comm.Get_rank())
+    shape = (1, c["n_per_rank"], c["heads"], c["dim"])
+    q, k, v, dout = (rng.standard_normal(shape, dtype=np.float32).astype(c["dtype"]) for _ in range(4))
+
+    def step():
+        comm.Barrier()
+        start = MPI.Wtime()
+        out, lse, fwd = distributed.dilated_attention(q, k, v, w, r, comm=comm, return_lse=True, return_stats=True, **options)
+        comm.Barrier()
+        middle = MPI.Wtime()
+        *_, bwd = distributed.dilated_attention_backward(dout, q, k, v, out, lse, w, r, comm=comm, return_stats=True, **options)
+        comm.Barrier()
+        return middle - start, MPI.Wtime() - start, fwd, bwd
+
+    step()  # warm-up: kernels and sub-communicators
+    runs = [step() for _ in range(c["repeats"])]
+    forward_s = sorted(x[0] for x in runs)[len(runs) // 2]
+    both_s = sorted(x[1] for x in runs)[len(runs) // 2]
+    fwd, bwd = runs[0][2], runs[0][3]
+    bytes_per_rank = comm.gather((fwd.bytes_received, bwd.bytes_received + bwd.bytes_sent, fwd.bytes_sent), root=0)
+    if comm.Get_rank() == 0:
+        print(json.dumps(dict(ranks=comm.Get_size(), n=c["n_per_rank"] * comm.Get_size(), forward_s=forward_s,
+                              forward_backward_s=both_s, bytes_per_rank=bytes_per_rank)))
+    """
+)
+
+
+def weak_scaling(n_per_rank=8192, ranks=(1, 2, 4), segment_lengths=(2048, 16384), dilation_rates=(1, 8), heads=4, dim=64,
+                 causal=False, backend="numba", dtype="float32", repeats=3):
+    """Weak scaling over MPI: ``N = P * n_per_rank`` on ``P`` ranks; time and bytes per rank.
+
+    Launches ``mpiexec -n P`` for each ``P`` (MPICH from the ``mpi`` extra, or the system's).
+    """
+    import os
+    import shutil
+
+    mpiexec = shutil.which("mpiexec", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if mpiexec is None:
+        raise RuntimeError("no mpiexec found: pip install 'longnet-ref[mpi]'")
+    settings = json.dumps(dict(n_per_rank=n_per_rank, segment_lengths=list(segment_lengths), dilation_rates=list(dilation_rates),
+                               heads=heads, dim=dim, causal=causal, backend=backend, dtype=dtype, repeats=repeats))
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
+    rows = []
+    for p in ranks:
+        result = subprocess.run([mpiexec, "-n", str(p), sys.executable, "-c", WEAK_SCALING_WORKER, settings],
+                                capture_output=True, text=True, env=env, check=True)
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def format_weak_scaling(rows, segment_lengths, dilation_rates, heads, dim, itemsize=4) -> str:
+    lines = [
+        f"weak scaling: N = P x {rows[0]['n'] // rows[0]['ranks']}, w = {list(segment_lengths)}, r = {list(dilation_rates)}, H = {heads}, D = {dim}",
+        f"{'P':>3s} {'N':>8s} {'fwd s':>8s} {'fwd+bwd s':>10s} {'fwd recv B/rank (max)':>22s} {'bwd moved B/rank (max)':>23s}",
+    ]
+    for row in rows:
+        received = max(b[0] for b in row["bytes_per_rank"])
+        backward = max(b[1] for b in row["bytes_per_rank"])
+        lines.append(f"{row['ranks']:3d} {row['n']:8d} {row['forward_s']:8.3f} {row['forward_backward_s']:10.3f} {received:22,d} {backward:23,d}")
+    chunk = rows[0]["n"] // rows[0]["ranks"]  # L = N / P
+    shared = [(w, r) for w, r in zip(segment_lengths, dilation_rates) if w > chunk]
+    if shared:
+        formula = sum(heads * (w - chunk) // r * 2 * dim * itemsize for w, r in shared)
+        lines.append(f"paper's claim: bytes per rank depend on w/r, not N. Docstring formula B H (w - L)/r (D + Dv) itemsize = {formula:,d}"
+                     " for every P >= w / L.")
+    lines.append("time: with more ranks than cores (this machine: 2) ranks share cores, so time per rank grows with P here.")
+    return "\n".join(lines)

@@ -90,6 +90,11 @@ def bench(args) -> int:
     """Benchmark presets; prints the table and writes JSON + PNG under ``--output-dir``."""
     from . import bench as benchmarks
 
+    if args.distributed:
+        options = dict(n_per_rank=args.n_per_rank, ranks=args.ranks)
+        rows = benchmarks.weak_scaling(**options)
+        print(benchmarks.format_weak_scaling(rows, (2048, 16384), (1, 8), 4, 64))
+        return 0
     configs = [c for name in args.preset for c in benchmarks.PRESETS[name] if c.n <= args.max_n]
     results = benchmarks.run(
         configs, backend=args.backend, repeats=args.repeats, reference_max_n=args.reference_max_n,
@@ -136,6 +141,9 @@ def main(argv=None) -> int:
     p.add_argument("--dense-max-n", type=int, default=16384, help="time dense attention up to this N")
     p.add_argument("--memory", action="store_true", help="also measure peak memory (fresh subprocess)")
     p.add_argument("--output-dir", default="bench-results")
+    p.add_argument("--distributed", action="store_true", help="MPI weak scaling (N per rank fixed) over --ranks")
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--n-per-rank", type=int, default=8192)
     p.set_defaults(func=bench)
     p = sub.add_parser("pattern", help="draw the attention-pattern, multiplicity, FLOPs and path-length figures")
     p.add_argument("--output-dir", default="docs/figures")
