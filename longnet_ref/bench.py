@@ -145,6 +145,19 @@ def _forward_backward(q, k, v, dout, config, backend):
     return dilated_attention_backward(dout, q, k, v, out, lse, *args, causal=config.causal, backend=backend)
 
 
+def interleaved(fn, flops, repeats, dtype, backend="numba"):
+    """Median time of ``fn`` and the median of ``(flops / time) / GEMM rate`` over ``repeats``
+    runs, each preceded by its own GEMM measurement: load that drifts during a configuration
+    (a shared machine) moves numerator and denominator together."""
+    times, fractions = [], []
+    for _ in range(repeats):
+        rate = gemm_gflops(dtype, repeats=2, backend=backend)
+        elapsed = _seconds(fn, backend)
+        times.append(elapsed)
+        fractions.append(flops / elapsed / 1e9 / rate)
+    return statistics.median(times), statistics.median(fractions)
+
+
 def time_dilated(config: Config, backend: str, repeats: int):
     small = Config(config.name, min(config.n, 4096), config.segment_lengths, config.dilation_rates, 1, 1, config.dim, config.causal, config.dtype)
     _forward_backward(*_inputs(small, backend=backend), small, backend)  # compile / load the kernels

@@ -49,11 +49,22 @@ def test_numba_agrees_with_the_reference_on_the_spec_problems(problem):
     assert_agree(problem)
 
 
-@settings(max_examples=25, deadline=None)
+@pytest.mark.parametrize("query_block", [None, 64, 100])
+@settings(max_examples=15, deadline=None)
 @given(problems(max_n=700, max_heads=3, max_dim=8, max_branches=3, max_segment=800, max_dilation=3))
-def test_numba_agrees_across_query_and_key_blocks(problem):
-    """Segments of up to 700 rows: several 128-row blocks, ragged last blocks, causal diagonals."""
-    assert_agree(problem)
+def test_numba_agrees_across_query_and_key_blocks(query_block, problem):
+    """Segments of up to 700 rows: several 128-row key blocks, ragged last blocks, causal
+    diagonals; the query block (a run-time argument) forced small and not a multiple of the
+    key block, so block boundaries fall everywhere."""
+    from longnet_ref.backends import numba_cpu
+
+    saved = dict(numba_cpu.QUERY_BLOCK)
+    if query_block:
+        numba_cpu.QUERY_BLOCK.update({False: query_block, True: query_block})
+    try:
+        assert_agree(problem)
+    finally:
+        numba_cpu.QUERY_BLOCK.update(saved)
 
 
 @settings(max_examples=40, deadline=None)
