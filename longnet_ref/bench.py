@@ -72,6 +72,8 @@ class Result:
     forward_s: float
     forward_backward_s: float
     forward_flops: int
+    forward_fraction: float = 0.0  # median over repeats of (GFLOP/s / GEMM GFLOP/s measured just before)
+    forward_backward_fraction: float = 0.0
     reference_forward_s: float | None = None
     reference_forward_backward_s: float | None = None
     dense_forward_s: float | None = None
@@ -92,8 +94,6 @@ class Result:
         row.update(
             forward_gflops=self.forward_gflops,
             forward_backward_gflops=self.forward_backward_gflops,
-            forward_fraction_of_gemm=self.forward_gflops / self.gemm_gflops,
-            forward_backward_fraction_of_gemm=self.forward_backward_gflops / self.gemm_gflops,
             time_per_token_us=self.forward_backward_s / self.config.n * 1e6,
         )
         return row
@@ -146,26 +146,29 @@ def _forward_backward(q, k, v, dout, config, backend):
 
 
 def interleaved(fn, flops, repeats, dtype, backend="numba"):
-    """Median time of ``fn`` and the median of ``(flops / time) / GEMM rate`` over ``repeats``
-    runs, each preceded by its own GEMM measurement: load that drifts during a configuration
-    (a shared machine) moves numerator and denominator together."""
-    times, fractions = [], []
+    """Median time of ``fn``, median of ``(flops / time) / GEMM rate``, and median GEMM rate over
+    ``repeats`` runs, each preceded by its own GEMM measurement: load that drifts during a
+    configuration (a shared machine) moves numerator and denominator together."""
+    times, fractions, rates = [], [], []
     for _ in range(repeats):
-        rate = gemm_gflops(dtype, repeats=2, backend=backend)
-        elapsed = _seconds(fn, backend)
-        times.append(elapsed)
-        fractions.append(flops / elapsed / 1e9 / rate)
-    return statistics.median(times), statistics.median(fractions)
+        rates.append(gemm_gflops(dtype, repeats=2, backend=backend))
+        times.append(_seconds(fn, backend))
+        fractions.append(flops / times[-1] / 1e9 / rates[-1])
+    return statistics.median(times), statistics.median(fractions), statistics.median(rates)
 
 
-def time_dilated(config: Config, backend: str, repeats: int):
+def time_dilated(config: Config, backend: str, repeats: int, flops: int = 0):
+    """Forward and forward+backward: ``(seconds, fraction of GEMM, GEMM GFLOP/s)`` for each."""
     small = Config(config.name, min(config.n, 4096), config.segment_lengths, config.dilation_rates, 1, 1, config.dim, config.causal, config.dtype)
     _forward_backward(*_inputs(small, backend=backend), small, backend)  # compile / load the kernels
     q, k, v, dout = _inputs(config, backend=backend)
     args = (config.segment_lengths, config.dilation_rates)
     forward = lambda: dilated_attention(q, k, v, *args, causal=config.causal, backend=backend)
     both = lambda: _forward_backward(q, k, v, dout, config, backend)
-    return _median_seconds(forward, repeats, backend), _median_seconds(both, repeats, backend)
+    return (
+        interleaved(forward, flops, repeats, config.dtype, backend),
+        interleaved(both, (1 + BACKWARD_FLOP_FACTOR) * flops, repeats, config.dtype, backend),
+    )
 
 
 def time_dense_one_head(config: Config, repeats: int):
@@ -230,15 +233,15 @@ def run(configs, backend="numba", repeats=3, reference_max_n=16384, dense_max_n=
     for config in configs:
         if bar:
             bar.set_postfix_str(config.name)
-        gemm = gemm_gflops(config.dtype, backend=backend)
-        forward_s, both_s = time_dilated(config, backend, repeats)
         flops = complexity.dilated_flops(
             config.n, config.heads, config.dim, config.segment_lengths, config.dilation_rates,
             causal=config.causal, batch=config.batch,
         ).total
-        result = Result(config, backend, gemm, forward_s, both_s, flops)
+        (forward_s, forward_fraction, gemm), (both_s, both_fraction, _) = time_dilated(config, backend, repeats, flops)
+        result = Result(config, backend, gemm, forward_s, both_s, flops, forward_fraction, both_fraction)
         if backend != "numpy" and config.n <= reference_max_n:
-            result.reference_forward_s, result.reference_forward_backward_s = time_dilated(config, "numpy", 1)
+            (reference_forward, *_), (reference_both, *_) = time_dilated(config, "numpy", 1, flops)
+            result.reference_forward_s, result.reference_forward_backward_s = reference_forward, reference_both
         if config.n <= dense_max_n:
             result.dense_forward_s, result.dense_forward_backward_s = time_dense_one_head(config, 1)
         if memory:
@@ -263,13 +266,14 @@ def format_table(results) -> str:
     lines = [header, "-" * len(header)]
     for r in results:
         lines.append(
-            f"{r.config.name:28s} {r.forward_s:8.3f} {r.forward_gflops:6.1f} {r.forward_gflops / r.gemm_gflops:6.1%}"
-            f" {r.forward_backward_s:10.3f} {r.forward_backward_gflops:6.1f} {r.forward_backward_gflops / r.gemm_gflops:6.1%}"
+            f"{r.config.name:28s} {r.forward_s:8.3f} {r.forward_gflops:6.1f} {r.forward_fraction:6.1%}"
+            f" {r.forward_backward_s:10.3f} {r.forward_backward_gflops:6.1f} {r.forward_backward_fraction:6.1%}"
             f" {r.forward_backward_s / r.config.n * 1e6:9.2f}"
             f" {_ratio(r.reference_forward_backward_s, r.forward_backward_s):>9s}"
             f" {_ratio(r.dense_forward_backward_s, r.forward_backward_s):>9s}"
             f" {r.gemm_gflops:10.1f} {'' if r.peak_memory_ratio is None else f'{r.peak_memory_ratio:8.2f}x':>9s}"
         )
+    lines.append("%GEMM: median over repeats of GFLOP/s / the GEMM rate measured just before each repeat (GEMM GF/s: median).")
     lines.append("vs numpy / vs dense: forward+backward speed-up over the NumPy reference / dense attention, same run.")
     return "\n".join(lines)
 
@@ -290,8 +294,8 @@ def save(results, output_dir) -> list[Path]:
     fig, ax = plt.subplots(figsize=(8, 4))
     names = [r.config.name for r in results]
     x = np.arange(len(results))
-    ax.bar(x - 0.2, [r.forward_gflops / r.gemm_gflops for r in results], 0.4, label="forward")
-    ax.bar(x + 0.2, [r.forward_backward_gflops / r.gemm_gflops for r in results], 0.4, label="forward+backward")
+    ax.bar(x - 0.2, [r.forward_fraction for r in results], 0.4, label="forward")
+    ax.bar(x + 0.2, [r.forward_backward_fraction for r in results], 0.4, label="forward+backward")
     ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("fraction of this run's GEMM rate")
     ax.legend()
