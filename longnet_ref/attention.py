@@ -30,12 +30,15 @@ def dilated_attention(
         out = sum_i exp(lse_i - LSE) o_i,   LSE = log sum_i exp(lse_i).
 
     Args:
-        q, k: ``(B, N, H, D)``; v: ``(B, N, H, Dv)``; float32 or float64, one dtype.
-        segment_lengths, dilation_rates: the branches ``w_i`` and ``r_i``, positive integers.
+        q: ``(B, N, H, D)``, float32 or float64 (``k`` and ``v`` of the same dtype).
+        k: ``(B, N, H, D)``.
+        v: ``(B, N, H, Dv)``.
+        segment_lengths: the branches' segment lengths ``w_i``, positive integers.
+        dilation_rates: the branches' dilations ``r_i``, positive integers, as many as ``w_i``.
         causal: keep only keys at positions ``<=`` the query's.
         scale: score scale, ``1/sqrt(D)`` by default.
         offsets: ``"paper"`` (head ``h`` offset ``h mod r``) or ``"torchscale"`` (blocks).
-        backend: ``"numpy"`` (the reference).
+        backend: ``"numpy"`` (the reference), ``"numba"`` (CPU kernels) or ``"cupy"`` (GPU, CuPy arrays).
         return_lse: also return ``LSE``.
 
     Returns:
