@@ -153,8 +153,8 @@ def _validate(comm, q, k, v, segment_lengths, dilation_rates, causal, scale, off
             )
 
     _collective_check(comm, same_everywhere)
-    (batch, chunk, heads, dim, value_dim), (causal, scale, offsets) = sizes, options
-    return Layout(comm.Get_rank(), comm.Get_size(), chunk), branches, causal, scale, offsets
+    causal, scale, offsets = options
+    return Layout(comm.Get_rank(), comm.Get_size(), chunk=sizes[1]), branches, causal, scale, offsets
 
 
 def _abort_on_error(comm, fn):

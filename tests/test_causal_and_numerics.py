@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from longnet_ref import dense_attention, dense_attention_backward, dilated_attention, dilated_attention_backward, multiplicity
 
-from .strategies import TOLERANCE, Problem, problems
+from .strategies import Problem, problems
 
 
 @settings(max_examples=100, deadline=None)

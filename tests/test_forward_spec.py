@@ -5,9 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from longnet_ref import dense_attention, dilated_attention, multiplicity
-from longnet_ref.multiplicity import multiplicity_bias
 
-from .strategies import TOLERANCE, problems
+from .strategies import problems
 
 
 @settings(max_examples=150, deadline=None)

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from longnet_ref.config import head_offsets, segment_rows, sparse_segments, validate_branches
