@@ -159,8 +159,12 @@ def interleaved(fn, flops, repeats, dtype, backend="numba"):
 
 def time_dilated(config: Config, backend: str, repeats: int, flops: int = 0):
     """Forward and forward+backward: ``(seconds, fraction of GEMM, GEMM GFLOP/s)`` for each."""
+    if backend == "numba":  # compile / load every kernel outside the timing
+        from .backends.numba_cpu import warm_up
+
+        warm_up(np.dtype(config.dtype))
     small = Config(config.name, min(config.n, 4096), config.segment_lengths, config.dilation_rates, 1, 1, config.dim, config.causal, config.dtype)
-    _forward_backward(*_inputs(small, backend=backend), small, backend)  # compile / load the kernels
+    _forward_backward(*_inputs(small, backend=backend), small, backend)  # GPU kernels compile per dtype on first use
     q, k, v, dout = _inputs(config, backend=backend)
     args = (config.segment_lengths, config.dilation_rates)
     forward = lambda: dilated_attention(q, k, v, *args, causal=config.causal, backend=backend)

@@ -143,3 +143,22 @@ def test_kernels_never_index_out_of_bounds_under_numba_boundscheck(tmp_path):
     result = subprocess.run([sys.executable, "-c", BOUNDS_CHECKED], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "bounds-checked kernels ran 10 cases" in result.stdout
+
+
+def test_warm_up_compiles_every_kernel_the_timed_calls_use():
+    """The demo and the benchmarks time only warm kernels: after warm_up, in a fresh process (no
+    kernel called before), the forward and both backward paths hold a float32 signature."""
+    script = textwrap.dedent(
+        """
+        import numba, numpy as np
+        from longnet_ref.backends import numba_cpu
+        kernels = ("forward_branch", "backward_segments_branch", "backward_keys_branch", "backward_queries_branch")
+        before = [len(getattr(numba_cpu, name).signatures) for name in kernels]
+        numba_cpu.warm_up(np.float32)
+        after = [any(sig[0].dtype == numba.float32 for sig in getattr(numba_cpu, name).signatures) for name in kernels]
+        print(before, after)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[0, 0, 0, 0] [True, True, True, True]"

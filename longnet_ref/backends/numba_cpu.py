@@ -31,11 +31,13 @@ Docs: ``docs/numba.md``.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from numba import njit, prange
 from threadpoolctl import threadpool_limits
 
-from ..config import head_offsets
+from ..config import Branch, head_offsets
 from .numba_exp import exp_shifted
 
 # Query rows per work item, by the causal flag (a run-time argument of the kernels). Large blocks
@@ -459,3 +461,17 @@ def backward(dout, q, k, v, out, lse, branches, causal, scale, offsets):
                 backward_keys_branch(*args, dk, dv)
                 backward_queries_branch(*args, dq)
     return dq, dk, dv
+
+
+def warm_up(dtype) -> float:
+    """Compile (first run) or load from the cache every kernel for ``dtype``; returns the seconds.
+
+    Tiny inputs, but both backward paths: one branch with a single segment (two passes) and one
+    with ``MIN_SEGMENT_ITEMS`` segments (one item per segment).
+    """
+    start = time.perf_counter()
+    x = np.zeros((1, 2 * MIN_SEGMENT_ITEMS, 1, 4), dtype)  # (B, N, H, D)
+    for branch in (Branch(2 * MIN_SEGMENT_ITEMS, 1), Branch(2, 1)):
+        out, lse = forward(x, x, x, (branch,), False, 1.0, "paper")
+        backward(out, x, x, x, out, lse, (branch,), False, 1.0, "paper")
+    return time.perf_counter() - start
