@@ -15,12 +15,14 @@ Forward, for every branch ``i`` in turn (a parallel loop over work items
         LSE' = logaddexp(LSE, lse_i),  out = out e^{LSE - LSE'} + o_i e^{lse_i - LSE'}
 
 Backward (exact gradient, SPEC §5) with the global ``LSE`` and ``Dsum = rowsum(dO * O)``,
-per branch in two parallel passes so no two work items write the same row (deterministic,
-independent of the thread count):
+``P = exp(scale Q K^T - LSE)``, ``dS = P * (dO V^T - Dsum)``; per branch, no two work items
+write the same row (deterministic, independent of the thread count):
 
-    keys pass    (b, h, s, key block):   dV += P^T dO;  dK += scale dS^T Q
-    queries pass (b, h, s, query block): dQ += scale dS K
-    with P = exp(scale Q K^T - LSE),  dS = P * (dO V^T - Dsum)
+    >= MIN_SEGMENT_ITEMS segments: one item per (b, h, s) owns the whole sparse segment:
+        dV += P^T dO;  dK += scale dS^T Q;  dQ += scale dS K    (5 GEMMs per block pair)
+    fewer (long segments, B = H = 1): two passes that split segments into blocks
+        keys pass    (b, h, s, key block):   dV, dK
+        queries pass (b, h, s, query block): dQ                  (7 GEMMs per block pair)
 
 Extra memory is O(block^2 + block * D) per thread; nothing of size N * w / r. Indices are
 computed from ``(w, r, o)`` and validated by the public API before entry; every loop bound is
