@@ -73,6 +73,24 @@ def work_item(item, heads, num_segments, blocks):
     return item // heads, item % heads, segment, block
 
 
+@njit(cache=True, inline="always")
+def blocks_per_segment(n, w, r, block):
+    """Blocks of ``block`` rows in the largest sparse segment of a branch (offset 0)."""
+    return ((min(w, n) + r - 1) // r + block - 1) // block
+
+
+@njit(cache=True, inline="always")
+def block_of_item(item, n, heads, num_segments, blocks, w, r, offsets, block):
+    """Work item -> ``(b, h, base, t0, count, size)``: the block of sparse rows
+    ``base + (t0 + j) r``, ``j < count``, of segment ``s`` for head ``h`` (``base = s w + o``);
+    ``count = 0`` when the block starts past the segment's ``size`` rows."""
+    b, h, s, index = work_item(item, heads, num_segments, blocks)
+    o = offsets[h]
+    size = segment_size(n, w, r, o, s)
+    t0 = index * block
+    return b, h, s * w + o, t0, max(0, min(block, size - t0)), size
+
+
 @njit(cache=True)
 def _all_finite(x):
     for value in x.ravel():
@@ -157,18 +175,13 @@ def forward_branch(q, k, v, w, r, offsets, causal, scale, int_like, block_q, out
     batch, n, heads, dim = q.shape
     value_dim = v.shape[3]
     num_segments = (n + w - 1) // w
-    blocks = ((min(w, n) + r - 1) // r + block_q - 1) // block_q  # query blocks of the largest segment
+    blocks = blocks_per_segment(n, w, r, block_q)
     itype = int_like.dtype  # int32 for float32, int64 for float64: the exp's exponent scratch
     one = q.dtype.type(1.0)
     for item in prange(batch * heads * num_segments * blocks):
-        b, h, s, qb = work_item(item, heads, num_segments, blocks)
-        o = offsets[h]
-        size = segment_size(n, w, r, o, s)
-        q0 = qb * block_q
-        if q0 >= size:
+        b, h, base, q0, nq, size = block_of_item(item, n, heads, num_segments, blocks, w, r, offsets, block_q)
+        if nq == 0:
             continue
-        nq = min(block_q, size - q0)
-        base = s * w + o
         q_blk = np.empty((nq, dim), q.dtype)
         gather(q, b, h, base, r, q0, nq, q_blk, scale)  # pre-scaled: S = (scale Q) K^T
         k_blk = np.empty((BLOCK_K, dim), q.dtype)
@@ -270,12 +283,10 @@ def backward_segments_branch(q, k, v, dout, lse, dsum, w, r, offsets, causal, sc
     itype = int_like.dtype
     one = q.dtype.type(1.0)
     for item in prange(batch * heads * num_segments):
-        b, h, s, _ = work_item(item, heads, num_segments, 1)
-        o = offsets[h]
-        size = segment_size(n, w, r, o, s)
+        # one block per segment, as long as the sequence: the item owns all `size` rows
+        b, h, base, _, size, _ = block_of_item(item, n, heads, num_segments, 1, w, r, offsets, n)
         if size == 0:
             continue
-        base = s * w + o
         k_blk = np.empty((BLOCK_K, dim), q.dtype)
         v_blk = np.empty((BLOCK_K, value_dim), q.dtype)
         dk_blk = np.empty((BLOCK_K, dim), q.dtype)
@@ -324,18 +335,13 @@ def backward_keys_branch(q, k, v, dout, lse, dsum, w, r, offsets, causal, scale,
     batch, n, heads, dim = q.shape
     value_dim = v.shape[3]
     num_segments = (n + w - 1) // w
-    blocks = ((min(w, n) + r - 1) // r + BLOCK_K - 1) // BLOCK_K
+    blocks = blocks_per_segment(n, w, r, BLOCK_K)
     itype = int_like.dtype  # int32 for float32, int64 for float64: the exp's exponent scratch
     one = q.dtype.type(1.0)
     for item in prange(batch * heads * num_segments * blocks):
-        b, h, s, kb = work_item(item, heads, num_segments, blocks)
-        o = offsets[h]
-        size = segment_size(n, w, r, o, s)
-        k0 = kb * BLOCK_K
-        if k0 >= size:
+        b, h, base, k0, nk, size = block_of_item(item, n, heads, num_segments, blocks, w, r, offsets, BLOCK_K)
+        if nk == 0:
             continue
-        nk = min(BLOCK_K, size - k0)
-        base = s * w + o
         k_blk = np.empty((nk, dim), q.dtype)
         v_blk = np.empty((nk, value_dim), q.dtype)
         gather(k, b, h, base, r, k0, nk, k_blk, one)
@@ -372,18 +378,13 @@ def backward_queries_branch(q, k, v, dout, lse, dsum, w, r, offsets, causal, sca
     batch, n, heads, dim = q.shape
     value_dim = v.shape[3]
     num_segments = (n + w - 1) // w
-    blocks = ((min(w, n) + r - 1) // r + block_q - 1) // block_q
+    blocks = blocks_per_segment(n, w, r, block_q)
     itype = int_like.dtype  # int32 for float32, int64 for float64: the exp's exponent scratch
     one = q.dtype.type(1.0)
     for item in prange(batch * heads * num_segments * blocks):
-        b, h, s, qb = work_item(item, heads, num_segments, blocks)
-        o = offsets[h]
-        size = segment_size(n, w, r, o, s)
-        q0 = qb * block_q
-        if q0 >= size:
+        b, h, base, q0, nq, size = block_of_item(item, n, heads, num_segments, blocks, w, r, offsets, block_q)
+        if nq == 0:
             continue
-        nq = min(block_q, size - q0)
-        base = s * w + o
         q_blk = np.empty((nq, dim), q.dtype)
         do_blk = np.empty((nq, value_dim), q.dtype)
         gather(q, b, h, base, r, q0, nq, q_blk, scale)
