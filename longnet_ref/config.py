@@ -91,6 +91,30 @@ def head_offsets(num_heads: int, dilation: int, rule: str = "paper") -> np.ndarr
     raise ValueError(f"offsets must be one of {OFFSET_RULES}, got {rule!r}")
 
 
+# The scalar index rules. Plain Python on integers, so that the Numba kernels wrap them with
+# ``njit(inline="always")`` and the CUDA kernels with ``cuda.jit(device=True)``: the rule that
+# picks rows is written once, here, and ``segment_rows`` below is tied to it by a test.
+
+
+def segment_size(n: int, w: int, r: int, o: int, s: int) -> int:
+    """Rows of segment ``s`` that offset ``o`` selects: #{t : o + t r < w, s w + o + t r < N} (SPEC §2)."""
+    extent = min(w, n - s * w) - o  # rows of the segment at or after the offset
+    return 0 if extent <= 0 else (extent + r - 1) // r
+
+
+def segment_position(w: int, r: int, o: int, s: int, t: int) -> int:
+    """Position of the ``t``-th selected row of segment ``s``: ``s w + o + t r`` (SPEC §2)."""
+    return s * w + o + t * r
+
+
+def causal_key_count(t: int) -> int:
+    """Keys the ``t``-th selected row attends under ``causal=True``: rows ``0..t`` of its segment.
+
+    Positions increase with ``t`` inside a sparse segment, so ``k <= p`` is ``t_k <= t`` (SPEC §3).
+    """
+    return t + 1
+
+
 def segment_rows(n: int, segment_length: int, dilation: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
     """Positions ``P(i, s, h)`` of every segment as a padded ``(S, T)`` table (SPEC §2).
 
