@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -133,3 +136,63 @@ def test_no_file_points_to_a_spec_file_the_repository_does_not_contain():
         for path in [top] if top.is_file() else top.rglob("*"):
             if path.suffix in {".py", ".md"} and path.name != "test_docs.py":
                 assert "SPEC.md" not in path.read_text(encoding="utf-8"), path
+
+
+def _page_namespace(name):
+    """The namespace left by running every ```python block of ``docs/<name>`` in order."""
+    namespace = {"__name__": f"docs_{Path(name).stem}"}
+    for number, block in enumerate(FENCE.findall((DOCS / name).read_text()), 1):
+        exec(compile(block, f"{name}[python block {number}]", "exec"), namespace)
+    return namespace
+
+
+@pytest.fixture(scope="module")
+def loops():
+    return _page_namespace("scratch.md")
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    n=st.integers(1, 20),
+    heads=st.integers(1, 4),
+    branches=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 5)), min_size=1, max_size=3),
+    causal=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_the_plain_loops_agree_with_the_library(loops, n, heads, branches, causal, seed):
+    """docs/scratch.md's loops are the definition; the library must compute the same numbers."""
+    from longnet_ref import dilated_attention, dilated_attention_backward
+
+    w, r = [b[0] for b in branches], [b[1] for b in branches]
+    rng = np.random.default_rng(seed)
+    q, k = (rng.standard_normal((1, n, heads, 3)) for _ in range(2))
+    v, dout = (rng.standard_normal((1, n, heads, 2)) for _ in range(2))  # Dv = 2 differs from D = 3
+    out, lse = loops["dilated_attention_loops"](q[0], k[0], v[0], w, r, causal)
+    expected, expected_lse = dilated_attention(q, k, v, w, r, causal=causal, return_lse=True)
+    # float64 in both; they differ only in the order of the sums: a few ulps of O(1) values.
+    np.testing.assert_allclose(out, expected[0], rtol=1e-11, atol=1e-12)
+    np.testing.assert_array_equal(np.isinf(lse), np.isinf(expected_lse[0]))
+    np.testing.assert_allclose(lse, expected_lse[0], rtol=1e-11, atol=1e-12)
+    grads = loops["dilated_attention_backward_loops"](dout[0], q[0], k[0], v[0], out, lse, w, r, causal)
+    for mine, theirs in zip(grads, dilated_attention_backward(dout, q, k, v, expected, expected_lse, w, r, causal=causal)):
+        np.testing.assert_allclose(mine, theirs[0], rtol=1e-10, atol=1e-11)
+
+
+def test_the_plain_loop_backward_is_the_derivative_of_the_plain_loop_forward(loops):
+    """Central differences of the loops' own forward: no library code on either side."""
+    forward, backward = loops["dilated_attention_loops"], loops["dilated_attention_backward_loops"]
+    rng = np.random.default_rng(7)
+    w, r = [3, 6, 12], [1, 2, 5]  # overlapping, ragged (12 % 5), N not a multiple of any w
+    q, k, v, dout = (rng.standard_normal((13, 2, 3)) for _ in range(4))
+    out, lse = forward(q, k, v, w, r, causal=True)
+    grads = backward(dout, q, k, v, out, lse, w, r, causal=True)
+    eps = 1e-6  # float64: truncation O(eps^2) ~ 1e-12, rounding O(1e-16 / eps) ~ 1e-10
+    for tensor, grad in zip((q, k, v), grads):
+        for index in np.ndindex(tensor.shape):
+            saved = tensor[index]
+            tensor[index] = saved + eps
+            plus = float((forward(q, k, v, w, r, causal=True)[0] * dout).sum())
+            tensor[index] = saved - eps
+            minus = float((forward(q, k, v, w, r, causal=True)[0] * dout).sum())
+            tensor[index] = saved
+            assert abs((plus - minus) / (2 * eps) - grad[index]) < 1e-7, index
