@@ -3,8 +3,15 @@
 - The build fails if a generated figure is missing (``longnet-ref pattern`` draws them).
 - The test files are published beside the pages (``tests/*.py``), so a page names a test with a
   link a reader can follow and the strict build checks that the file exists.
+- A page whose front matter says ``show_output: true`` is executed at build time, block after
+  block in one namespace, and whatever a ```python block prints is shown under it: the numbers
+  on such a page are computed by the library when the site is built and cannot go stale.
+  (``tests/test_docs.py`` runs the same blocks, so their ``assert`` lines are tests.)
 """
 
+import contextlib
+import io
+import re
 from pathlib import Path
 
 from mkdocs.exceptions import PluginError
@@ -12,7 +19,7 @@ from mkdocs.structure.files import File
 
 from longnet_ref.figures import FIGURES
 
-ROOT = Path(__file__).resolve().parents[1]
+FENCE = re.compile(r"^```python\n(.*?)^```\n", re.DOTALL | re.MULTILINE)
 
 
 def on_pre_build(config, **kwargs):
@@ -27,3 +34,18 @@ def on_files(files, config, **kwargs):
     for path in sorted(tests.glob("test_*.py")):
         files.append(File.generated(config, f"tests/{path.name}", abs_src_path=str(path)))
     return files
+
+
+def on_page_markdown(markdown, page, config, files):
+    if not page.meta.get("show_output"):
+        return markdown
+    namespace = {"__name__": f"docs_{Path(page.file.src_uri).stem}"}
+
+    def run_and_show(match):
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(compile(match.group(1), page.file.src_uri, "exec"), namespace)  # noqa: S102 (our own pages)
+        shown = printed.getvalue()
+        return match.group(0) + (f"\n```text\n{shown}```\n" if shown else "")
+
+    return FENCE.sub(run_and_show, markdown)

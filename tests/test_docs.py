@@ -61,6 +61,18 @@ def test_mkdocs_build_strict_passes_and_serves_mathjax_locally(site):
         assert (site / "figures" / name).is_file()
 
 
+def test_the_build_shows_what_the_worked_example_prints(site):
+    """docs/hooks.py runs a ``show_output`` page and puts each block's output under it."""
+    html = (site / "worked_example" / "index.html").read_text()
+    assert "branch 2 (w=16, r=4) head 1 offset 1: K(p) = [1, 5, 9, 13]" in html
+    assert "head 1: m(5, k) for k = 0..15: [0 2 0 1 1 3 1 2 0 1 0 0 0 1 0 0]" in html
+
+
+def test_the_site_does_not_publish_the_build_hook_but_does_publish_the_tests(site):
+    assert not (site / "hooks.py").exists()
+    assert (site / "tests" / "test_docs.py").read_text() == Path(__file__).read_text()
+
+
 def test_the_missing_figure_check_fails_the_build(tmp_path):
     shutil.copytree(DOCS, tmp_path / "docs")
     shutil.copy(ROOT / "mkdocs.yml", tmp_path / "mkdocs.yml")
