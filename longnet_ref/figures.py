@@ -2,7 +2,12 @@
 
 Every picture is computed by the same functions the tests check (``config``,
 ``multiplicity``, ``complexity``), so the docs cannot show a pattern the code does not use.
-The docs build (``docs/hooks.py``) fails if one of ``FIGURES`` is missing.
+The docs build (``docs/hooks.py``) fails if one of ``FIGURES`` is missing, and
+``tests/test_docs.py`` checks that every figure a page shows is one of ``FIGURES``.
+
+Each function below draws one figure into ``path`` (a PNG file) and returns nothing;
+:func:`generate` draws them all. Docs: ``docs/overview.md`` (the overview figure),
+``docs/segments.md``, ``docs/mixture.md``, ``docs/complexity.md``.
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ from . import complexity
 from .config import head_offsets, segment_rows, validate_branches
 from .multiplicity import multiplicity
 
-FIGURES = ("selected_rows.png", "pattern.png", "pattern_causal.png", "multiplicity.png", "flops.png", "path_length.png")
+FIGURES = (
+    "overview.png", "selected_rows.png", "pattern.png", "pattern_causal.png", "multiplicity.png", "flops.png",
+    "path_length.png",
+)
 
 # The paper's Figures 2-3 in miniature: N = 32, three geometric branches, four heads.
 N, HEADS, SEGMENT_LENGTHS, DILATION_RATES = 32, 4, (8, 16, 32), (1, 2, 4)
@@ -30,8 +38,71 @@ def _pyplot():
     return plt
 
 
-def selected_rows(path, offsets="paper"):
-    """Which rows each head keeps in each branch (SPEC §2): one strip per (branch, head)."""
+def _grid_ticks(ax, n, step):
+    """Tick labels every ``step`` positions on both axes of an ``n x n`` (query, key) picture."""
+    ticks = list(range(0, n, step))
+    ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7)
+    ax.set_yticks(ticks, [str(t) for t in ticks], fontsize=7)
+
+
+# One colour per branch (overview) and per head: the paper's Figures 2-3 use colour the same way.
+BRANCH_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
+HEAD_COLOURS = ("#d62728", "#2ca02c", "#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+
+
+def overview(path: str | Path) -> None:
+    """Dilated attention in one picture, in the spirit of the paper's Figures 2 and 3.
+
+    Top row (Fig. 2): ``N = 16``, head 0, the branches ``(w, r) = (4, 1), (8, 2), (16, 4)`` one by
+    one, then all three together, coloured by branch (a key two branches share shows the colour
+    of the last one and is counted twice, see ``multiplicity``). Bottom row (Fig. 3): the
+    ``(16, 4)`` branch for heads 0-3, whose offsets ``h mod 4`` differ, then the four together:
+    every row is covered by exactly one head.
+    """
+    from matplotlib.colors import to_rgba
+
+    plt = _pyplot()
+    n, heads, lengths, rates = 16, 4, (4, 8, 16), (1, 2, 4)
+    fig, axes = plt.subplots(2, 4, figsize=(11, 6.4))
+
+    def show(ax, masks_and_colours, title):
+        picture = np.ones((n, n, 4))  # white RGBA
+        for mask, colour in masks_and_colours:
+            picture[mask] = to_rgba(colour)
+        ax.imshow(picture, interpolation="nearest")
+        ax.set_xticks(np.arange(-0.5, n, 1), minor=True)
+        ax.set_yticks(np.arange(-0.5, n, 1), minor=True)
+        ax.grid(which="minor", color="#dddddd", linewidth=0.4)
+        ax.tick_params(which="minor", length=0)
+        _grid_ticks(ax, n, 4)
+        ax.set_title(title, fontsize=9)
+
+    per_branch = [multiplicity(n, heads, [w], [r])[0] > 0 for w, r in zip(lengths, rates)]  # head 0, (N, N)
+    for i, (w, r) in enumerate(zip(lengths, rates)):
+        show(axes[0, i], [(per_branch[i], BRANCH_COLOURS[i])], f"branch {i}: w = {w}, r = {r} (head 0)")
+    show(axes[0, 3], [(m, BRANCH_COLOURS[i]) for i, m in enumerate(per_branch)], "all three branches (head 0)")
+
+    w, r = lengths[-1], rates[-1]
+    per_head = multiplicity(n, heads, [w], [r]) > 0  # (H, N, N), one branch
+    for h in range(3):
+        show(axes[1, h], [(per_head[h], HEAD_COLOURS[h])], f"w = {w}, r = {r}: head {h}, offset {h % r}")
+    show(axes[1, 3], [(per_head[h], HEAD_COLOURS[h]) for h in range(heads)], f"w = {w}, r = {r}: heads 0-3 together")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("query p", fontsize=8)
+    for ax in axes[1]:
+        ax.set_xlabel("key k", fontsize=8)
+    fig.suptitle("Dilated attention, N = 16: segments and dilation (top), per-head offsets (bottom)", fontsize=10)
+    fig.tight_layout(h_pad=2.0)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def selected_rows(path: str | Path, offsets: str = "paper") -> None:
+    """Which rows each head keeps in each branch (SPEC §2): one strip per (branch, head).
+
+    ``N = 32``, four heads, ``(w, r) = (8, 1), (16, 2), (32, 4)``; ``offsets`` is the rule of
+    ``config.head_offsets``.
+    """
     plt = _pyplot()
     branches = validate_branches(SEGMENT_LENGTHS, DILATION_RATES)
     fig, axes = plt.subplots(len(branches), 1, figsize=(9, 1.1 * HEADS * len(branches) / 2.2), sharex=True)
@@ -44,7 +115,8 @@ def selected_rows(path, offsets="paper"):
         for start in range(0, N + 1, branch.segment_length):
             ax.axvline(start - 0.5, color="black", linewidth=1.5)
         ax.set_yticks(range(HEADS), [f"head {h}" for h in range(HEADS)], fontsize=7)
-        ax.set_title(f"w = {branch.segment_length}, r = {branch.dilation}  (offset h mod r)", fontsize=9)
+        rule = "h mod r" if offsets == "paper" else "torchscale blocks"
+        ax.set_title(f"w = {branch.segment_length}, r = {branch.dilation}  (offset: {rule})", fontsize=9)
         ax.set_xticks(range(0, N, 4))
         ax.grid(False)
     axes[-1].set_xlabel("position in the sequence (black lines: segment boundaries)")
@@ -53,8 +125,12 @@ def selected_rows(path, offsets="paper"):
     plt.close(fig)
 
 
-def pattern(path, causal=False):
-    """The attention pattern ``K_i(p)`` of every branch (rows) and head (columns), like paper Figs. 2-3."""
+def pattern(path: str | Path, causal: bool = False) -> None:
+    """The attention pattern ``K_i(p)`` of every branch (rows) and head (columns), like paper Figs. 2-3.
+
+    ``N = 32``, four heads, ``(w, r) = (8, 1), (16, 2), (32, 4)``; a filled cell ``(p, k)`` is a
+    key ``k`` that query ``p`` attends in that branch and head.
+    """
     plt = _pyplot()
     fig, axes = plt.subplots(len(SEGMENT_LENGTHS), HEADS, figsize=(2.2 * HEADS, 2.3 * len(SEGMENT_LENGTHS)))
     for i, (w, r) in enumerate(zip(SEGMENT_LENGTHS, DILATION_RATES)):
@@ -62,43 +138,63 @@ def pattern(path, causal=False):
         for h in range(HEADS):
             ax = axes[i, h]
             ax.imshow(counts[h], cmap="Blues", vmin=0, vmax=1.3, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
+            _grid_ticks(ax, N, 8)
             if i == 0:
-                ax.set_title(f"head {h}", fontsize=9)
+                ax.set_title(f"head {h} (offsets {', '.join(str(h % r_) for r_ in DILATION_RATES)})", fontsize=8)
             if h == 0:
-                ax.set_ylabel(f"w={w}, r={r}\nquery", fontsize=8)
+                ax.set_ylabel(f"w={w}, r={r}\nquery p", fontsize=8)
+            if i == len(SEGMENT_LENGTHS) - 1:
+                ax.set_xlabel("key k", fontsize=8)
     fig.suptitle(f"{'causal ' if causal else ''}dilated attention, N = {N}: query rows x key columns", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def multiplicity_map(path):
-    """The multiplicity ``m_h(p, k)`` of the mixture: keys counted once per branch that sees them."""
+def multiplicity_map(path: str | Path) -> None:
+    """The multiplicity ``m_h(p, k)`` of the mixture: keys counted once per branch that sees them.
+
+    ``N = 32``, heads 0 and 1 of four, ``(w, r) = (8, 1), (16, 2), (32, 4)``; one discrete colour
+    per value 0..3.
+    """
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+
     plt = _pyplot()
     counts = multiplicity(N, HEADS, SEGMENT_LENGTHS, DILATION_RATES)
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.8))
+    values = len(SEGMENT_LENGTHS) + 1  # m = 0 .. number of branches
+    colours = ListedColormap(["#ffffff", "#9ecae1", "#3182bd", "#08306b", "#000000"][:values])
+    norm = BoundaryNorm(np.arange(values + 1) - 0.5, values)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.1))
     for h, ax in enumerate(axes):
-        image = ax.imshow(counts[h], cmap="viridis", vmin=0, vmax=len(SEGMENT_LENGTHS), interpolation="nearest")
+        image = ax.imshow(counts[h], cmap=colours, norm=norm, interpolation="nearest")
         ax.set_title(f"head {h}: m(p, k)", fontsize=10)
+        _grid_ticks(ax, N, 8)
         ax.set_xlabel("key k")
         ax.set_ylabel("query p")
-    fig.colorbar(image, ax=axes, ticks=range(len(SEGMENT_LENGTHS) + 1), shrink=0.8)
+    fig.suptitle(f"N = {N}, H = {HEADS}, w = {list(SEGMENT_LENGTHS)}, r = {list(DILATION_RATES)}, offsets h mod r", fontsize=9)
+    bar = fig.colorbar(image, ax=axes, ticks=range(values), shrink=0.8)
+    bar.set_label("branches linking p to k")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
-def flops_vs_n(path):
-    """Exact forward FLOPs of a fixed geometric configuration vs dense attention (log-log)."""
+def flops_vs_n(path: str | Path) -> None:
+    """Exact forward FLOPs of a fixed geometric configuration vs dense attention (log-log).
+
+    ``H = 8``, ``D = Dv = 64``, ``w = (2048, ..., 16384)``, ``r = (1, 2, 4, 8)``, non-causal; the
+    closed form (paper Eq. 17, doubled for ``P V``) is drawn over the exact count.
+    """
     plt = _pyplot()
     w, r, heads, dim = [2048, 4096, 8192, 16384], [1, 2, 4, 8], 8, 64
     ns = [2**e for e in range(14, 25)]
     dilated = [complexity.dilated_flops(n, heads, dim, w, r).total for n in ns]
+    closed = [2 * complexity.closed_form_flops(n, dim, w, r, num_heads=heads) for n in ns]  # QK^T + PV, Dv = D
     dense = [complexity.dense_flops(n, heads, dim).total for n in ns]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.loglog(ns, dense, "s-", base=2, label="dense attention: 4 N^2 H D")
-    ax.loglog(ns, dilated, "o-", base=2, label=f"dilated, w={w}, r={r}")
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.loglog(ns, dense, "s-", base=2, label="dense attention: 4 N² H D")
+    ax.loglog(ns, dilated, "o-", base=2, label=f"dilated, exact count: w={w}, r={r}")
+    ax.loglog(ns, closed, "k--", base=2, label="closed form 4 N H D Σ w/r² (Eq. 17)")
+    ax.set_title(f"H = {heads} heads, D = Dv = {dim}, non-causal", fontsize=9)
     ax.set_xlabel("sequence length N")
     ax.set_ylabel("forward FLOPs (QK^T + PV)")
     ax.legend(fontsize=8)
@@ -108,8 +204,11 @@ def flops_vs_n(path):
     plt.close(fig)
 
 
-def path_length_vs_n(path, first_segment_length=64, ratio=2, heads=4):
-    """Measured layers to link every pair of tokens vs paper Eq. 20 (geometric w and r)."""
+def path_length_vs_n(path: str | Path, first_segment_length: int = 64, ratio: int = 2, heads: int = 4) -> None:
+    """Measured layers to link every pair of tokens vs paper Eq. 20 (geometric w and r).
+
+    ``w_i = w_0 alpha^i``, ``r_i = alpha^i`` up to ``w >= N``, for ``N = 2^8 .. 2^14``, non-causal.
+    """
     plt = _pyplot()
     ns = [2**e for e in range(8, 15)]
     measured, first_to_last = [], []
@@ -119,12 +218,12 @@ def path_length_vs_n(path, first_segment_length=64, ratio=2, heads=4):
         first_to_last.append(complexity.path_length(n, heads, w, r, source=0))
     predicted = [complexity.predicted_path_length(n, first_segment_length, ratio) for n in ns]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.semilogx(ns, predicted, "k--", base=2, label="paper Eq. 20: log_a(N (a-1) / w0)")
+    ax.semilogx(ns, predicted, "k--", base=2, label=r"paper Eq. 20: $\log_\alpha(N(\alpha-1)/w_0)$")
     ax.semilogx(ns, measured, "o-", base=2, label="measured: every token reaches every token")
     ax.semilogx(ns, first_to_last, "s-", base=2, label="measured: token 0 reaches token N-1")
     ax.set_xlabel("sequence length N")
     ax.set_ylabel("layers")
-    ax.set_title(f"w0 = {first_segment_length}, a = {ratio}, {heads} heads", fontsize=9)
+    ax.set_title(rf"$w_0$ = {first_segment_length}, $\alpha$ = {ratio}, H = {heads} heads, non-causal", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
@@ -132,12 +231,20 @@ def path_length_vs_n(path, first_segment_length=64, ratio=2, heads=4):
     plt.close(fig)
 
 
-def generate(output_dir) -> list[Path]:
-    """Draw every figure of ``FIGURES`` into ``output_dir``."""
+def generate(output_dir: str | Path) -> list[Path]:
+    """Draw every figure of ``FIGURES`` into ``output_dir`` (created if missing).
+
+    Args:
+        output_dir: the folder to write into; ``docs/figures`` for the site.
+
+    Returns:
+        The paths written, in the order of ``FIGURES``.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     makers = dict(zip(FIGURES, (
-        selected_rows, pattern, lambda p: pattern(p, causal=True), multiplicity_map, flops_vs_n, path_length_vs_n,
+        overview, selected_rows, pattern, lambda p: pattern(p, causal=True), multiplicity_map, flops_vs_n,
+        path_length_vs_n,
     )))
     for name, make in makers.items():
         make(output_dir / name)

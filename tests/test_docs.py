@@ -40,6 +40,23 @@ def test_figures_are_drawn_by_the_library(tmp_path):
     assert all((DOCS / "figures" / name).is_file() for name in FIGURES), "run: longnet-ref pattern"
 
 
+IMAGE = re.compile(r"^!\[[^\]]*\]\((figures/[^)]+)\)\n\n(.*)$", re.MULTILINE)
+
+
+def test_every_figure_on_a_page_is_drawn_by_the_library_and_has_a_caption_under_it():
+    from longnet_ref.figures import FIGURES
+
+    shown = {page.name: IMAGE.findall(page.read_text()) for page in PAGES}
+    images = sum((re.findall(r"^!\[", page.read_text(), re.MULTILINE) for page in PAGES), [])
+    assert len(images) == sum(map(len, shown.values())) >= 7, "an image without a blank line and a caption"
+    for page, figures in shown.items():
+        for path, caption in figures:
+            assert path.removeprefix("figures/") in FIGURES, f"{page}: {path} is not drawn by longnet-ref pattern"
+            assert caption.startswith("*Figure"), f"{page}: no caption under {path}"
+    committed = {p.name for p in (DOCS / "figures").iterdir()}
+    assert committed == set(FIGURES), "docs/figures holds exactly the generated figures"
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     site_dir = tmp_path_factory.mktemp("site")
