@@ -225,3 +225,39 @@ def test_the_plain_loop_backward_is_the_derivative_of_the_plain_loop_forward(loo
             minus = float((forward(q, k, v, w, r, causal=True)[0] * dout).sum())
             tensor[index] = saved
             assert abs((plus - minus) / (2 * eps) - grad[index]) < 1e-7, index
+
+
+# After MathJax has typeset the page, write the rendered size of every display equation into
+# the DOM, where --dump-dom can read it.
+MEASURE_DISPLAY_MATHS = """<script>
+window.addEventListener("load", () => MathJax.startup.promise.then(() => {
+  const sizes = [...document.querySelectorAll("div.arithmatex mjx-container > svg")].map(svg => {
+    const box = svg.getBoundingClientRect();
+    return Math.round(box.width) + "x" + Math.round(box.height);
+  });
+  document.body.setAttribute("data-display-maths", sizes.join(" "));
+}));
+</script></body>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+@pytest.mark.parametrize("width", [390, 1280], ids=["phone", "desktop"])
+@pytest.mark.parametrize("page", ["mixture", "backward", "overview"])
+def test_display_equations_have_a_visible_size_at_phone_and_desktop_width(site, page, width, tmp_path):
+    """Material's phone CSS once collapsed MathJax's SVG to a few pixels: every display equation
+    must be at least as tall as a line of text and wider than a couple of symbols."""
+    html = (site / page / "index.html").read_text()
+    assert html.count('<div class="arithmatex">') >= 2
+    measured = site / page / f"measure-{width}.html"  # beside the page: the same relative assets
+    measured.write_text(html.replace("</body>", MEASURE_DISPLAY_MATHS, 1))
+    flags = [f for f in CHROMIUM_FLAGS if not f.startswith("--window-size")] + [f"--window-size={width},2400"]
+    dom = subprocess.run(
+        [CHROMIUM, *flags, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", measured.as_uri()],
+        capture_output=True, text=True, timeout=180,
+    ).stdout
+    found = re.search(r'data-display-maths="([^"]*)"', dom)
+    assert found, "the measuring script did not run (MathJax not loaded?)"
+    sizes = [tuple(map(int, size.split("x"))) for size in found.group(1).split()]
+    assert len(sizes) == html.count('<div class="arithmatex">')
+    # 16 px: one line of body text; 60 px: a few symbols. The collapsed equations measured 8-33 px.
+    assert all(h >= 16 and w >= 60 for w, h in sizes), sizes
