@@ -236,8 +236,24 @@ window.addEventListener("load", () => MathJax.startup.promise.then(() => {
     return Math.round(box.width) + "x" + Math.round(box.height);
   });
   document.body.setAttribute("data-display-maths", sizes.join(" "));
+  const wide = [...document.querySelectorAll(".md-typeset pre > code")].filter(c => c.scrollWidth > c.clientWidth);
+  document.body.setAttribute("data-wide-code", wide.map(c => c.textContent.split("\\n")[0]).join(" | "));
 }));
 </script></body>"""
+
+
+def _measure_in_chromium(site, page, width, tmp_path):
+    """Render ``page`` at ``width`` px with MEASURE_DISPLAY_MATHS appended; return its DOM."""
+    html = (site / page / "index.html").read_text()
+    measured = site / page / f"measure-{width}.html"  # beside the page: the same relative assets
+    measured.write_text(html.replace("</body>", MEASURE_DISPLAY_MATHS, 1))
+    flags = [f for f in CHROMIUM_FLAGS if not f.startswith("--window-size")] + [f"--window-size={width},2400"]
+    dom = subprocess.run(
+        [CHROMIUM, *flags, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", measured.as_uri()],
+        capture_output=True, text=True, timeout=180,
+    ).stdout
+    assert "data-display-maths=" in dom, "the measuring script did not run (MathJax not loaded?)"
+    return html, dom
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
@@ -246,18 +262,34 @@ window.addEventListener("load", () => MathJax.startup.promise.then(() => {
 def test_display_equations_have_a_visible_size_at_phone_and_desktop_width(site, page, width, tmp_path):
     """Material's phone CSS once collapsed MathJax's SVG to a few pixels: every display equation
     must be at least as tall as a line of text and wider than a couple of symbols."""
-    html = (site / page / "index.html").read_text()
+    html, dom = _measure_in_chromium(site, page, width, tmp_path)
     assert html.count('<div class="arithmatex">') >= 2
-    measured = site / page / f"measure-{width}.html"  # beside the page: the same relative assets
-    measured.write_text(html.replace("</body>", MEASURE_DISPLAY_MATHS, 1))
-    flags = [f for f in CHROMIUM_FLAGS if not f.startswith("--window-size")] + [f"--window-size={width},2400"]
-    dom = subprocess.run(
-        [CHROMIUM, *flags, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", measured.as_uri()],
-        capture_output=True, text=True, timeout=180,
-    ).stdout
     found = re.search(r'data-display-maths="([^"]*)"', dom)
-    assert found, "the measuring script did not run (MathJax not loaded?)"
     sizes = [tuple(map(int, size.split("x"))) for size in found.group(1).split()]
     assert len(sizes) == html.count('<div class="arithmatex">')
     # 16 px: one line of body text; 60 px: a few symbols. The collapsed equations measured 8-33 px.
     assert all(h >= 16 and w >= 60 for w, h in sizes), sizes
+
+
+# The code column at 1280 px holds 111 characters of Material's code font (measured in Chromium:
+# 938 px of content at 8.18 px a character, less the padding); 106 leaves a margin.
+CODE_LINE_LIMIT = 106
+
+
+def test_code_lines_fit_the_column_at_desktop_width():
+    long = [
+        f"{page.name}: {line[:60]}..."
+        for page in PAGES
+        for block in re.findall(r"^```[a-z]*\n(.*?)^```", page.read_text(), re.DOTALL | re.MULTILINE)
+        for line in block.splitlines()
+        if len(line) > CODE_LINE_LIMIT
+    ]
+    assert not long, long
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+@pytest.mark.parametrize("page", ["scratch", "worked_example", "backward"])
+def test_no_code_block_scrolls_sideways_at_desktop_width(site, page, tmp_path):
+    """The calibration of CODE_LINE_LIMIT: the pages with the longest code lines, in a browser."""
+    _, dom = _measure_in_chromium(site, page, 1280, tmp_path)
+    assert re.search(r'data-wide-code="([^"]*)"', dom).group(1) == ""
