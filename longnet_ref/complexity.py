@@ -6,10 +6,14 @@ FLOPs we do" cannot drift apart.
 
 - One branch, ``N`` divisible by ``w`` and ``w`` by ``r`` (Eq. 16):
   ``N/w`` segments of ``w/r`` rows, ``(w/r)^2`` pairs each: ``2 N w d / r^2`` FLOPs for ``Q K^T``.
-- All branches (Eqs. 17-18): ``2 N d sum_i w_i / r_i^2``; with geometric ``w_i = w_0 a^i``,
-  ``r_i = a^i`` each term is ``w_0 / a^i``: the sum is bounded and the cost is linear in ``N``.
-- Path length (Eqs. 19-20): a token reaches distance ``D = sum_{i<l} w_0 a^i`` in ``l`` layers,
-  so ``l ~ log_a(N (a - 1) / w_0)`` layers link any two of ``N`` tokens.
+- All branches (Eq. 17): ``2 N d sum_i w_i / r_i^2``; with geometric ``w_i = w_0 alpha^i``,
+  ``r_i = alpha^i`` each term is ``w_0 / alpha^i`` and the sum is at most
+  ``2 alpha / (alpha - 1) w_0 N d`` (Eq. 18): linear in ``N``.
+- Path length (Eqs. 19-20): a token reaches distance ``sum_{i<l} w_0 alpha^i`` in ``l`` layers,
+  so about ``log_alpha(N (alpha - 1) / w_0)`` layers link any two of ``N`` tokens. That holds
+  only under conditions (always non-causally for geometric branches with ``alpha | w_0``; causally
+  only if every pair of neighbours shares a dilation-1 segment): ``docs/complexity.md`` proves
+  both and ``tests/test_connectivity.py`` tests them.
 
 Docs: ``docs/complexity.md``.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Sequence
 
 import numpy as np
 
@@ -27,21 +32,51 @@ from .config import sparse_segments, validate_branches, validate_offset_rule
 
 @dataclass(frozen=True)
 class Flops:
-    """Floating-point operations of one forward pass, 2 per multiply-add."""
+    """Floating-point operations of one forward pass, 2 per multiply-add.
+
+    Attributes:
+        qk: FLOPs of the scores ``S = Q K^T``: ``2 D`` per attended pair.
+        pv: FLOPs of ``O = P V``: ``2 Dv`` per attended pair.
+    """
 
     qk: int  # S = Q K^T: 2 D per attended pair
     pv: int  # O = P V:   2 Dv per attended pair
 
     @property
     def total(self) -> int:
+        """``qk + pv``."""
         return self.qk + self.pv
 
 
-def attended_pairs(n, num_heads, segment_lengths, dilation_rates, *, causal=False, offsets="paper", batch=1) -> int:
+def attended_pairs(
+    n: int,
+    num_heads: int,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    causal: bool = False,
+    offsets: str = "paper",
+    batch: int = 1,
+) -> int:
     """The exact number of (query, key) pairs dilated attention scores, over all branches.
 
     A sparse segment of ``c`` rows scores ``c^2`` pairs, or ``c (c + 1) / 2`` causally; pairs
     that two branches share are counted twice, because both branches compute them.
+
+    Args:
+        n: the sequence length ``N``.
+        num_heads: the number of heads ``H``.
+        segment_lengths: the branches' ``w_i``, positive integers.
+        dilation_rates: the branches' ``r_i``, positive integers, as many as ``w_i``.
+        causal: count only keys ``k <= p``.
+        offsets: ``"paper"`` or ``"torchscale"`` (SPEC §2).
+        batch: the batch size ``B``.
+
+    Returns:
+        The number of pairs, summed over batch, heads, branches and segments.
+
+    Raises:
+        ValueError: bad branch lists or ``offsets`` (SPEC §7).
     """
     branches = validate_branches(segment_lengths, dilation_rates)
     pairs = 0
@@ -53,38 +88,123 @@ def attended_pairs(n, num_heads, segment_lengths, dilation_rates, *, causal=Fals
 
 
 def dilated_flops(
-    n, num_heads, head_dim, segment_lengths, dilation_rates, *, value_dim=None, causal=False, offsets="paper", batch=1
+    n: int,
+    num_heads: int,
+    head_dim: int,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    value_dim: int | None = None,
+    causal: bool = False,
+    offsets: str = "paper",
+    batch: int = 1,
 ) -> Flops:
-    """Exact forward FLOPs: ``2 D`` per pair for ``Q K^T`` and ``2 Dv`` for ``P V``."""
+    """Exact forward FLOPs of dilated attention: ``2 D`` per pair for ``Q K^T``, ``2 Dv`` for ``P V``.
+
+    Args:
+        n: the sequence length ``N``.
+        num_heads: the number of heads ``H``.
+        head_dim: ``D``.
+        segment_lengths: the branches' ``w_i``, positive integers.
+        dilation_rates: the branches' ``r_i``, positive integers, as many as ``w_i``.
+        value_dim: ``Dv``; ``D`` when ``None``.
+        causal: count only keys ``k <= p``.
+        offsets: ``"paper"`` or ``"torchscale"`` (SPEC §2).
+        batch: the batch size ``B``.
+
+    Returns:
+        The FLOPs of ``Q K^T`` and of ``P V`` (the pairs of
+        [`attended_pairs`][longnet_ref.complexity.attended_pairs] times ``2 D`` and ``2 Dv``).
+
+    Raises:
+        ValueError: bad branch lists or ``offsets`` (SPEC §7).
+    """
     value_dim = head_dim if value_dim is None else value_dim
     pairs = attended_pairs(n, num_heads, segment_lengths, dilation_rates, causal=causal, offsets=offsets, batch=batch)
     return Flops(qk=2 * head_dim * pairs, pv=2 * value_dim * pairs)
 
 
-def dense_pairs(n, num_heads, *, causal=False, batch=1) -> int:
-    """Pairs scored by dense attention: ``N^2`` per head, ``N (N + 1) / 2`` causally."""
+def dense_pairs(n: int, num_heads: int, *, causal: bool = False, batch: int = 1) -> int:
+    """Pairs scored by dense attention: ``N^2`` per head, ``N (N + 1) / 2`` causally.
+
+    Args:
+        n: the sequence length ``N``.
+        num_heads: the number of heads ``H``.
+        causal: count only keys ``k <= p``.
+        batch: the batch size ``B``.
+
+    Returns:
+        ``B H N^2``, or ``B H N (N + 1) / 2`` causally.
+    """
     return batch * num_heads * (n * (n + 1) // 2 if causal else n * n)
 
 
-def dense_flops(n, num_heads, head_dim, *, value_dim=None, causal=False, batch=1) -> Flops:
+def dense_flops(
+    n: int, num_heads: int, head_dim: int, *, value_dim: int | None = None, causal: bool = False, batch: int = 1
+) -> Flops:
+    """Forward FLOPs of dense attention: ``4 N^2 H D`` for ``D = Dv`` (non-causal).
+
+    Args:
+        n: the sequence length ``N``.
+        num_heads: the number of heads ``H``.
+        head_dim: ``D``.
+        value_dim: ``Dv``; ``D`` when ``None``.
+        causal: count only keys ``k <= p``.
+        batch: the batch size ``B``.
+
+    Returns:
+        ``2 D`` and ``2 Dv`` times [`dense_pairs`][longnet_ref.complexity.dense_pairs].
+    """
     value_dim = head_dim if value_dim is None else value_dim
     pairs = dense_pairs(n, num_heads, causal=causal, batch=batch)
     return Flops(qk=2 * head_dim * pairs, pv=2 * value_dim * pairs)
 
 
-def closed_form_flops(n, head_dim, segment_lengths, dilation_rates, *, num_heads=1, batch=1) -> float:
-    """The paper's ``Q K^T`` FLOPs (Eqs. 16-18): ``2 N d sum_i w_i / r_i^2`` per head.
+def closed_form_flops(
+    n: int,
+    head_dim: int,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    num_heads: int = 1,
+    batch: int = 1,
+) -> float:
+    """The paper's ``Q K^T`` FLOPs (Eq. 17; Eq. 16 for one branch): ``2 N d sum_i w_i / r_i^2`` per head.
 
     Exact when every ``w_i`` divides ``N`` and every ``r_i`` divides ``w_i`` (non-causal);
     otherwise an estimate (a segment longer than ``N`` is counted at its full length ``w``).
+
+    Args:
+        n: the sequence length ``N``.
+        head_dim: ``d``.
+        segment_lengths: the branches' ``w_i``, positive integers.
+        dilation_rates: the branches' ``r_i``, positive integers, as many as ``w_i``.
+        num_heads: ``H``, a factor.
+        batch: ``B``, a factor.
+
+    Returns:
+        ``B H 2 N d sum_i w_i / r_i^2`` (a float: exact rationals, rounded once).
+
+    Raises:
+        ValueError: bad branch lists (SPEC §7).
     """
     branches = validate_branches(segment_lengths, dilation_rates)
     # Exact rationals: the sum of w / r^2 is a whole number of FLOPs only after multiplying by N.
     return float(batch * num_heads * 2 * n * head_dim * sum(Fraction(b.segment_length, b.dilation**2) for b in branches))
 
 
-def geometric_configuration(n, first_segment_length, ratio) -> tuple[list[int], list[int]]:
-    """The paper's geometric branches ``w_i = w_0 a^i``, ``r_i = a^i``, up to the first ``w_i >= N``."""
+def geometric_configuration(n: int, first_segment_length: int, ratio: int) -> tuple[list[int], list[int]]:
+    """The paper's geometric branches (Eqs. 11-12): ``w_i = w_0 alpha^i``, ``r_i = alpha^i``.
+
+    Args:
+        n: the sequence length ``N``: branches are added up to the first ``w_i >= N``.
+        first_segment_length: ``w_0``.
+        ratio: ``alpha``, an integer ``>= 2``.
+
+    Returns:
+        ``(segment_lengths, dilation_rates)``, lists of ``k = 1 + ceil(log_alpha(N / w_0))``
+        integers (one branch when ``w_0 >= N``).
+    """
     segment_lengths, dilation_rates = [first_segment_length], [1]
     while segment_lengths[-1] < n:
         segment_lengths.append(segment_lengths[-1] * ratio)
@@ -92,25 +212,60 @@ def geometric_configuration(n, first_segment_length, ratio) -> tuple[list[int], 
     return segment_lengths, dilation_rates
 
 
-def predicted_path_length(n, first_segment_length, ratio) -> float:
-    """Paper Eq. 20: ``l = log_a(N (a - 1) / w_0)`` layers link any two of ``N`` tokens."""
+def predicted_path_length(n: int, first_segment_length: int, ratio: int) -> float:
+    """Paper Eq. 20: ``l = log_alpha(N (alpha - 1) / w_0)`` layers link any two of ``N`` tokens.
+
+    An estimate, not a bound: ``docs/complexity.md`` gives the conditions and the bound ``2k - 1``.
+
+    Args:
+        n: the sequence length ``N``.
+        first_segment_length: ``w_0``.
+        ratio: ``alpha``.
+
+    Returns:
+        ``log_alpha(N (alpha - 1) / w_0)``, a float.
+    """
     return math.log(n * (ratio - 1) / first_segment_length, ratio)
 
 
-def path_length(n, num_heads, segment_lengths, dilation_rates, *, causal=False, offsets="paper", source=None, target=None):
+def path_length(
+    n: int,
+    num_heads: int,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    causal: bool = False,
+    offsets: str = "paper",
+    source: int | None = None,
+    target: int | None = None,
+) -> int | None:
     """Layers of dilated attention after which information has flowed between tokens.
 
     The attention graph of one layer links key ``k`` to query ``p`` if any head of any branch
     attends ``p -> k`` (``m_h(p, k) > 0``); every token also keeps its own state (the
-    residual connection). Returns the least number of stacked layers ``L`` such that
-
-    - ``source``/``target`` given: ``source`` reaches ``target``;
-    - otherwise: every token reaches every other (causally: every later token),
-
-    or ``None`` if that never happens (a token no branch covers, for instance).
+    residual connection).
 
     Reachability is a bit matrix ``reach[p, s]`` (packed 8 sources a byte); one layer ORs it
     over the rows of every sparse segment: ``O(N^2 / 8)`` bytes per group per layer.
+
+    Args:
+        n: the sequence length ``N``.
+        num_heads: the number of heads ``H``.
+        segment_lengths: the branches' ``w_i``, positive integers.
+        dilation_rates: the branches' ``r_i``, positive integers, as many as ``w_i``.
+        causal: information flows only to later positions.
+        offsets: ``"paper"`` or ``"torchscale"`` (SPEC §2).
+        source: with ``target``: the token whose information must arrive; ``None``: every token.
+        target: the token it must reach (``N - 1`` when only ``source`` is given).
+
+    Returns:
+        The least number of stacked layers ``L`` such that ``source`` reaches ``target``, or
+        (neither given) every token reaches every other (causally: every later one); ``None`` if
+        that never happens (causally, for instance, when neighbours ``b - 1, b`` share no
+        dilation-1 segment).
+
+    Raises:
+        ValueError: ``source`` or ``target`` outside ``[0, N)``, bad branch lists or ``offsets``.
     """
     branches = validate_branches(segment_lengths, dilation_rates)
     groups = list(sparse_segments(n, num_heads, branches, validate_offset_rule(offsets)))

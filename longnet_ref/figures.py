@@ -6,7 +6,7 @@ The docs build (``docs/hooks.py``) fails if one of ``FIGURES`` is missing, and
 ``tests/test_docs.py`` checks that every figure a page shows is one of ``FIGURES``.
 
 Each function below draws one figure into ``path`` (a PNG file) and returns nothing;
-:func:`generate` draws them all. Docs: ``docs/overview.md`` (the overview figure),
+[`generate`][longnet_ref.figures.generate] draws them all. Docs: ``docs/overview.md`` (the overview figure),
 ``docs/segments.md``, ``docs/mixture.md``, ``docs/complexity.md``.
 """
 
@@ -58,6 +58,9 @@ def overview(path: str | Path) -> None:
     of the last one and is counted twice, see ``multiplicity``). Bottom row (Fig. 3): the
     ``(16, 4)`` branch for heads 0-3, whose offsets ``h mod 4`` differ, then the four together:
     every row is covered by exactly one head.
+
+    Args:
+        path: the PNG file to write.
     """
     from matplotlib.colors import to_rgba
 
@@ -102,6 +105,10 @@ def selected_rows(path: str | Path, offsets: str = "paper") -> None:
 
     ``N = 32``, four heads, ``(w, r) = (8, 1), (16, 2), (32, 4)``; ``offsets`` is the rule of
     ``config.head_offsets``.
+
+    Args:
+        path: the PNG file to write.
+        offsets: ``"paper"`` or ``"torchscale"``.
     """
     plt = _pyplot()
     branches = validate_branches(SEGMENT_LENGTHS, DILATION_RATES)
@@ -130,6 +137,10 @@ def pattern(path: str | Path, causal: bool = False) -> None:
 
     ``N = 32``, four heads, ``(w, r) = (8, 1), (16, 2), (32, 4)``; a filled cell ``(p, k)`` is a
     key ``k`` that query ``p`` attends in that branch and head.
+
+    Args:
+        path: the PNG file to write.
+        causal: draw the causal patterns (keys ``k <= p``).
     """
     plt = _pyplot()
     fig, axes = plt.subplots(len(SEGMENT_LENGTHS), HEADS, figsize=(2.2 * HEADS, 2.3 * len(SEGMENT_LENGTHS)))
@@ -156,6 +167,9 @@ def multiplicity_map(path: str | Path) -> None:
 
     ``N = 32``, heads 0 and 1 of four, ``(w, r) = (8, 1), (16, 2), (32, 4)``; one discrete colour
     per value 0..3.
+
+    Args:
+        path: the PNG file to write.
     """
     from matplotlib.colors import BoundaryNorm, ListedColormap
 
@@ -183,6 +197,9 @@ def flops_vs_n(path: str | Path) -> None:
 
     ``H = 8``, ``D = Dv = 64``, ``w = (2048, ..., 16384)``, ``r = (1, 2, 4, 8)``, non-causal; the
     closed form (paper Eq. 17, doubled for ``P V``) is drawn over the exact count.
+
+    Args:
+        path: the PNG file to write.
     """
     plt = _pyplot()
     w, r, heads, dim = [2048, 4096, 8192, 16384], [1, 2, 4, 8], 8, 64
@@ -208,6 +225,12 @@ def path_length_vs_n(path: str | Path, first_segment_length: int = 64, ratio: in
     """Measured layers to link every pair of tokens vs paper Eq. 20 (geometric w and r).
 
     ``w_i = w_0 alpha^i``, ``r_i = alpha^i`` up to ``w >= N``, for ``N = 2^8 .. 2^14``, non-causal.
+
+    Args:
+        path: the PNG file to write.
+        first_segment_length: ``w_0``.
+        ratio: ``alpha``.
+        heads: ``H``.
     """
     plt = _pyplot()
     ns = [2**e for e in range(8, 15)]
