@@ -293,3 +293,19 @@ def test_no_code_block_scrolls_sideways_at_desktop_width(site, page, tmp_path):
     """The calibration of CODE_LINE_LIMIT: the pages with the longest code lines, in a browser."""
     _, dom = _measure_in_chromium(site, page, 1280, tmp_path)
     assert re.search(r'data-wide-code="([^"]*)"', dom).group(1) == ""
+
+
+def test_every_test_a_page_names_exists_and_the_built_page_links_its_file(site):
+    """docs/hooks.py turns `test_name` into a link to the file that defines it."""
+    defined = {
+        name: path.relative_to(ROOT).as_posix()
+        for path in (ROOT / "tests").rglob("test_*.py")
+        for name in re.findall(r"^def (test_\w+)", path.read_text(), re.MULTILINE)
+    }
+    named = {(page.stem, name) for page in PAGES for name in re.findall(r"`(test_\w+)`", page.read_text())}
+    assert len(named) >= 20
+    missing = sorted(f"{page}.md: {name}" for page, name in named if name not in defined)
+    assert not missing, f"pages name tests that do not exist: {missing}"
+    for page, name in named:
+        html = (site / ("" if page == "index" else page) / "index.html").read_text()
+        assert f'href="../{defined[name]}"' in html or f'href="{defined[name]}"' in html, (page, name)
