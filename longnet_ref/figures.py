@@ -22,7 +22,7 @@ from .multiplicity import multiplicity
 
 FIGURES = (
     "overview.png", "selected_rows.png", "pattern.png", "pattern_causal.png", "multiplicity.png", "flops.png",
-    "path_length.png",
+    "path_length.png", "distributed.png",
 )
 
 # The paper's Figures 2-3 in miniature: N = 32, three geometric branches, four heads.
@@ -254,6 +254,57 @@ def path_length_vs_n(path: str | Path, first_segment_length: int = 64, ratio: in
     plt.close(fig)
 
 
+def distributed_branch(path: str | Path) -> None:
+    """Sequence parallelism of one shared branch (paper §3.1, Fig. 4; ``docs/distributed.md``).
+
+    ``N = 32`` over ``G = 4`` ranks of ``L = 8`` rows; the branch ``(w, r) = (16, 2)``, head 0
+    (offset 0): each segment spans ``M = 2`` ranks. Each rank sparsifies its own rows first and
+    the two ranks of a segment all-gather only those ``L / r = 4`` rows of ``K, V`` (forward); the
+    backward sends the partial ``dK, dV`` of the other rank's rows back (reduce-scatter).
+
+    Args:
+        path: the PNG file to write.
+    """
+    from matplotlib.patches import FancyArrowPatch, Rectangle
+
+    plt = _pyplot()
+    n, ranks, w, r = 32, 4, 16, 2
+    rows_per_rank = n // ranks
+    positions, valid = segment_rows(n, w, r, 0)
+    sparse = set(int(x) for x in positions[valid])
+    fig, ax = plt.subplots(figsize=(11, 3.6))
+    for x in range(n):
+        rank = x // rows_per_rank
+        colour = HEAD_COLOURS[rank % len(HEAD_COLOURS)] if x in sparse else "#f0f0f0"
+        ax.add_patch(Rectangle((x, 0), 0.9, 0.9, facecolor=colour, edgecolor="#999999", linewidth=0.5))
+        if x % 4 == 0:
+            ax.text(x + 0.45, -0.35, str(x), ha="center", va="top", fontsize=7)
+    for rank in range(ranks):
+        start = rank * rows_per_rank
+        ax.text(start + rows_per_rank / 2 - 0.05, 1.25, f"rank g = {rank}\nrows {start}..{start + rows_per_rank - 1}",
+                ha="center", va="bottom", fontsize=8)
+        ax.plot([start - 0.05, start - 0.05], [-0.1, 1.0], color="black", linewidth=0.8, linestyle=":")
+    for segment in range(n // w):
+        left, right = segment * w - 0.05, (segment + 1) * w - 0.15
+        ax.plot([left, left, right, right], [-0.9, -1.1, -1.1, -0.9], color="black", linewidth=1.2)
+        ax.text((left + right) / 2, -1.25, f"segment s = {segment} of w = {w}: ranks {2 * segment} and {2 * segment + 1}",
+                ha="center", va="top", fontsize=8)
+        a, b = (2 * segment + 0.5) * rows_per_rank, (2 * segment + 1.5) * rows_per_rank
+        ax.add_patch(FancyArrowPatch((a, 2.4), (b, 2.4), arrowstyle="<|-|>", mutation_scale=12, color="black",
+                                     connectionstyle="arc3,rad=-0.25"))
+        ax.text((a + b) / 2, 3.35, "forward: all-gather the sparse rows of K, V\nbackward: reduce-scatter dK, dV",
+                ha="center", va="bottom", fontsize=8)
+    ax.set_xlim(-1, n + 0.5)
+    ax.set_ylim(-2.2, 4.6)
+    ax.axis("off")
+    ax.set_title(f"N = {n}, G = {ranks} ranks of L = {rows_per_rank} rows, branch (w, r) = ({w}, {r}), head 0: "
+                 f"coloured rows are sent (L / r = {rows_per_rank // r} per rank), grey rows never leave their rank",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def generate(output_dir: str | Path) -> list[Path]:
     """Draw every figure of ``FIGURES`` into ``output_dir`` (created if missing).
 
@@ -267,7 +318,7 @@ def generate(output_dir: str | Path) -> list[Path]:
     output_dir.mkdir(parents=True, exist_ok=True)
     makers = dict(zip(FIGURES, (
         overview, selected_rows, pattern, lambda p: pattern(p, causal=True), multiplicity_map, flops_vs_n,
-        path_length_vs_n,
+        path_length_vs_n, distributed_branch,
     )))
     for name, make in makers.items():
         make(output_dir / name)
