@@ -77,6 +77,6 @@ def on_page_markdown(markdown, page, config, files):
         with contextlib.redirect_stdout(printed):
             exec(compile(match.group(1), page.file.src_uri, "exec"), namespace)  # noqa: S102 (our own pages)
         shown = printed.getvalue()
-        return match.group(0) + (f"\n```text\n{shown}```\n" if shown else "")
+        return match.group(0) + (f"\n```text title=\"printed by the block above\"\n{shown}```\n" if shown else "")
 
     return FENCE.sub(run_and_show, markdown)

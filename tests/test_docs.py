@@ -309,3 +309,9 @@ def test_every_test_a_page_names_exists_and_the_built_page_links_its_file(site):
     for page, name in named:
         html = (site / ("" if page == "index" else page) / "index.html").read_text()
         assert f'href="../{defined[name]}"' in html or f'href="{defined[name]}"' in html, (page, name)
+
+
+def test_headings_hold_no_maths_because_the_table_of_contents_shows_it_raw():
+    headings = [f"{page.name}: {line}" for page in PAGES for line in page.read_text().splitlines()
+                if line.startswith("#") and ("\\(" in line or "$" in line)]
+    assert not headings, headings
