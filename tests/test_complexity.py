@@ -2,6 +2,7 @@
 
 import math
 from collections import deque
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -94,3 +95,15 @@ def test_path_length_stays_within_the_logarithmic_prediction():
 def test_geometric_configuration_stops_at_the_first_segment_covering_n():
     assert complexity.geometric_configuration(1000, 64, 2) == ([64, 128, 256, 512, 1024], [1, 2, 4, 8, 16])
     assert complexity.geometric_configuration(64, 64, 4) == ([64], [1])
+
+
+@given(st.integers(1, 16), st.integers(2, 4), st.integers(0, 5), st.integers(1, 4), st.integers(1, 64))
+@settings(deadline=None, max_examples=40)
+def test_geometric_flops_sum_to_the_series_of_eq_18_below_its_bound(w0, ratio, levels, heads, dim):
+    """Paper Eq. 18: with w_i = w0 a^i, r_i = a^i, the QK^T FLOPs are 2 N d w0 sum_i a^-i < 2 a/(a-1) w0 N d."""
+    n = w0 * ratio**levels  # every w_i divides N and every r_i divides w_i: the exact count is the closed form
+    w, r = complexity.geometric_configuration(n, w0, ratio)
+    exact = complexity.dilated_flops(n, heads, dim, w, r).qk
+    series = heads * 2 * n * dim * sum(w0 * Fraction(1, ratio**i) for i in range(len(w)))
+    assert exact == series
+    assert exact < heads * Fraction(2 * ratio, ratio - 1) * w0 * n * dim
