@@ -4,10 +4,13 @@ The public contract of SPEC §6. Docs: https://longnet-ref docs (``mkdocs serve`
 """
 
 from .attention import dilated_attention, dilated_attention_backward
+from .decode import DenseKVCache, DilatedKVCache
 from .dense import dense_attention, dense_attention_backward
 from .multiplicity import multiplicity
 
 __all__ = [
+    "DenseKVCache",
+    "DilatedKVCache",
     "dense_attention",
     "dense_attention_backward",
     "dilated_attention",
