@@ -169,6 +169,10 @@ class DilatedKVCache(_Cache):
         self.keys = tuple(np.zeros(shape(r, self.head_dim), self.dtype) for r in self.rows)
         self.values = tuple(np.zeros(shape(r, self.value_dim), self.dtype) for r in self.rows)
         self.count = tuple(np.zeros(self.num_heads, np.int64) for _ in self.branches)  # (H,) live rows
+        # Whether a non-finite value row was ever written to branch i. Rows past the live count
+        # enter P @ V with weight exactly 0, which is harmless unless the row holds a NaN or Inf
+        # (0 * NaN = NaN); only then does a step pay for the NaN-safe product (SPEC §7).
+        self.nonfinite_values = [False] * len(self.branches)
 
     @property
     def allocated_rows(self) -> int:
@@ -183,8 +187,11 @@ class DilatedKVCache(_Cache):
     def reset(self) -> None:
         """Back to position 0 with no live rows (the memory is kept)."""
         self.position = 0
-        for count in self.count:
+        for i, count in enumerate(self.count):
             count[:] = 0
+            if self.nonfinite_values[i]:
+                self.values[i][:] = 0
+                self.nonfinite_values[i] = False
 
     def live_rows(self, n: int, branch: int) -> np.ndarray:
         """``count`` after positions ``0..n-1``: rows of segment ``(n-1) // w`` each head selects (SPEC §2).
@@ -239,10 +246,12 @@ class DilatedKVCache(_Cache):
             if not isinstance(at, slice):  # fancy indexing copied: write the rows back to the cache
                 self.keys[i][:, heads, rows] = k_t[:, heads]
                 self.values[i][:, heads, rows] = v_t[:, heads]
+            self.nonfinite_values[i] |= not np.isfinite(v_t[:, heads]).all()
             # S = scale q_t K^T over the live rows of the segment (paper Eq. 6), -inf elsewhere.
             scores = self.scale * (q_t[:, heads, None, :] @ np.swapaxes(keys, -1, -2))  # (B, Hs, 1, R_i)
             live = (np.arange(self.rows[i]) < count[heads, None])[None, :, None, :]  # (1, Hs, 1, R_i)
-            out_i, lse_i = attention_from_scores(np.where(live, scores, -np.inf), values, live)  # (B, Hs, 1, Dv), (B, Hs, 1)
+            attended = live if self.nonfinite_values[i] else None  # None: every value row is finite, plain P @ V
+            out_i, lse_i = attention_from_scores(np.where(live, scores, -np.inf), values, attended)  # (B, Hs, 1, Dv), (B, Hs, 1)
             branch_out[i][:, heads] = out_i[:, :, 0]
             branch_lse[i][:, heads] = lse_i[:, :, 0]
         out, lse = mix_branches(branch_out, branch_lse)  # (B, H, Dv), (B, H)
@@ -289,6 +298,7 @@ class DilatedKVCache(_Cache):
                 positions = segment_position(w, r, o, s, np.arange(c)) - start  # (c,)
                 self.keys[i][:, h, :c] = k[:, positions, h]
                 self.values[i][:, h, :c] = v[:, positions, h]
+            self.nonfinite_values[i] = not np.isfinite(self.values[i]).all()
         self.position = n
 
 
