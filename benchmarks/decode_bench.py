@@ -5,7 +5,8 @@
 
 For every position ``P`` both caches are put in the state that decoding positions ``0..P-1``
 leaves, then ``--steps`` consecutive steps ``P, P+1, ...`` are timed one by one (after one
-untimed warm-up step); the table gives their median and interquartile range.
+untimed warm-up step); the table gives their median, interquartile range and minimum. The
+dilated caches of all positions take turns step by step, so a busy machine loads them alike.
 
 Reaching ``P = 2**20`` does not take ``2**20`` steps: ``DilatedKVCache.fill`` builds the state at
 ``P`` from the rows of the current segments only (the last ``max_i w_i`` positions; a test checks
@@ -59,20 +60,28 @@ def available_bytes() -> int:
     return 4 * 2**30
 
 
-def time_steps(cache, rng, steps: int) -> np.ndarray:
-    """Seconds per step of ``steps`` consecutive steps (after one untimed warm-up step)."""
+def random_tokens(cache, rng, count):
+    """``count`` random ``(q_t, k_t, v_t)`` triples of the cache's sizes, float32."""
     shape = (cache.batch, cache.num_heads)
-    tokens = [
-        tuple(rng.standard_normal(shape + (d,), dtype=np.float32) for d in (cache.head_dim, cache.head_dim, cache.value_dim))
-        for _ in range(steps + 1)
-    ]
-    cache.step(*tokens[0])
-    seconds = []
-    for q_t, k_t, v_t in tokens[1:]:
-        begin = time.perf_counter()
-        cache.step(q_t, k_t, v_t)
-        seconds.append(time.perf_counter() - begin)
-    return np.array(seconds)
+    dims = (cache.head_dim, cache.head_dim, cache.value_dim)
+    return [tuple(rng.standard_normal(shape + (d,), dtype=np.float32) for d in dims) for _ in range(count)]
+
+
+def time_steps(caches, rng, steps: int) -> list[np.ndarray]:
+    """Seconds per step of ``steps`` consecutive steps of every cache, after one untimed warm-up step.
+
+    The caches take turns (step j of every cache, then step j + 1), so that on a busy machine
+    every position sees the same load and their medians can be compared.
+    """
+    tokens = [random_tokens(cache, rng, steps + 1) for cache in caches]
+    seconds = [[] for _ in caches]
+    for j in range(steps + 1):
+        for cache, cache_tokens, times in zip(caches, tokens, seconds):
+            begin = time.perf_counter()
+            cache.step(*cache_tokens[j])
+            if j > 0:
+                times.append(time.perf_counter() - begin)
+    return [np.array(times) for times in seconds]
 
 
 def dilated_at(position, config, rng):
@@ -103,29 +112,38 @@ def summary(seconds: np.ndarray) -> dict:
 
 
 def run(config, dense_max_position, seed=0) -> list[dict]:
+    """Dilated at every position (interleaved, one cache per position), then dense position by position."""
     rng = np.random.default_rng(seed)
-    rows = []
-    for position in config["positions"]:
-        row = {"position": position}
-        cache = dilated_at(position, config, rng)
-        row["dilated"] = summary(time_steps(cache, rng, config["steps"])) | {"cache_bytes": cache.nbytes}
-        del cache
-        dense_bytes = (position + config["steps"] + 1) * config["batch"] * config["num_heads"] * 2 * config["head_dim"] * 4
+    positions, steps = config["positions"], config["steps"]
+    caches = [dilated_at(position, config, rng) for position in positions]
+    rows = [
+        {"position": position, "dilated": summary(seconds) | {"cache_bytes": cache.nbytes}}
+        for position, cache, seconds in zip(positions, caches, time_steps(caches, rng, steps))
+    ]
+    del caches
+    for row in rows:
+        position = row["position"]
+        dense_bytes = (position + steps + 1) * config["batch"] * config["num_heads"] * 2 * config["head_dim"] * 4
         if position > dense_max_position:
             row["dense"] = {"skipped": f"position > --dense-max-position={dense_max_position}"}
         elif dense_bytes > available_bytes() / 2:
             row["dense"] = {"skipped": f"needs {dense_bytes / 2**30:.1f} GiB, more than half the available memory"}
         else:
-            cache = dense_at(position, config, rng, config["steps"])
-            row["dense"] = summary(time_steps(cache, rng, config["steps"])) | {"cache_bytes": cache.nbytes}
+            cache = dense_at(position, config, rng, steps)
+            row["dense"] = summary(time_steps([cache], rng, steps)[0]) | {"cache_bytes": cache.nbytes}
             del cache
-        rows.append(row)
         print(format_row(row), flush=True)
     return rows
 
 
 def format_time(seconds) -> str:
+    if seconds >= 1:
+        return f"{seconds:.3g} s"
     return f"{seconds * 1e3:.3g} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.3g} µs"
+
+
+def format_bytes(size) -> str:
+    return f"{size / 2**20:,.1f} MiB" if size >= 2**20 else f"{size / 2**10:,.1f} KiB"
 
 
 def format_row(row) -> str:
@@ -136,14 +154,15 @@ def format_row(row) -> str:
             cells += ["skipped", "—"]
         else:
             cells += [
-                f"{format_time(result['median_s'])} [{format_time(result['p25_s'])}, {format_time(result['p75_s'])}]",
-                f"{result['cache_bytes'] / 2**20:,.1f} MiB",
+                f"{format_time(result['median_s'])} [{format_time(result['p25_s'])}, "
+                + f"{format_time(result['p75_s'])}] ({format_time(result['min_s'])})",
+                format_bytes(result["cache_bytes"]),
             ]
     return "| " + " | ".join(cells) + " |"
 
 
 HEADER = (
-    "| position t | dilated: time per token, median [IQR] | dilated cache | dense: time per token, median [IQR] | dense cache |\n"
+    "| position t | dilated: time per token, median [IQR] (min) | dilated cache | dense: time per token, median [IQR] (min) | dense cache |\n"
     "| ---: | ---: | ---: | ---: | ---: |"
 )
 
@@ -180,7 +199,7 @@ def main(argv=None) -> int:
     with threadpool_limits(args.blas_threads, user_api="blas"):
         rows = run(config, args.dense_max_position)
     first, last = rows[0]["dilated"]["median_s"], rows[-1]["dilated"]["median_s"]
-    print(f"dilated time per token at t={rows[-1]['position']:,} / at t={rows[0]['position']:,}: {last / first:.2f}x")
+    print(f"dilated median time per token at t={rows[-1]['position']:,} / at t={rows[0]['position']:,}: {last / first:.2f}x")
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     record = {
