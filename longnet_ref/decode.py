@@ -139,8 +139,12 @@ class DilatedKVCache(_Cache):
     segment of branch ``i`` that the head's offset selects, in position order.
 
     Args:
-        batch, num_heads, head_dim, value_dim: ``B, H, D, Dv``.
-        segment_lengths, dilation_rates: the branches ``(w_i, r_i)`` (SPEC §2).
+        batch: ``B``.
+        num_heads: ``H``.
+        head_dim: ``D`` of queries and keys.
+        value_dim: ``Dv`` of values.
+        segment_lengths: the branches' ``w_i`` (SPEC §2).
+        dilation_rates: the branches' ``r_i``, as many as ``w_i``.
         offsets: ``"paper"`` or ``"torchscale"`` (SPEC §2).
         scale: score scale, ``1/sqrt(D)`` by default.
         dtype: float32 or float64; every input must have it.
