@@ -6,10 +6,13 @@ The specification is ``docs/spec.md``; the documentation site is built from ``do
 """
 
 from .attention import dilated_attention, dilated_attention_backward
+from .decode import DenseKVCache, DilatedKVCache
 from .dense import dense_attention, dense_attention_backward
 from .multiplicity import multiplicity
 
 __all__ = [
+    "DenseKVCache",
+    "DilatedKVCache",
     "dense_attention",
     "dense_attention_backward",
     "dilated_attention",
