@@ -22,7 +22,7 @@ from .multiplicity import multiplicity
 
 FIGURES = (
     "overview.png", "selected_rows.png", "pattern.png", "pattern_causal.png", "multiplicity.png", "flops.png",
-    "path_length.png", "distributed.png",
+    "path_length.png", "distributed.png", "decode_cache.png",
 )
 
 # The paper's Figures 2-3 in miniature: N = 32, three geometric branches, four heads.
@@ -318,7 +318,7 @@ def generate(output_dir: str | Path) -> list[Path]:
     output_dir.mkdir(parents=True, exist_ok=True)
     makers = dict(zip(FIGURES, (
         overview, selected_rows, pattern, lambda p: pattern(p, causal=True), multiplicity_map, flops_vs_n,
-        path_length_vs_n, distributed_branch,
+        path_length_vs_n, distributed_branch, decode_cache,
     )))
     for name, make in makers.items():
         make(output_dir / name)
@@ -331,7 +331,7 @@ def generate(output_dir: str | Path) -> list[Path]:
 def decode_cache(path, position=26):
     """Which rows the bounded KV cache holds after decoding positions ``0..t`` (``longnet_ref.decode``).
 
-    One strip per (branch, head), like :func:`selected_rows`: grey marks every row the head
+    One strip per (branch, head), like `selected_rows`: grey marks every row the head
     selects up to ``t``, colour the rows the cache still holds (its current segment's rows); all
     grey rows left of a segment boundary were dropped when the segment ended.
     """
@@ -369,13 +369,3 @@ def decode_cache(path, position=26):
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
-
-FIGURES = FIGURES + ("decode_cache.png",)
-_generate_before_decode_cache = generate
-
-
-def generate(output_dir) -> list[Path]:  # extends the generate above by one figure
-    """Draw every figure of ``FIGURES`` into ``output_dir``."""
-    paths = _generate_before_decode_cache(output_dir)  # draws the figures before this one
-    decode_cache(Path(output_dir) / "decode_cache.png")
-    return paths
