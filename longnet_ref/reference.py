@@ -64,6 +64,8 @@ def attention_backward_from_scores(scores, attended, lse, dsum, q, k, v, dout, s
     xp = array_namespace(scores)
     lse = xp.where(lse == -xp.inf, xp.inf, lse)  # a row with no key: P = exp(-inf) = 0, not NaN
     p = xp.exp(scores - lse[..., None])  # (..., Tq, Tk)
+    if attended is not None:
+        p = xp.where(attended, p, 0)  # a NaN lse (NaN query) gives exp(-inf - NaN) = NaN off the pattern
     transpose = lambda x: None if x is None else xp.swapaxes(x, -1, -2)
     attended_t = transpose(attended)
     dv = attended_product(transpose(p), attended_t, dout)  # (..., Tk, Dv)
@@ -162,6 +164,10 @@ def mix_branches(branch_out, branch_lse):
     return out, lse
 
 
+# NaN or Inf in the inputs propagates to the rows that attend it (SPEC §7), by design: the
+# RuntimeWarnings NumPy would raise on the way (inf - inf, NaN comparisons) are not news to the
+# caller, and the Numba backend raises none.
+@np.errstate(invalid="ignore", over="ignore")
 def forward(q, k, v, branches: tuple[Branch, ...], causal: bool, scale: float, offsets: str):
     """Dilated attention forward (SPEC §3-4). Inputs validated by ``longnet_ref.attention``.
 
@@ -178,6 +184,7 @@ def forward(q, k, v, branches: tuple[Branch, ...], causal: bool, scale: float, o
     return mix_branches(branch_out, branch_lse)
 
 
+@np.errstate(invalid="ignore", over="ignore")  # as in forward
 def backward(dout, q, k, v, out, lse, branches: tuple[Branch, ...], causal: bool, scale: float, offsets: str):
     """Exact gradient of :func:`forward` w.r.t. ``q, k, v`` (SPEC §5).
 
