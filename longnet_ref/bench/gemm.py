@@ -28,7 +28,7 @@ def seconds(fn, backend="numba") -> float:
 
         sync = cupy.cuda.Device().synchronize
     else:
-        sync = lambda: None  # noqa: E731
+        sync = lambda: None
     sync()
     start = time.perf_counter()
     fn()

@@ -93,8 +93,8 @@ def time_dilated(config: Config, backend: str, repeats: int, flops: int = 0):
     forward_backward(*inputs(small, backend=backend), small, backend)  # GPU kernels compile per dtype on first use
     q, k, v, dout = inputs(config, backend=backend)
     branches = (config.segment_lengths, config.dilation_rates)
-    forward = lambda: dilated_attention(q, k, v, *branches, causal=config.causal, backend=backend)  # noqa: E731
-    both = lambda: forward_backward(q, k, v, dout, config, backend)  # noqa: E731
+    forward = lambda: dilated_attention(q, k, v, *branches, causal=config.causal, backend=backend)
+    both = lambda: forward_backward(q, k, v, dout, config, backend)
     return (
         interleaved(forward, flops, repeats, config.dtype, backend),
         interleaved(both, (1 + BACKWARD_FLOP_FACTOR) * flops, repeats, config.dtype, backend),

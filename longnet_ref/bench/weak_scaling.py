@@ -72,8 +72,9 @@ def find_mpiexec() -> str:
     return found
 
 
-def weak_scaling(setup: WeakScaling = WeakScaling()) -> list[dict]:
-    """One row per rank count of ``setup.ranks``: times and bytes moved per rank."""
+def weak_scaling(setup: WeakScaling | None = None) -> list[dict]:
+    """One row per rank count of ``setup.ranks`` (default: :class:`WeakScaling`): times and bytes moved per rank."""
+    setup = WeakScaling() if setup is None else setup
     mpiexec = find_mpiexec()
     env = dict(
         os.environ,

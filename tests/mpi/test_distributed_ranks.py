@@ -107,3 +107,19 @@ def test_chunks_of_different_lengths_are_rejected_on_every_rank():
     q = np.zeros((1, CHUNK - RANK, 2, 4))  # rank 1 holds one row fewer than rank 0
     with pytest.raises(ValueError, match="same shape"):
         distributed.dilated_attention(q, q, q, [8], [1], comm=COMM)
+
+
+@pytest.mark.skipif(SIZE < 2, reason="needs at least 2 ranks")
+def test_sub_communicators_are_freed_with_their_communicator():
+    """The cache of sub-communicators lives on the communicator (an MPI attribute): freeing the
+    communicator frees them, and a new communicator starts with none."""
+    comm = COMM.Dup()
+    branch_bytes(2 * CHUNK, 2, comm=comm)  # a segment over ranks {0, 1}, {2, 3}, ...: sub-communicators
+    cached = dict(comm.Get_attr(distributed._KEYVAL))
+    comm.Free()
+    fresh = COMM.Dup()  # may reuse the freed handle
+    inherited = fresh.Get_attr(distributed._KEYVAL)
+    fresh.Free()
+    assert cached  # this rank is a member of at least one sub-communicator
+    assert all(sub == MPI.COMM_NULL for sub in cached.values()), cached
+    assert inherited is None
