@@ -145,3 +145,15 @@ def test_nan_in_the_backward_reaches_exactly_the_gradients_the_chain_rule_gives(
     want = oracle.dilated_attention_gradients(dout, q, k, v, *problem.branches, **problem.options)
     for name, g, o in zip("qkv", grads, want):
         assert_same_non_finite_pattern_and_values(f"d{name}", g, o, problem.tolerance)
+
+
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("numba", marks=pytest.mark.xfail(strict=True, reason=NUMBA_CAUSAL_NAN_LEAK.kwargs["reason"]))])
+def test_a_nan_query_does_not_reach_the_gradient_of_a_later_key_under_causal(backend):
+    """The smallest case of the leak: row 0 attends key 0 only, so key 1's dv must stay finite.
+
+    Strict for numba: when the kernels are fixed this XPASSes, and both marks can go."""
+    q = np.array([[[[np.nan]], [[0.5]]]])  # (B, N, H, D) = (1, 2, 1, 1): query 0 is NaN
+    k = v = dout = np.array([[[[0.3]], [[-0.7]]]])
+    out, lse = dilated_attention(q, k, v, [2], [1], causal=True, return_lse=True, backend=backend)
+    dq, dk, dv = dilated_attention_backward(dout, q, k, v, out, lse, [2], [1], causal=True, backend=backend)
+    assert np.isnan(dv[0, 0, 0, 0]) and np.isfinite(dv[0, 1, 0, 0])
