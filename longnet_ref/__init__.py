@@ -6,6 +6,7 @@ The specification is ``docs/spec.md``; the documentation site is built from ``do
 """
 
 from .attention import dilated_attention, dilated_attention_backward
+from .config import InputTypeError
 from .decode import DenseKVCache, DilatedKVCache
 from .dense import dense_attention, dense_attention_backward
 from .multiplicity import multiplicity
@@ -13,6 +14,7 @@ from .multiplicity import multiplicity
 __all__ = [
     "DenseKVCache",
     "DilatedKVCache",
+    "InputTypeError",
     "dense_attention",
     "dense_attention_backward",
     "dilated_attention",

@@ -16,7 +16,7 @@ keeps at most ``ceil(w_i / r_i)`` rows. The whole cache of one layer is therefor
 
 independent of the position, where the dense cache grows as ``t``. Each step appends the row ``t``
 to the branches whose offset selects it, attends the cached rows of each branch (the same stable
-softmax as the parallel forward, ``dense.attention_from_scores``) and mixes the branches by their
+softmax as the parallel forward, ``reference.attention_from_scores``) and mixes the branches by their
 log-sum-exp exactly as the parallel forward does (``reference.mix_branches``, paper Eqs. 9-10):
 
     LSE = log sum_i exp(lse_i),   out = sum_i exp(lse_i - LSE) o_i.
@@ -45,7 +45,8 @@ from .config import (
     validate_branches,
     validate_offset_rule,
 )
-from .dense import attention_from_scores, dense_attention
+from .dense import dense_attention
+from .reference import attention_from_scores
 from .reference import mix_branches
 from .validation import SUPPORTED_DTYPES, check_array, check_flag, resolve_scale
 
