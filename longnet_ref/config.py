@@ -23,10 +23,11 @@ from typing import Iterator, Sequence
 import numpy as np
 
 OFFSET_RULES = ("paper", "torchscale")
+"""The accepted values of ``offsets``: the head-offset rules of [`head_offsets`][longnet_ref.config.head_offsets]."""
 
 
 class InputTypeError(TypeError, ValueError):
-    """An argument of the wrong type.
+    """An argument of the wrong type (SPEC §7).
 
     SPEC §7 asks for ``TypeError`` for a wrong type and lists several type problems (dtype,
     non-integer ``w``) among its ``ValueError`` cases; like NumPy's ``AxisError`` this class is
@@ -36,7 +37,15 @@ class InputTypeError(TypeError, ValueError):
 
 @dataclass(frozen=True)
 class Branch:
-    """One ``(w, r)`` branch of the mixture (paper Eq. 9)."""
+    """One ``(w, r)`` branch of the mixture (paper Eq. 9; SPEC §2).
+
+    Built by [`validate_branches`][longnet_ref.config.validate_branches], which checks both
+    fields; constructing one directly checks nothing.
+
+    Attributes:
+        segment_length: ``w``, rows per segment, a positive ``int``.
+        dilation: ``r``, the step between selected rows of a segment, a positive ``int``.
+    """
 
     segment_length: int  # w
     dilation: int  # r
@@ -50,8 +59,24 @@ def _positive_int(value, name: str) -> int:
     return int(value)
 
 
-def validate_branches(segment_lengths, dilation_rates) -> tuple[Branch, ...]:
-    """Check ``segment_lengths`` and ``dilation_rates`` (SPEC §2, §7) and pair them as branches."""
+def validate_branches(segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> tuple[Branch, ...]:
+    """Check ``segment_lengths`` and ``dilation_rates`` (SPEC §2, §7) and pair them as branches.
+
+    Branch ``i`` is ``(w_i, r_i) = (segment_lengths[i], dilation_rates[i])``.
+
+    Args:
+        segment_lengths: ``w_i`` of every branch: a non-empty sequence (list, tuple or 1-D
+            array) of positive integers.
+        dilation_rates: ``r_i`` of every branch: as many positive integers.
+
+    Returns:
+        One [`Branch`][longnet_ref.config.Branch] per pair, in order, with plain ``int`` fields.
+
+    Raises:
+        InputTypeError: Either argument is not a sequence (a string counts as none), or an
+            element is not an integer (``bool`` included).
+        ValueError: Either sequence is empty, their lengths differ, or an element is ``<= 0``.
+    """
     for name, seq in (("segment_lengths", segment_lengths), ("dilation_rates", dilation_rates)):
         if isinstance(seq, (str, bytes)) or not isinstance(seq, (Sequence, np.ndarray)):
             raise InputTypeError(f"{name} must be a sequence of positive integers, got {type(seq).__name__}")
@@ -70,7 +95,19 @@ def validate_branches(segment_lengths, dilation_rates) -> tuple[Branch, ...]:
     )
 
 
-def validate_offset_rule(offsets) -> str:
+def validate_offset_rule(offsets: str) -> str:
+    """Check the head-offset rule ``offsets`` (SPEC §2, §7).
+
+    Args:
+        offsets: One of [`OFFSET_RULES`][longnet_ref.config.OFFSET_RULES]: ``"paper"`` or
+            ``"torchscale"``.
+
+    Returns:
+        ``offsets``, unchanged.
+
+    Raises:
+        ValueError: ``offsets`` is not one of the rules (any other value or type).
+    """
     if not isinstance(offsets, str) or offsets not in OFFSET_RULES:
         raise ValueError(f"offsets must be one of {OFFSET_RULES}, got {offsets!r}")
     return offsets
@@ -79,8 +116,19 @@ def validate_offset_rule(offsets) -> str:
 def head_offsets(num_heads: int, dilation: int, rule: str = "paper") -> np.ndarray:
     """The offset ``o`` of every head for dilation ``r`` (paper Eq. 13; SPEC §2).
 
-    ``"paper"``:      o(h) = h mod r
-    ``"torchscale"``: o(h) = h // (Hp / r),  Hp = ceil(H / r) * r  (contiguous blocks of heads)
+        "paper":       o(h) = h mod r
+        "torchscale":  o(h) = h // (Hp / r),  Hp = ceil(H / r) * r  (contiguous blocks of heads)
+
+    Args:
+        num_heads: ``H``, a positive ``int`` (not checked here).
+        dilation: ``r``, a positive ``int`` (not checked here).
+        rule: The offset rule, ``"paper"`` or ``"torchscale"``.
+
+    Returns:
+        ``o (H,)``, integer (``np.intp``): the offset of head ``h`` at index ``h``, in ``[0, r)``.
+
+    Raises:
+        ValueError: ``rule`` is not one of [`OFFSET_RULES`][longnet_ref.config.OFFSET_RULES].
     """
     h = np.arange(num_heads)  # (H,)
     if rule == "paper":
@@ -97,13 +145,40 @@ def head_offsets(num_heads: int, dilation: int, rule: str = "paper") -> np.ndarr
 
 
 def segment_size(n: int, w: int, r: int, o: int, s: int) -> int:
-    """Rows of segment ``s`` that offset ``o`` selects: #{t : o + t r < w, s w + o + t r < N} (SPEC §2)."""
+    """Rows of segment ``s`` that offset ``o`` selects: #{t : o + t r < w, s w + o + t r < N} (SPEC §2).
+
+    Scalar and plain Python, so that the Numba and CUDA kernels compile this same rule.
+
+    Args:
+        n: ``N``, the sequence length.
+        w: The segment length.
+        r: The dilation.
+        o: The head's offset, ``0 <= o < r``.
+        s: The segment index, ``0 <= s < ceil(N / w)``.
+
+    Returns:
+        ``T_s >= 0``, the number of selected rows (0 when ``o`` lies beyond a short last segment).
+
+    Raises:
+        ZeroDivisionError: ``r == 0``; inputs are validated before any caller reaches this rule.
+    """
     extent = min(w, n - s * w) - o  # rows of the segment at or after the offset
     return 0 if extent <= 0 else (extent + r - 1) // r
 
 
 def segment_position(w: int, r: int, o: int, s: int, t: int) -> int:
-    """Position of the ``t``-th selected row of segment ``s``: ``s w + o + t r`` (SPEC §2)."""
+    """Position of the ``t``-th selected row of segment ``s``: ``s w + o + t r`` (SPEC §2).
+
+    Args:
+        w: The segment length.
+        r: The dilation.
+        o: The head's offset.
+        s: The segment index.
+        t: The index of the row within the sparse segment, ``0 <= t < segment_size(...)``.
+
+    Returns:
+        The global row position ``p`` in ``[0, N)`` (for ``t`` in range; not checked).
+    """
     return s * w + o + t * r
 
 
@@ -111,6 +186,12 @@ def causal_key_count(t: int) -> int:
     """Keys the ``t``-th selected row attends under ``causal=True``: rows ``0..t`` of its segment.
 
     Positions increase with ``t`` inside a sparse segment, so ``k <= p`` is ``t_k <= t`` (SPEC §3).
+
+    Args:
+        t: The query's index within its sparse segment, ``t >= 0``.
+
+    Returns:
+        ``t + 1``, the number of keys attended.
     """
     return t + 1
 
@@ -121,6 +202,21 @@ def segment_rows(n: int, segment_length: int, dilation: int, offset: int) -> tup
     Row ``s`` holds ``s*w + o + t*r`` for ``t = 0..T-1``; ``valid[s, t]`` says whether that
     position is selected (``o + t*r < w`` and ``< N``). Padded entries hold position 0 and must
     never be read: every consumer masks them with ``valid``.
+
+    Args:
+        n: ``N``, the sequence length, ``>= 0``.
+        segment_length: ``w``, a positive ``int``.
+        dilation: ``r``, a positive ``int``.
+        offset: ``o``, ``0 <= o < r``.
+
+    Returns:
+        ``(positions, valid)``: ``positions (S, T)`` integer (``np.intp``) and ``valid (S, T)``
+        bool, with ``S = ceil(N / w)`` segments and ``T = ceil((min(w, N) - o) / r)`` (0 if
+        negative) rows per full segment.
+
+    Raises:
+        ZeroDivisionError: ``segment_length`` or ``dilation`` is 0 (validated before any caller
+            reaches this function).
     """
     w, r, o = segment_length, dilation, offset
     num_segments = -(-n // w)  # S = ceil(N / w)
@@ -135,11 +231,21 @@ def segment_rows(n: int, segment_length: int, dilation: int, offset: int) -> tup
 
 @dataclass(frozen=True)
 class SparseSegments:
-    """All segments of one branch seen by the heads that share one offset.
+    """All segments of one branch seen by the heads that share one offset (SPEC §2).
 
-    ``positions`` and ``valid`` are the ``(S, T)`` table of :func:`segment_rows`; ``heads`` the
-    heads with this offset. Within one ``SparseSegments`` every valid position occurs once, so a
-    scatter by fancy indexing never writes the same row twice.
+    ``positions`` and ``valid`` are the ``(S, T)`` table of
+    [`segment_rows`][longnet_ref.config.segment_rows]; ``heads`` the heads with this offset.
+    Within one ``SparseSegments`` every valid position occurs once, so a scatter by fancy
+    indexing never writes the same row twice.
+
+    Attributes:
+        branch: The branch index ``i`` in the caller's list of branches.
+        segment_length: ``w`` of that branch.
+        dilation: ``r`` of that branch.
+        offset: ``o``, shared by every head in ``heads``.
+        heads: ``(Hs,)`` integer: the heads whose offset is ``o``.
+        positions: ``(S, T)`` integer: ``s*w + o + t*r``, 0 where not ``valid``.
+        valid: ``(S, T)`` bool: whether ``positions[s, t]`` is a selected row.
     """
 
     branch: int
@@ -155,6 +261,12 @@ class SparseSegments:
 
         Positions increase with ``t`` inside a segment, so the causal rule ``k <= p`` is the
         lower triangle.
+
+        Args:
+            causal: Whether a query attends only keys at positions ``<=`` its own.
+
+        Returns:
+            ``(S, Tq, Tk)`` bool: ``True`` where both rows are valid (and, if causal, ``k <= q``).
         """
         mask = self.valid[:, :, None] & self.valid[:, None, :]  # (S, Tq, Tk)
         if causal:
@@ -164,7 +276,22 @@ class SparseSegments:
 
 
 def sparse_segments(n: int, num_heads: int, branches: Sequence[Branch], offsets: str = "paper") -> Iterator[SparseSegments]:
-    """Every (branch, offset) group of sparse segments, the unit all backends iterate over."""
+    """Every (branch, offset) group of sparse segments ``P(i, s, h)``, the unit all backends iterate over (SPEC §2).
+
+    Args:
+        n: ``N``, the sequence length.
+        num_heads: ``H``, a positive ``int``.
+        branches: The validated branches (from
+            [`validate_branches`][longnet_ref.config.validate_branches]).
+        offsets: The head-offset rule, ``"paper"`` or ``"torchscale"``.
+
+    Returns:
+        An iterator of [`SparseSegments`][longnet_ref.config.SparseSegments], branch by branch
+        and, within a branch, by increasing offset; offsets that select no row are skipped.
+
+    Raises:
+        ValueError: ``offsets`` is not a known rule (raised when the iterator is first advanced).
+    """
     for i, branch in enumerate(branches):
         per_head = head_offsets(num_heads, branch.dilation, offsets)  # (H,)
         for o in np.unique(per_head):
