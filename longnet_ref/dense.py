@@ -17,9 +17,14 @@ Docs: ``docs/attention.md`` (forward, log-sum-exp) and ``docs/backward.md``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from .validation import check_attention_inputs, check_flag, check_gradient_inputs, resolve_scale
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 
 def _check_bias(bias, batch, num_heads, n, dtype):
@@ -41,11 +46,27 @@ def _heads_first(x):
     return x.transpose(0, 2, 1, 3)  # (B, N, H, .) -> (B, H, N, .)
 
 
-def dense_scores(q, k, scale, causal, bias):
-    """``S = scale * Q K^T + bias`` as ``(B, H, N, N)``, ``-inf`` where a pair is masked.
+def dense_scores(q: np.ndarray, k: np.ndarray, scale: float, causal: bool, bias: np.ndarray | None) -> np.ndarray:
+    """``S = scale * Q K^T + bias`` as ``(B, H, N, N)``, ``-inf`` where a pair is masked (SPEC §3-4).
 
     A ``-inf`` bias and the causal rule (key ``k <= `` query ``p``) replace the score outright,
-    so a NaN score of a masked pair is never read.
+    so a NaN score of a masked pair is never read. Nothing is validated here: the public
+    functions check their inputs first.
+
+    Args:
+        q: ``(B, N, H, D)`` float32 or float64 queries.
+        k: ``(B, N, H, D)`` keys, the dtype of ``q``.
+        scale: The factor on ``Q K^T`` (a resolved ``float``, not ``None``).
+        causal: Whether key ``k`` is masked for every query ``p < k``.
+        bias: ``None``, or an additive bias broadcastable to ``(B, H, N, N)``; ``-inf`` masks.
+
+    Returns:
+        ``S (B, H, N, N)``, heads first, in the dtype of ``q`` (promoted by ``bias`` if its dtype
+        is wider), ``-inf`` at every masked pair.
+
+    Raises:
+        ValueError: ``q`` and ``k`` (or ``bias``) do not broadcast, from NumPy; the public
+            functions reject such inputs first with a clearer message.
     """
     n = q.shape[1]
     scores = scale * (_heads_first(q) @ k.transpose(0, 2, 3, 1))  # (B, H, N, N)
@@ -56,15 +77,44 @@ def dense_scores(q, k, scale, causal, bias):
     return scores
 
 
-def dense_attention(q, k, v, *, causal=False, scale=None, bias=None, return_lse=False):
-    """Dense softmax attention with an optional additive ``bias`` (SPEC §6).
+def dense_attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    bias: ArrayLike | None = None,
+    return_lse: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Dense softmax attention with an optional additive ``bias`` (paper Eqs. 1-2; SPEC §4, §6).
 
         S = scale Q K^T + bias,   m = max_k S,   lse = m + log sum_k exp(S - m),
         out = sum_k exp(S - lse) V
 
-    ``q, k: (B, N, H, D)``, ``v: (B, N, H, Dv)``, ``bias`` broadcastable to ``(B, H, N, N)``.
-    A row with every key masked gets ``out = 0`` and ``lse = -inf``.
-    Returns ``out: (B, N, H, Dv)`` (and ``lse: (B, N, H)``).
+    A row with every key masked gets ``out = 0`` and ``lse = -inf``. With
+    ``bias = log(multiplicity(...))`` this equals dilated attention (SPEC §4).
+
+    Args:
+        q: ``(B, N, H, D)`` NumPy array, float32 or float64, ``D >= 1``.
+        k: ``(B, N, H, D)``, the shape and dtype of ``q``.
+        v: ``(B, N, H, Dv)``, the dtype of ``q``.
+        causal: If ``True``, query ``p`` attends only keys ``k <= p``.
+        scale: The factor on ``Q K^T``; ``None`` means ``1 / sqrt(D)`` (SPEC §1).
+        bias: Real array broadcastable to ``(B, H, N, N)`` (heads first), added to the scores
+            and cast to the dtype of ``q``; ``-inf`` masks a pair outright.
+        return_lse: Also return the log-sum-exp of the scores.
+
+    Returns:
+        ``out (B, N, H, Dv)`` in the dtype of ``q``; with ``return_lse=True`` the pair
+        ``(out, lse)``, ``lse (B, N, H)`` in the same dtype.
+
+    Raises:
+        InputTypeError: ``q``, ``k`` or ``v`` is not a NumPy array or not float32/float64, their
+            dtypes differ, ``causal`` is not a bool, or ``scale`` is not a real number (a
+            subclass of both ``TypeError`` and ``ValueError``).
+        ValueError: A wrong rank or shape, ``D = 0``, a non-finite ``scale``, or a ``bias`` that
+            is not real or does not broadcast to ``(B, H, N, N)``.
     """
     batch, n, num_heads, head_dim, _ = check_attention_inputs(q, k, v)
     scale = resolve_scale(scale, head_dim)
@@ -83,14 +133,44 @@ def dense_attention(q, k, v, *, causal=False, scale=None, bias=None, return_lse=
     return (out, lse) if return_lse else out
 
 
-def dense_attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, bias=None):
-    """Gradient of :func:`dense_attention` w.r.t. ``q, k, v`` (SPEC §5).
+def dense_attention_backward(
+    dout: np.ndarray,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    out: np.ndarray,
+    lse: np.ndarray,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    bias: ArrayLike | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradient of [`dense_attention`][longnet_ref.dense.dense_attention] w.r.t. ``q, k, v`` (SPEC §5).
 
         P  = exp(S - lse)        dV = P^T dO              dP = dO V^T
         Dsum = rowsum(dO * O)    dS = P * (dP - Dsum)     dQ = scale dS K,  dK = scale dS^T Q
 
-    ``P`` is recomputed from the stored ``lse``. Returns ``(dq, dk, dv)`` with the shapes of
-    ``(q, k, v)``.
+    ``P`` is recomputed from the stored ``lse``; a row with ``lse = -inf`` (no key) has ``P = 0``.
+
+    Args:
+        dout: ``(B, N, H, Dv)`` upstream gradient ``dO``, the dtype of ``q``.
+        q: ``(B, N, H, D)`` NumPy array, float32 or float64.
+        k: ``(B, N, H, D)``, the shape and dtype of ``q``.
+        v: ``(B, N, H, Dv)``, the dtype of ``q``.
+        out: ``(B, N, H, Dv)`` the forward's output ``O``.
+        lse: ``(B, N, H)`` the forward's log-sum-exp.
+        causal: The forward's ``causal``.
+        scale: The forward's ``scale``; ``None`` means ``1 / sqrt(D)``.
+        bias: The forward's ``bias``, broadcastable to ``(B, H, N, N)``.
+
+    Returns:
+        ``(dq, dk, dv)`` with the shapes of ``(q, k, v)``, in the dtype of ``q``.
+
+    Raises:
+        InputTypeError: An array is not a NumPy float32/float64 array or its dtype differs from
+            ``q``'s, ``causal`` is not a bool, or ``scale`` is not a real number.
+        ValueError: A wrong rank or shape (``dout``, ``out``, ``lse`` included), ``D = 0``, a
+            non-finite ``scale``, or a ``bias`` that is not real or does not broadcast.
     """
     batch, n, num_heads, head_dim, _ = check_attention_inputs(q, k, v)
     check_gradient_inputs(dout, out, lse, q, v)

@@ -8,16 +8,31 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .config import InputTypeError
 
+if TYPE_CHECKING:
+    import cupy
+
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+"""The dtypes every public function accepts (SPEC §1): float32 and float64."""
 
 
-def array_module_name(x) -> str:
-    """``"numpy"`` or ``"cupy"``: which library the array belongs to."""
+def array_module_name(x: Any) -> str:
+    """``"numpy"`` or ``"cupy"``: which library the array belongs to (SPEC §7).
+
+    Decided by type, without importing CuPy.
+
+    Args:
+        x: Any object.
+
+    Returns:
+        ``"numpy"`` for a ``np.ndarray``, ``"cupy"`` for an object of a ``cupy`` module, and
+        otherwise the name of ``x``'s type (``"list"``, ``"Tensor"``, ...), for the message.
+    """
     if isinstance(x, np.ndarray):
         return "numpy"
     if type(x).__module__.split(".")[0] == "cupy":
@@ -25,7 +40,23 @@ def array_module_name(x) -> str:
     return type(x).__name__
 
 
-def check_array(x, name: str, backend: str, ndim: int):
+def check_array(x: Any, name: str, backend: str, ndim: int) -> None:
+    """Check that ``x`` is an ``ndim``-D float32/float64 array of the backend's library (SPEC §1, §7).
+
+    Args:
+        x: The argument to check.
+        name: Its name, used in the messages (``"q"``, ``"dout"``, ...).
+        backend: ``"cupy"`` asks for a CuPy array; any other backend for a NumPy array.
+        ndim: The required number of dimensions.
+
+    Returns:
+        ``None``; ``x`` passed.
+
+    Raises:
+        InputTypeError: ``x`` is not an array of the expected library, or its dtype is not
+            float32 or float64.
+        ValueError: ``x.ndim != ndim``.
+    """
     expected = "cupy" if backend == "cupy" else "numpy"
     kind = array_module_name(x)
     if kind != expected:
@@ -38,8 +69,26 @@ def check_array(x, name: str, backend: str, ndim: int):
         raise InputTypeError(f"{name} must be float32 or float64, got dtype {x.dtype}")
 
 
-def check_attention_inputs(q, k, v, backend: str = "numpy") -> tuple[int, int, int, int, int]:
-    """Check ``q, k: (B, N, H, D)``, ``v: (B, N, H, Dv)``, one float dtype; return the sizes."""
+def check_attention_inputs(
+    q: np.ndarray | cupy.ndarray, k: np.ndarray | cupy.ndarray, v: np.ndarray | cupy.ndarray, backend: str = "numpy"
+) -> tuple[int, int, int, int, int]:
+    """Check ``q, k: (B, N, H, D)``, ``v: (B, N, H, Dv)``, one float dtype; return the sizes (SPEC §1, §7).
+
+    Args:
+        q: ``(B, N, H, D)`` queries, float32 or float64.
+        k: ``(B, N, H, D)`` keys, the shape and dtype of ``q``.
+        v: ``(B, N, H, Dv)`` values, the dtype of ``q``.
+        backend: ``"cupy"`` asks for CuPy arrays; any other backend for NumPy arrays.
+
+    Returns:
+        ``(B, N, H, D, Dv)`` as ``int``s.
+
+    Raises:
+        InputTypeError: An argument is not an array of the backend's library, its dtype is not
+            float32/float64, or the three dtypes differ.
+        ValueError: An argument is not 4-D, ``k.shape != q.shape``, ``v.shape[:3] != q.shape[:3]``,
+            or ``D = 0``.
+    """
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_array(x, name, backend, 4)
     if not (q.dtype == k.dtype == v.dtype):
@@ -54,8 +103,32 @@ def check_attention_inputs(q, k, v, backend: str = "numpy") -> tuple[int, int, i
     return batch, n, num_heads, head_dim, v.shape[3]
 
 
-def check_gradient_inputs(dout, out, lse, q, v, backend: str = "numpy") -> None:
-    """Check the backward's ``dout, out: (B, N, H, Dv)`` and ``lse: (B, N, H)`` against q, v."""
+def check_gradient_inputs(
+    dout: np.ndarray | cupy.ndarray,
+    out: np.ndarray | cupy.ndarray,
+    lse: np.ndarray | cupy.ndarray,
+    q: np.ndarray | cupy.ndarray,
+    v: np.ndarray | cupy.ndarray,
+    backend: str = "numpy",
+) -> None:
+    """Check the backward's ``dout, out: (B, N, H, Dv)`` and ``lse: (B, N, H)`` against q, v (SPEC §5, §7).
+
+    Args:
+        dout: ``(B, N, H, Dv)`` upstream gradient, the dtype of ``q``.
+        out: ``(B, N, H, Dv)`` forward output, the dtype of ``q``.
+        lse: ``(B, N, H)`` forward log-sum-exp, the dtype of ``q``.
+        q: The (already checked) ``(B, N, H, D)`` queries: the reference dtype.
+        v: The (already checked) ``(B, N, H, Dv)`` values: the reference shape.
+        backend: ``"cupy"`` asks for CuPy arrays; any other backend for NumPy arrays.
+
+    Returns:
+        ``None``; all three passed.
+
+    Raises:
+        InputTypeError: An argument is not an array of the backend's library, is not
+            float32/float64, or its dtype differs from ``q``'s.
+        ValueError: A wrong rank or shape.
+    """
     expected_out = tuple(v.shape)
     for name, x, shape in (("dout", dout, expected_out), ("out", out, expected_out), ("lse", lse, expected_out[:3])):
         check_array(x, name, backend, len(shape))
@@ -65,14 +138,38 @@ def check_gradient_inputs(dout, out, lse, q, v, backend: str = "numpy") -> None:
             raise InputTypeError(f"{name} must have the dtype of q ({q.dtype}), got {x.dtype}")
 
 
-def check_flag(value, name: str) -> bool:
+def check_flag(value: Any, name: str) -> bool:
+    """Check a boolean option such as ``causal`` (SPEC §7): ``0``, ``1`` or ``"yes"`` are refused.
+
+    Args:
+        value: The option's value; a Python ``bool`` or ``np.bool_``.
+        name: Its name, used in the message.
+
+    Returns:
+        ``value`` as a Python ``bool``.
+
+    Raises:
+        InputTypeError: ``value`` is not a ``bool`` or ``np.bool_``.
+    """
     if not isinstance(value, (bool, np.bool_)):
         raise InputTypeError(f"{name} must be a bool, got {value!r}")
     return bool(value)
 
 
-def resolve_scale(scale, head_dim: int) -> float:
-    """``scale = 1 / sqrt(D)`` unless given (SPEC §1); a given scale must be a finite real."""
+def resolve_scale(scale: float | None, head_dim: int) -> float:
+    """``scale = 1 / sqrt(D)`` unless given (SPEC §1); a given scale must be a finite real (SPEC §7).
+
+    Args:
+        scale: ``None``, or a real number (``int``, ``float``, NumPy scalar; not ``bool``).
+        head_dim: ``D >= 1``, used when ``scale`` is ``None``.
+
+    Returns:
+        The scale as a Python ``float``.
+
+    Raises:
+        InputTypeError: ``scale`` is not ``None`` and not a real number (``bool`` included).
+        ValueError: ``scale`` is NaN or infinite.
+    """
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
