@@ -42,6 +42,7 @@ from __future__ import annotations
 import sys
 import traceback
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from mpi4py import MPI
@@ -52,24 +53,55 @@ from .config import InputTypeError, segment_position, segment_size, sparse_segme
 from .reference import attention_backward_from_scores, attention_from_scores, mix_branches
 from .validation import check_attention_inputs, check_flag, check_gradient_inputs, resolve_scale
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
 DISTRIBUTED_BACKENDS = ("numpy", "numba")
+"""The single-process backends a rank may use for its local branches (CPU only)."""
 
 
 @dataclass
 class CommunicationStats:
-    """Bytes this rank moved, one record per collective call."""
+    """Bytes this rank moved, one record per collective call (the module docstring's formula).
 
-    records: list = field(default_factory=list)  # (collective, branch, bytes sent, bytes received)
+    Returned by [`dilated_attention`][longnet_ref.distributed.dilated_attention] and
+    [`dilated_attention_backward`][longnet_ref.distributed.dilated_attention_backward] with
+    ``return_stats=True``.
 
-    def record(self, collective, branch, sent, received):
+    Attributes:
+        records: ``(collective, branch, bytes sent, bytes received)`` per call: ``collective``
+            is ``"allgatherv"`` or ``"reduce_scatter"``, ``branch`` the branch index ``i``.
+    """
+
+    records: list[tuple[str, int, int, int]] = field(default_factory=list)  # (collective, branch, bytes sent, bytes received)
+
+    def record(self, collective: str, branch: int, sent: int, received: int) -> None:
+        """Append one collective call's bytes.
+
+        Args:
+            collective: ``"allgatherv"`` or ``"reduce_scatter"``.
+            branch: The branch index ``i``.
+            sent: Bytes this rank contributed (cast to ``int``).
+            received: Bytes this rank received from the other members (cast to ``int``).
+        """
         self.records.append((collective, branch, int(sent), int(received)))
 
     @property
-    def bytes_sent(self):
+    def bytes_sent(self) -> int:
+        """Total bytes this rank contributed, over every record.
+
+        Returns:
+            The sum of the records' ``bytes sent``.
+        """
         return sum(r[2] for r in self.records)
 
     @property
-    def bytes_received(self):
+    def bytes_received(self) -> int:
+        """Total bytes this rank received, over every record.
+
+        Returns:
+            The sum of the records' ``bytes received``.
+        """
         return sum(r[3] for r in self.records)
 
 
@@ -105,22 +137,43 @@ def _group(comm, first, last):
 
 @dataclass(frozen=True)
 class Layout:
-    """Where this rank's chunk sits in the global sequence."""
+    """Where this rank's chunk sits in the global sequence: rows ``[p L, (p + 1) L)``.
+
+    Attributes:
+        rank: ``p``, this rank in the communicator.
+        size: ``P``, the number of ranks.
+        chunk: ``L = N / P``, rows per rank.
+    """
 
     rank: int
     size: int
     chunk: int  # L = N / P
 
     @property
-    def n(self):
+    def n(self) -> int:
+        """The global sequence length.
+
+        Returns:
+            ``N = L P``.
+        """
         return self.chunk * self.size
 
     @property
-    def lo(self):
+    def lo(self) -> int:
+        """The first global row of this rank's chunk.
+
+        Returns:
+            ``p L``.
+        """
         return self.rank * self.chunk
 
     @property
-    def hi(self):
+    def hi(self) -> int:
+        """One past the last global row of this rank's chunk.
+
+        Returns:
+            ``(p + 1) L``.
+        """
         return self.lo + self.chunk
 
 
@@ -184,7 +237,17 @@ def _is_local(branch, layout):
 
 @dataclass
 class SharedSegment:
-    """One sparse segment of a shared branch, seen from this rank."""
+    """One sparse segment ``P(i, s, h)`` of a shared branch, seen from this rank (SPEC §2).
+
+    Attributes:
+        heads: ``(Hs,)`` integer: the heads whose offset selects these rows.
+        positions: ``(T,)`` integer: the segment's global row positions, ascending.
+        mine: ``(T,)`` bool: which of them lie in this rank's chunk.
+        local_rows: ``(nq,)`` integer: ``positions[mine] - lo``, this rank's rows, chunk-local.
+        first: The first rank holding a row of the segment.
+        last: The last rank holding a row of the segment.
+        counts: ``(last - first + 1,)`` integer: rows held by each member rank.
+    """
 
     heads: np.ndarray  # (Hs,)
     positions: np.ndarray  # (T,) global, ascending
@@ -196,7 +259,12 @@ class SharedSegment:
 
 
     @property
-    def shared(self):
+    def shared(self) -> bool:
+        """Whether the segment spans more than one rank (and so needs a collective).
+
+        Returns:
+            ``last > first``.
+        """
         return self.last > self.first
 
 
@@ -323,15 +391,57 @@ def _backward(comm, dout, q, k, v, out, lse, layout, branches, causal, scale, of
 
 
 def dilated_attention(
-    q, k, v, segment_lengths, dilation_rates, *, comm, causal=False, scale=None, offsets="paper", backend="numpy",
-    return_lse=False, return_stats=False,
-):
-    """Sequence-parallel dilated attention: this rank's chunk of the single-process result.
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    comm: MPI.Comm,
+    causal: bool = False,
+    scale: float | None = None,
+    offsets: str = "paper",
+    backend: str = "numpy",
+    return_lse: bool = False,
+    return_stats: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, CommunicationStats] | tuple[np.ndarray, np.ndarray, CommunicationStats]:
+    """Sequence-parallel dilated attention: this rank's chunk of the single-process result (paper §3.1, Eq. 10; SPEC §6).
 
-    ``q, k: (B, N/P, H, D)``, ``v: (B, N/P, H, Dv)``: rank ``p``'s contiguous chunk, ranks in
-    order. Returns ``out (B, N/P, H, Dv)`` (and ``lse (B, N/P, H)``, and a
-    :class:`CommunicationStats`), equal to the matching rows of
-    ``longnet_ref.dilated_attention`` on the whole sequence.
+        out[p L : (p + 1) L] = dilated_attention(Q, K, V)[p L : (p + 1) L]
+
+    Collective: every rank of ``comm`` must call it, each with its own chunk, ranks in order.
+    The result equals the matching rows of
+    [`longnet_ref.dilated_attention`][longnet_ref.attention.dilated_attention] on the whole
+    sequence.
+
+    Args:
+        q: ``(B, L, H, D)`` with ``L = N / P``: rank ``p``'s contiguous chunk of the queries,
+            NumPy float32 or float64.
+        k: ``(B, L, H, D)``, the shape and dtype of ``q``.
+        v: ``(B, L, H, Dv)``, the dtype of ``q``.
+        segment_lengths: ``w_i`` of every branch, positive integers.
+        dilation_rates: ``r_i`` of every branch, as many positive integers.
+        comm: An mpi4py intra-communicator (``MPI.COMM_WORLD`` or a sub-communicator).
+        causal: If ``True``, query ``p`` attends only keys ``k <= p`` (global positions).
+        scale: The factor on ``Q K^T``; ``None`` means ``1 / sqrt(D)``.
+        offsets: The head-offset rule, ``"paper"`` or ``"torchscale"``.
+        backend: One of [`DISTRIBUTED_BACKENDS`][longnet_ref.distributed.DISTRIBUTED_BACKENDS]
+            (``"numpy"`` or ``"numba"``), for the branches local to a chunk.
+        return_lse: Also return ``lse``.
+        return_stats: Also return this rank's [`CommunicationStats`][longnet_ref.distributed.CommunicationStats].
+
+    Returns:
+        ``out (B, L, H, Dv)`` in the dtype of ``q``; with ``return_lse`` also ``lse (B, L, H)``,
+        and with ``return_stats`` the stats last: ``out``, ``(out, lse)``, ``(out, stats)`` or
+        ``(out, lse, stats)``.
+
+    Raises:
+        TypeError: ``comm`` is not an mpi4py intra-communicator (raised on the calling rank).
+        InputTypeError: Every rank that failed validation failed with a type error (dtype,
+            non-integer ``w``, non-bool ``causal``, ...); raised on *all* ranks, naming each.
+        ValueError: Any other bad input on any rank (shapes, empty or mismatched branch lists,
+            an unknown ``offsets`` or ``backend``), or ranks whose chunks differ in shape,
+            dtype or configuration; raised on all ranks before any communication.
     """
     layout, branches, causal, scale, offsets = _validate(comm, q, k, v, segment_lengths, dilation_rates, causal, scale, offsets, backend)
     stats = CommunicationStats()
@@ -342,10 +452,58 @@ def dilated_attention(
 
 
 def dilated_attention_backward(
-    dout, q, k, v, out, lse, segment_lengths, dilation_rates, *, comm, causal=False, scale=None, offsets="paper",
-    backend="numpy", return_stats=False,
-):
-    """Exact gradient of :func:`dilated_attention`: this rank's chunk of ``(dq, dk, dv)`` (SPEC §5)."""
+    dout: np.ndarray,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    out: np.ndarray,
+    lse: np.ndarray,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    comm: MPI.Comm,
+    causal: bool = False,
+    scale: float | None = None,
+    offsets: str = "paper",
+    backend: str = "numpy",
+    return_stats: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray, CommunicationStats]:
+    """Exact gradient of [`dilated_attention`][longnet_ref.distributed.dilated_attention]: this rank's chunk of ``(dq, dk, dv)`` (SPEC §5).
+
+        dK_j = sum over ranks of the partial dK_j of every query that attends key j
+
+    The shared branches gather ``K, V`` again and ``Reduce_scatter`` the partial ``dK, dV``
+    onto the rows' owners; ``lse`` and ``Dsum = rowsum(dO * O)`` of the local rows suffice.
+    Collective, like the forward.
+
+    Args:
+        dout: ``(B, L, H, Dv)`` this rank's chunk of the upstream gradient.
+        q: ``(B, L, H, D)`` this rank's chunk of the queries, NumPy float32 or float64.
+        k: ``(B, L, H, D)``, the shape and dtype of ``q``.
+        v: ``(B, L, H, Dv)``, the dtype of ``q``.
+        out: ``(B, L, H, Dv)`` the forward's output on this rank.
+        lse: ``(B, L, H)`` the forward's log-sum-exp on this rank.
+        segment_lengths: The forward's ``w_i``.
+        dilation_rates: The forward's ``r_i``.
+        comm: The forward's mpi4py intra-communicator.
+        causal: The forward's ``causal``.
+        scale: The forward's ``scale``; ``None`` means ``1 / sqrt(D)``.
+        offsets: The forward's head-offset rule.
+        backend: ``"numpy"`` or ``"numba"``, for the local branches.
+        return_stats: Also return this rank's [`CommunicationStats`][longnet_ref.distributed.CommunicationStats].
+
+    Returns:
+        ``(dq, dk, dv)`` with the shapes of ``(q, k, v)`` in the dtype of ``q`` (this rank's
+        rows), and with ``return_stats`` the stats as a fourth element.
+
+    Raises:
+        TypeError: ``comm`` is not an mpi4py intra-communicator (raised on the calling rank).
+        InputTypeError: Every rank that failed validation failed with a type error; raised on
+            all ranks.
+        ValueError: Any other bad input on any rank (``dout``, ``out``, ``lse`` shapes
+            included), or ranks that disagree on shape, dtype or configuration; raised on all
+            ranks before any communication.
+    """
     layout, branches, causal, scale, offsets = _validate(
         comm, q, k, v, segment_lengths, dilation_rates, causal, scale, offsets, backend,
         extra=lambda: check_gradient_inputs(dout, out, lse, q, v),
