@@ -8,12 +8,30 @@ from __future__ import annotations
 
 import functools
 import time
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
-def to_device(x, backend):
-    """``x`` as a CuPy array for ``backend="cupy"``, unchanged otherwise."""
+    from numpy.typing import DTypeLike
+
+
+def to_device(x: np.ndarray, backend: str) -> Any:
+    """``x`` as a CuPy array for ``backend="cupy"``, unchanged otherwise.
+
+    Args:
+        x: A NumPy array of any shape and dtype.
+        backend: The benchmarked backend (``"numba"``, ``"numpy"`` or ``"cupy"``).
+
+    Returns:
+        ``cupy.asarray(x)`` (same shape and dtype, on the current GPU) for ``"cupy"``; ``x``
+        itself otherwise.
+
+    Raises:
+        ImportError: ``backend="cupy"`` and CuPy is not installed (the ``gpu`` extra).
+    """
     if backend != "cupy":
         return x
     import cupy
@@ -21,8 +39,21 @@ def to_device(x, backend):
     return cupy.asarray(x)
 
 
-def seconds(fn, backend="numba") -> float:
-    """Wall time of ``fn()``; for the GPU, from a synchronised start to a synchronised end."""
+def seconds(fn: Callable[[], Any], backend: str = "numba") -> float:
+    """Wall time of ``fn()``; for the GPU, from a synchronised start to a synchronised end.
+
+    Args:
+        fn: The call to time, no arguments; its result is discarded.
+        backend: ``"cupy"`` synchronises the current GPU before and after; any other backend
+            times the call alone.
+
+    Returns:
+        Elapsed seconds (``time.perf_counter``).
+
+    Raises:
+        ImportError: ``backend="cupy"`` and CuPy is not installed.
+        Exception: Whatever ``fn`` raises, unchanged.
+    """
     if backend == "cupy":
         import cupy
 
@@ -43,10 +74,26 @@ def _gemm_operands(dtype, size, backend):
     return tuple(to_device(rng.standard_normal((size, size)).astype(dtype), backend) for _ in range(2))
 
 
-def gemm_gflops(dtype, size=2048, repeats=5, backend="numba") -> float:
+def gemm_gflops(dtype: DTypeLike, size: int = 2048, repeats: int = 5, backend: str = "numba") -> float:
     """The matrix-multiply rate now: best of ``repeats`` square products (on the GPU for cupy).
 
-    A product of two ``size x size`` matrices is ``2 size^3`` FLOPs.
+        rate = 2 size^3 / min_t / 1e9   GFLOP/s
+
+    A product of two ``size x size`` matrices is ``2 size^3`` FLOPs. The operands are made
+    once per ``(dtype, size, backend)`` and cached.
+
+    Args:
+        dtype: The operands' dtype, e.g. ``"float32"`` or ``np.float64``.
+        size: The matrices' side on the CPU; the GPU always uses 8192 to reach its rate.
+        repeats: Products timed after one warm-up; the fastest counts.
+        backend: ``"cupy"`` for the GPU; any other backend for NumPy's BLAS on the CPU.
+
+    Returns:
+        The rate in GFLOP/s.
+
+    Raises:
+        ImportError: ``backend="cupy"`` and CuPy is not installed.
+        TypeError: ``dtype`` is not a NumPy dtype.
     """
     size = 8192 if backend == "cupy" else size  # a GPU needs a larger product to reach its rate
     a, b = _gemm_operands(np.dtype(dtype), size, backend)

@@ -2,7 +2,8 @@
 
 ``python -m longnet_ref.bench.memory '<config as JSON>'`` loads the kernels, resets the kernel's
 peak-RSS mark (``VmHWM``, Linux), runs forward and backward once and prints, as JSON, the peak
-growth and the bytes of q, k, v, dout, out, lse, dq, dk, dv. :func:`peak_memory_ratio` runs it.
+growth and the bytes of q, k, v, dout, out, lse, dq, dk, dv. [`peak_memory_ratio`][longnet_ref.bench.memory.peak_memory_ratio]
+runs it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,27 @@ def _status_kib(field: str) -> int:
 
 
 def measure(settings: dict) -> dict:
-    """Run forward + backward of one configuration; ``{"peak_kib", "array_kib"}``."""
+    """Run forward + backward of one configuration; ``{"peak_kib", "array_kib"}`` (Linux only).
+
+        peak_kib = VmHWM after - VmRSS before,   array_kib = bytes of q, k, v, dout, out, lse, dq, dk, dv / 1024
+
+    Meant for a fresh process (``python -m longnet_ref.bench.memory``): earlier allocations of
+    the same process would hide in the baseline.
+
+    Args:
+        settings: A [`Config`][longnet_ref.bench.Config] as a dict (``dataclasses.asdict``)
+            plus ``"backend"``.
+
+    Returns:
+        ``{"peak_kib": int, "array_kib": float}``: the peak resident growth and the bytes of the
+        nine arrays, both in KiB.
+
+    Raises:
+        RuntimeError: ``/proc/self/status`` lacks the field (not Linux).
+        OSError: ``/proc/self/clear_refs`` cannot be written.
+        KeyError: ``settings`` lacks a field.
+        ValueError: The configuration is invalid (from ``dilated_attention``).
+    """
     from ..attention import dilated_attention, dilated_attention_backward
 
     w, r, backend = settings["segment_lengths"], settings["dilation_rates"], settings["backend"]
@@ -51,7 +72,20 @@ def measure(settings: dict) -> dict:
 
 
 def peak_memory_ratio(config: Config, backend: str) -> float:
-    """Peak resident memory of forward + backward over the bytes of its inputs, outputs and gradients."""
+    """Peak resident memory of forward + backward over the bytes of its inputs, outputs and gradients.
+
+        ratio = peak_kib / array_kib   (of ``measure``, in a fresh subprocess)
+
+    Args:
+        config: The configuration to run.
+        backend: ``"numba"``, ``"numpy"`` or ``"cupy"`` (host memory only for cupy).
+
+    Returns:
+        The ratio; 1 would mean no memory beyond the nine arrays.
+
+    Raises:
+        subprocess.CalledProcessError: The child process failed (its stderr is on the error).
+    """
     settings = json.dumps(dict(asdict(config), backend=backend))
     # The child imports this same copy of longnet_ref, whatever the current directory.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])))

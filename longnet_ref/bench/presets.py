@@ -10,7 +10,22 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Config:
-    """One benchmarked problem: sizes, branches, causality and dtype."""
+    """One benchmarked problem: sizes, branches, causality and dtype.
+
+    Nothing is validated here: a bad configuration is reported by ``dilated_attention`` when it
+    runs.
+
+    Attributes:
+        name: The label in the tables and plots.
+        n: ``N``, the sequence length.
+        segment_lengths: ``w_i`` of every branch.
+        dilation_rates: ``r_i`` of every branch.
+        batch: ``B``.
+        heads: ``H``.
+        dim: ``D = Dv``.
+        causal: Whether the attention is causal.
+        dtype: ``"float32"`` or ``"float64"``.
+    """
 
     name: str
     n: int
@@ -26,7 +41,7 @@ class Config:
 PAPER_BRANCHES = dict(segment_lengths=(2048, 4096, 8192, 16384), dilation_rates=(1, 2, 4, 8))
 LM_BRANCHES = dict(segment_lengths=(2048, 4096, 8192, 16384, 32768), dilation_rates=(1, 2, 4, 6, 12))
 
-PRESETS = {
+PRESETS: dict[str, list[Config]] = {
     "quick": [Config("quick", 4096, (256, 512, 1024), (1, 2, 4), heads=4, dim=64)],
     "paper": [
         Config(f"paper N={n}{' causal' if causal else ''}", n, causal=causal, **PAPER_BRANCHES)
@@ -36,6 +51,8 @@ PRESETS = {
     "lm": [Config(f"paper LM N={n}", n, **LM_BRANCHES) for n in (32768, 65536)],
     "sweep": [Config(f"sweep N=2^{e}", 2**e, heads=4, **PAPER_BRANCHES) for e in range(14, 21)],
 }
+"""The configurations of ``longnet-ref bench --preset NAME``: the paper's branches (Table 1),
+its language-model branches, and a sweep of ``N`` from ``2^14`` to ``2^20``."""
 
 BACKENDS = ("numba", "numpy", "cupy")
 DEFAULT_PRESETS = ("quick",)
@@ -49,7 +66,20 @@ DEFAULT_OUTPUT_DIR = "bench-results"
 
 @dataclass(frozen=True)
 class WeakScaling:
-    """The distributed benchmark: ``N = P * n_per_rank`` on ``P`` ranks, one shared branch."""
+    """The distributed benchmark: ``N = P * n_per_rank`` on ``P`` ranks, one shared branch.
+
+    Attributes:
+        n_per_rank: ``L``, rows per rank.
+        ranks: The rank counts ``P`` to run, one ``mpiexec`` each.
+        segment_lengths: ``w_i``; a ``w_i > L`` spans several ranks (a shared branch).
+        dilation_rates: ``r_i``.
+        heads: ``H``.
+        dim: ``D = Dv``.
+        causal: Whether the attention is causal.
+        backend: ``"numba"`` or ``"numpy"`` (the local branches' backend).
+        dtype: ``"float32"`` or ``"float64"``.
+        repeats: Timed runs after the warm-up; the median is reported.
+    """
 
     n_per_rank: int = 8192
     ranks: tuple[int, ...] = (1, 2, 4)

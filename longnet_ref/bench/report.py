@@ -4,16 +4,34 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import Sequence
+
+    from .presets import WeakScaling
+    from .timing import Result
 
 
 def _ratio(numerator, denominator):
     return f"{numerator / denominator:7.1f}x" if numerator else "      --"
 
 
-def format_table(results) -> str:
-    """One line per configuration: times, GFLOP/s, fraction of GEMM, speed-ups, peak memory."""
+def format_table(results: Sequence[Result]) -> str:
+    """One line per configuration: times, GFLOP/s, fraction of GEMM, speed-ups, peak memory.
+
+        %GEMM = (FLOPs / time) / GEMM rate,   vs X = time of X / time of this backend
+
+    Args:
+        results: The measurements, as returned by [`run`][longnet_ref.bench.run].
+
+    Returns:
+        The table with a header, a rule and two lines of legend, joined by newlines; a ratio
+        not measured prints ``--``, a memory not measured prints blank.
+    """
     header = (
         f"{'configuration':28s} {'fwd s':>8s} {'GF/s':>6s} {'%GEMM':>6s} {'fwd+bwd s':>10s} {'GF/s':>6s} {'%GEMM':>6s}"
         f" {'us/token':>9s} {'vs numpy':>9s} {'vs dense':>9s} {'GEMM GF/s':>10s} {'peak mem':>9s}"
@@ -33,8 +51,22 @@ def format_table(results) -> str:
     return "\n".join(lines)
 
 
-def save(results, output_dir) -> list[Path]:
-    """Write ``results.json`` and, if matplotlib is installed, ``throughput.png`` and ``scaling.png``."""
+def save(results: Sequence[Result], output_dir: str | os.PathLike[str]) -> list[Path]:
+    """Write ``results.json`` and, if matplotlib is installed, ``throughput.png`` and ``scaling.png``.
+
+    ``scaling.png`` (time per token against ``N``) is drawn only when the results span more than
+    one ``N``.
+
+    Args:
+        results: The measurements, as returned by [`run`][longnet_ref.bench.run].
+        output_dir: The directory to write to; created (with parents) if missing.
+
+    Returns:
+        The paths written, ``results.json`` first.
+
+    Raises:
+        OSError: ``output_dir`` cannot be created or written.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     written = [output_dir / "results.json"]
@@ -74,10 +106,27 @@ def save(results, output_dir) -> list[Path]:
     return written
 
 
-def format_weak_scaling(rows, setup, itemsize=4) -> str:
-    """The weak-scaling table of :func:`longnet_ref.bench.weak_scaling.weak_scaling` for ``setup``
-    (a :class:`~longnet_ref.bench.presets.WeakScaling`), with the bytes the distributed
-    module's docstring formula predicts."""
+def format_weak_scaling(rows: Sequence[dict], setup: WeakScaling, itemsize: int = 4) -> str:
+    """The weak-scaling table of [`weak_scaling`][longnet_ref.bench.weak_scaling.weak_scaling] for ``setup``, with the predicted bytes.
+
+        bytes per rank = sum over shared branches of B H (w - L) / r (D + Dv) itemsize
+
+    the formula of the [`distributed`][longnet_ref.distributed] module's docstring (``B = 1``,
+    ``D = Dv``), which depends on ``w / r`` but not on ``N``.
+
+    Args:
+        rows: One dict per rank count, as returned by [`weak_scaling`][longnet_ref.bench.weak_scaling.weak_scaling]
+            (``ranks``, ``n``, ``forward_s``, ``forward_backward_s``, ``bytes_per_rank``).
+        setup: The [`WeakScaling`][longnet_ref.bench.WeakScaling] the rows were measured with.
+        itemsize: Bytes per element for the formula: 4 for float32, 8 for float64.
+
+    Returns:
+        The table, one line per row, then the formula's prediction (if a branch is shared) and
+        a note on oversubscribed cores, joined by newlines.
+
+    Raises:
+        KeyError: A row lacks one of the fields above.
+    """
     w, r, heads, dim = setup.segment_lengths, setup.dilation_rates, setup.heads, setup.dim
     lines = [
         (

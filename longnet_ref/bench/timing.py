@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,12 +19,36 @@ from ..dense import dense_attention, dense_attention_backward
 from .gemm import gemm_gflops, seconds, to_device
 from .presets import DEFAULT_BACKEND, DEFAULT_REPEATS, DENSE_MAX_N, REFERENCE_MAX_N, Config
 
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from numpy.typing import DTypeLike
+
 BACKWARD_FLOP_FACTOR = 2.5  # backward FLOPs / forward FLOPs (FlashAttention-2 convention)
+"""Backward FLOPs over forward FLOPs, the FlashAttention-2 convention: forward+backward counts ``3.5x`` the forward."""
 
 
 @dataclass
 class Result:
-    """The measurements of one configuration on one backend (times in seconds)."""
+    """The measurements of one configuration on one backend (times in seconds).
+
+    Attributes:
+        config: The configuration measured.
+        backend: ``"numba"``, ``"numpy"`` or ``"cupy"``.
+        gemm_gflops: This machine's GEMM rate, median over the repeats (GFLOP/s).
+        forward_s: Median forward time.
+        forward_backward_s: Median forward+backward time.
+        forward_flops: Forward FLOPs, ``2 (D + Dv)`` per attended pair (``longnet_ref.complexity``).
+        forward_fraction: Median over repeats of the forward's GFLOP/s over the GEMM rate
+            measured just before.
+        forward_backward_fraction: The same for forward+backward.
+        reference_forward_s: The NumPy reference's forward time, or ``None`` if not timed.
+        reference_forward_backward_s: Its forward+backward time, or ``None``.
+        dense_forward_s: Dense attention's forward time (one head, scaled by ``B H``), or ``None``.
+        dense_forward_backward_s: Its forward+backward time, or ``None``.
+        peak_memory_ratio: Peak resident memory over the arrays' bytes, or ``None``.
+        extra: Free-form additions, written to ``results.json`` as they are.
+    """
 
     config: Config
     backend: str
@@ -41,14 +66,30 @@ class Result:
     extra: dict = field(default_factory=dict)
 
     @property
-    def forward_gflops(self):
+    def forward_gflops(self) -> float:
+        """The forward's rate, ``forward_flops / forward_s / 1e9``.
+
+        Returns:
+            GFLOP/s of the median forward time.
+        """
         return self.forward_flops / self.forward_s / 1e9
 
     @property
-    def forward_backward_gflops(self):
+    def forward_backward_gflops(self) -> float:
+        """The forward+backward rate, ``(1 + BACKWARD_FLOP_FACTOR) forward_flops / forward_backward_s / 1e9``.
+
+        Returns:
+            GFLOP/s of the median forward+backward time.
+        """
         return (1 + BACKWARD_FLOP_FACTOR) * self.forward_flops / self.forward_backward_s / 1e9
 
-    def as_dict(self):
+    def as_dict(self) -> dict[str, Any]:
+        """One row of ``results.json``: every field, the two rates and the time per token.
+
+        Returns:
+            The fields (``config`` as a nested dict), plus ``forward_gflops``,
+            ``forward_backward_gflops`` and ``time_per_token_us`` (microseconds per row of ``N``).
+        """
         row = asdict(self)
         row.update(
             forward_gflops=self.forward_gflops,
@@ -58,23 +99,74 @@ class Result:
         return row
 
 
-def inputs(config: Config, heads=None, batch=None, backend="numpy"):
-    """``q, k, v, dout``: ``(B, N, H, D)`` unit normals of the configuration's dtype."""
+def inputs(config: Config, heads: int | None = None, batch: int | None = None, backend: str = "numpy") -> tuple[Any, Any, Any, Any]:
+    """``q, k, v, dout``: ``(B, N, H, D)`` unit normals of the configuration's dtype.
+
+    Drawn in float32 from a fixed seed (0), then cast, so float32 and float64 runs see the same
+    values.
+
+    Args:
+        config: Supplies ``N``, ``D``, the dtype, and ``B``, ``H`` unless overridden.
+        heads: ``H`` instead of ``config.heads``.
+        batch: ``B`` instead of ``config.batch``.
+        backend: ``"cupy"`` puts the arrays on the GPU; otherwise NumPy arrays.
+
+    Returns:
+        Four ``(B, N, H, D)`` arrays of ``config.dtype`` (CuPy arrays for ``"cupy"``).
+
+    Raises:
+        ImportError: ``backend="cupy"`` and CuPy is not installed.
+    """
     rng = np.random.default_rng(0)
     shape = (batch or config.batch, config.n, heads or config.heads, config.dim)  # (B, N, H, D)
     return tuple(to_device(rng.standard_normal(shape, dtype=np.float32).astype(config.dtype), backend) for _ in range(4))
 
 
-def forward_backward(q, k, v, dout, config, backend):
+def forward_backward(q: Any, k: Any, v: Any, dout: Any, config: Config, backend: str) -> tuple[Any, Any, Any]:
+    """One forward and backward of dilated attention, as timed (paper Eqs. 9-10; SPEC §5).
+
+    Args:
+        q: ``(B, N, H, D)`` queries of the backend's array library.
+        k: ``(B, N, H, D)`` keys.
+        v: ``(B, N, H, D)`` values.
+        dout: ``(B, N, H, D)`` upstream gradient.
+        config: Supplies the branches and ``causal``.
+        backend: ``"numba"``, ``"numpy"`` or ``"cupy"``.
+
+    Returns:
+        ``(dq, dk, dv)``, the shapes and dtype of ``(q, k, v)``.
+
+    Raises:
+        ValueError: The configuration or the arrays are invalid (SPEC §7).
+    """
     branches = (config.segment_lengths, config.dilation_rates)
     out, lse = dilated_attention(q, k, v, *branches, causal=config.causal, backend=backend, return_lse=True)
     return dilated_attention_backward(dout, q, k, v, out, lse, *branches, causal=config.causal, backend=backend)
 
 
-def interleaved(fn, flops, repeats, dtype, backend=DEFAULT_BACKEND):
-    """Median time of ``fn``, median of ``(flops / time) / GEMM rate``, and median GEMM rate over
-    ``repeats`` runs, each preceded by its own GEMM measurement: load that drifts during a
-    configuration (a shared machine) moves numerator and denominator together."""
+def interleaved(
+    fn: Callable[[], Any], flops: float, repeats: int, dtype: DTypeLike, backend: str = DEFAULT_BACKEND
+) -> tuple[float, float, float]:
+    """Median time of ``fn``, median of ``(flops / time) / GEMM rate``, and median GEMM rate over ``repeats`` runs.
+
+        fraction_j = (flops / t_j / 1e9) / gemm_j,   each run j preceded by its own GEMM measurement
+
+    Load that drifts during a configuration (a shared machine) moves numerator and denominator
+    together.
+
+    Args:
+        fn: The call to time.
+        flops: FLOPs of one call of ``fn``.
+        repeats: Runs; the medians are reported.
+        dtype: The GEMM's dtype (the attention's).
+        backend: ``"cupy"`` measures the GPU's GEMM and synchronises; otherwise the CPU.
+
+    Returns:
+        ``(median seconds, median fraction of GEMM, median GEMM GFLOP/s)``.
+
+    Raises:
+        statistics.StatisticsError: ``repeats < 1``.
+    """
     times, fractions, rates = [], [], []
     for _ in range(repeats):
         rates.append(gemm_gflops(dtype, repeats=2, backend=backend))
@@ -83,8 +175,26 @@ def interleaved(fn, flops, repeats, dtype, backend=DEFAULT_BACKEND):
     return statistics.median(times), statistics.median(fractions), statistics.median(rates)
 
 
-def time_dilated(config: Config, backend: str, repeats: int, flops: int = 0):
-    """Forward and forward+backward: ``(seconds, fraction of GEMM, GEMM GFLOP/s)`` for each."""
+def time_dilated(
+    config: Config, backend: str, repeats: int, flops: int = 0
+) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Forward and forward+backward: ``(seconds, fraction of GEMM, GEMM GFLOP/s)`` for each.
+
+    Compiles or loads every kernel first, and runs a small problem once, outside the timing.
+
+    Args:
+        config: The configuration to time.
+        backend: ``"numba"``, ``"numpy"`` or ``"cupy"``.
+        repeats: Runs per measurement; medians are reported.
+        flops: The forward's FLOPs; forward+backward counts ``1 + BACKWARD_FLOP_FACTOR`` times it.
+
+    Returns:
+        ``((forward s, fraction, GEMM GF/s), (forward+backward s, fraction, GEMM GF/s))``.
+
+    Raises:
+        ValueError: The configuration is invalid (SPEC §7).
+        ImportError: The backend's optional extra is not installed.
+    """
     if backend == "numba":  # compile / load every kernel outside the timing
         from ..backends.numba_cpu import warm_up
 
@@ -101,8 +211,21 @@ def time_dilated(config: Config, backend: str, repeats: int, flops: int = 0):
     )
 
 
-def time_dense_one_head(config: Config, repeats: int):
-    """Dense attention timed on one (batch, head) and scaled by ``B * H`` (exact for its per-head cost)."""
+def time_dense_one_head(config: Config, repeats: int) -> tuple[float, float]:
+    """Dense attention timed on one (batch, head) and scaled by ``B * H`` (exact for its per-head cost).
+
+        t(B, H) = B H t(1, 1)
+
+    Args:
+        config: The configuration; dense attention runs on its ``N``, ``D``, dtype and ``causal``.
+        repeats: Runs per measurement; the median is reported.
+
+    Returns:
+        ``(forward seconds, forward+backward seconds)``, scaled to ``B * H``.
+
+    Raises:
+        MemoryError: The ``(N, N)`` score matrix does not fit (``N`` too large; see ``DENSE_MAX_N``).
+    """
     q, k, v, dout = inputs(config, heads=1, batch=1)
 
     def both():
@@ -114,12 +237,39 @@ def time_dense_one_head(config: Config, repeats: int):
     return forward * config.batch * config.heads, both_s * config.batch * config.heads
 
 
-def run(configs, backend=DEFAULT_BACKEND, repeats=DEFAULT_REPEATS, reference_max_n=REFERENCE_MAX_N, dense_max_n=DENSE_MAX_N,
-        memory=False, progress=True):
-    """Measure every configuration; returns a list of :class:`Result`.
+def run(
+    configs: Sequence[Config],
+    backend: str = DEFAULT_BACKEND,
+    repeats: int = DEFAULT_REPEATS,
+    reference_max_n: int = REFERENCE_MAX_N,
+    dense_max_n: int = DENSE_MAX_N,
+    memory: bool = False,
+    progress: bool = True,
+) -> list[Result]:
+    """Measure every configuration; returns a list of [`Result`][longnet_ref.bench.Result].
 
-    FLOPs come from ``longnet_ref.complexity`` (forward: 2 (D + Dv) per attended pair; the
-    backward counted as ``BACKWARD_FLOP_FACTOR`` times the forward).
+        forward FLOPs = 2 (D + Dv) x attended pairs,   backward FLOPs = BACKWARD_FLOP_FACTOR x forward
+
+    FLOPs come from [`complexity`][longnet_ref.complexity]; the speed-ups over the NumPy
+    reference and dense attention are measured in the same run.
+
+    Args:
+        configs: The configurations, run in order.
+        backend: ``"numba"``, ``"numpy"`` or ``"cupy"``.
+        repeats: Runs per measurement; medians are reported.
+        reference_max_n: Time the NumPy reference (for a non-numpy backend) up to this ``N``;
+            0 never.
+        dense_max_n: Time dense attention up to this ``N``; 0 never.
+        memory: Also measure the peak memory ratio, in a fresh subprocess per configuration.
+        progress: Show a tqdm progress bar (if tqdm is installed).
+
+    Returns:
+        One [`Result`][longnet_ref.bench.Result] per configuration, in order.
+
+    Raises:
+        ValueError: A configuration is invalid (SPEC §7).
+        ImportError: The backend's optional extra is not installed.
+        subprocess.CalledProcessError: With ``memory=True``, the measuring subprocess failed.
     """
     from .memory import peak_memory_ratio
 

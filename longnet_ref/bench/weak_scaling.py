@@ -1,10 +1,10 @@
 """Weak scaling of the distributed module: ``N = P * n_per_rank`` on ``P`` MPI ranks.
 
-:func:`weak_scaling` launches, for every ``P``, ``mpiexec -n P python -m
-longnet_ref.bench.weak_scaling '<settings as JSON>'``; under mpiexec this module's
-:func:`worker` times forward and forward+backward on every rank (median of ``repeats``, after a
-warm-up that builds the kernels and sub-communicators) and rank 0 prints the times and the
-bytes each rank moved, as JSON.
+[`weak_scaling`][longnet_ref.bench.weak_scaling.weak_scaling] launches, for every ``P``,
+``mpiexec -n P python -m longnet_ref.bench.weak_scaling '<settings as JSON>'``; under mpiexec
+this module's [`worker`][longnet_ref.bench.weak_scaling.worker] times forward and
+forward+backward on every rank (median of ``repeats``, after a warm-up that builds the kernels
+and sub-communicators) and rank 0 prints the times and the bytes each rank moved, as JSON.
 """
 
 from __future__ import annotations
@@ -25,7 +25,24 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory that holds l
 
 
 def worker(settings: dict) -> dict | None:
-    """One rank's share of one weak-scaling measurement (run under mpiexec); rank 0 returns the row."""
+    """One rank's share of one weak-scaling measurement (run under mpiexec); rank 0 returns the row.
+
+    Each rank holds a ``(1, L, H, D)`` chunk; forward and forward+backward are timed between
+    barriers (median of ``repeats`` after one warm-up).
+
+    Args:
+        settings: A [`WeakScaling`][longnet_ref.bench.WeakScaling] as a dict
+            (``dataclasses.asdict``).
+
+    Returns:
+        On rank 0, ``{"ranks", "n", "forward_s", "forward_backward_s", "bytes_per_rank"}`` where
+        ``bytes_per_rank`` lists, per rank, ``(forward bytes received, backward bytes moved,
+        forward bytes sent)``; ``None`` on every other rank.
+
+    Raises:
+        ImportError: mpi4py is not installed (the ``mpi`` extra).
+        ValueError: The configuration is invalid (raised on every rank).
+    """
     from mpi4py import MPI
 
     from .. import distributed
@@ -60,11 +77,22 @@ def worker(settings: dict) -> dict | None:
 
 
 class MpiexecNotFound(RuntimeError):
-    """No ``mpiexec`` on this machine: the distributed benchmark cannot start."""
+    """No ``mpiexec`` on this machine: the distributed benchmark cannot start.
+
+    Raised by [`find_mpiexec`][longnet_ref.bench.weak_scaling.find_mpiexec]; the CLI turns it
+    into a one-line message and exit status 3.
+    """
 
 
 def find_mpiexec() -> str:
-    """The mpiexec beside this Python (the ``mpi`` extra's MPICH) first, then the PATH."""
+    """The mpiexec beside this Python (the ``mpi`` extra's MPICH) first, then the PATH.
+
+    Returns:
+        The path of the ``mpiexec`` executable.
+
+    Raises:
+        MpiexecNotFound: There is none in either place.
+    """
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     found = shutil.which("mpiexec", path=path)
     if found is None:
@@ -73,7 +101,22 @@ def find_mpiexec() -> str:
 
 
 def weak_scaling(setup: WeakScaling | None = None) -> list[dict]:
-    """One row per rank count of ``setup.ranks`` (default: :class:`WeakScaling`): times and bytes moved per rank."""
+    """One row per rank count of ``setup.ranks``: times and bytes moved per rank, ``N = P L`` (paper §3.1).
+
+    Launches ``mpiexec -n P python -m longnet_ref.bench.weak_scaling`` for each ``P``, with this
+    copy of ``longnet_ref`` first on ``PYTHONPATH``.
+
+    Args:
+        setup: The benchmark; ``None`` means the default [`WeakScaling`][longnet_ref.bench.WeakScaling].
+
+    Returns:
+        One dict per ``P`` of ``setup.ranks``, in order: rank 0's row of ``worker``
+        (``ranks``, ``n``, ``forward_s``, ``forward_backward_s``, ``bytes_per_rank``).
+
+    Raises:
+        MpiexecNotFound: No ``mpiexec`` is installed.
+        subprocess.CalledProcessError: An ``mpiexec`` run failed (bad configuration, MPI error).
+    """
     setup = WeakScaling() if setup is None else setup
     mpiexec = find_mpiexec()
     env = dict(
