@@ -10,6 +10,7 @@ import argparse
 import sys
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,12 +21,17 @@ from .bench.weak_scaling import MpiexecNotFound
 from .dense import dense_attention, dense_attention_backward
 from .multiplicity import multiplicity, multiplicity_bias
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
 DESCRIPTION = "LongNet dilated attention (arXiv 2307.02486): check it, benchmark it, draw its patterns."
 FIGURES_DIR = "longnet-ref-figures"
 
 # The optional extra that provides each importable dependency (pyproject.toml).
 EXTRAS = {"cupy": "gpu", "numba_cuda": "gpu", "matplotlib": "bench", "tqdm": "bench", "mpi4py": "mpi"}
 EXIT_USAGE, EXIT_MISSING_EXTRA, EXIT_FAILED = 2, 3, 1
+"""Exit statuses: 2 a bad option or configuration, 3 a missing optional extra (or ``mpiexec``),
+1 a demo whose check failed; 0 success."""
 
 
 def _positive_int(text: str) -> int:
@@ -66,13 +72,48 @@ def _timed(fn):
     return result, time.perf_counter() - start
 
 
-def max_relative_error(result, oracle) -> float:
-    """``max |result - oracle| / max |oracle|`` over all elements (1 if the oracle is all zero)."""
+def max_relative_error(result: np.ndarray, oracle: np.ndarray) -> float:
+    """``max |result - oracle| / max |oracle|`` over all elements, the demo's check.
+
+    The denominator is at least the dtype's smallest normal number, so an all-zero oracle gives
+    the absolute error divided by it (huge unless ``result`` is zero too).
+
+    Args:
+        result: Any shape, float32 or float64.
+        oracle: The shape of ``result`` (or broadcastable to it), a float dtype.
+
+    Returns:
+        The relative error as a Python ``float``; ``0.0`` for an empty ``oracle``. A NaN in
+        either array gives NaN, which fails every ``<=`` tolerance.
+
+    Raises:
+        ValueError: The shapes do not broadcast.
+    """
     return float(np.abs(result - oracle).max() / max(np.abs(oracle).max(), np.finfo(oracle.dtype).tiny)) if oracle.size else 0.0
 
 
-def demo(args) -> int:
-    """Dilated attention forward + backward, verified against the dense oracle with ``log m`` bias."""
+def demo(args: argparse.Namespace) -> int:
+    """Dilated attention forward + backward, verified against the dense oracle with ``log m`` bias (SPEC §4).
+
+        dilated_attention(Q, K, V) = dense_attention(Q, K, V, bias = log m)
+
+    Prints the attended pairs and FLOPs against dense attention, the times, and the largest
+    relative error of ``out``, ``lse``, ``dq``, ``dk``, ``dv`` of each backend; float32 passes
+    at ``1e-4``, float64 at ``1e-10``.
+
+    Args:
+        args: The parsed ``demo`` options: ``n``, ``batch``, ``heads``, ``dim``,
+            ``segment_lengths``, ``dilation_rates``, ``causal``, ``offsets``, ``dtype``,
+            ``seed``, ``backend``.
+
+    Returns:
+        ``0`` if every error is within the tolerance, else ``EXIT_FAILED`` (1).
+
+    Raises:
+        ValueError: The configuration is invalid (SPEC §7); [`main`][longnet_ref.cli.main]
+            prints it and exits with status 2.
+        ImportError: ``--backend numba`` without Numba; ``main`` exits with status 3.
+    """
     w, r = args.segment_lengths, args.dilation_rates
     dtype = np.dtype(args.dtype)
     rng = np.random.default_rng(args.seed)
@@ -129,7 +170,10 @@ def demo(args) -> int:
 
 
 class UsageError(Exception):
-    """A combination of options that cannot be run; the message says why."""
+    """A combination of options that cannot be run; the message says why.
+
+    [`main`][longnet_ref.cli.main] prints it on one line and exits with status 2.
+    """
 
 
 # Options of ``bench`` that only the single-process benchmark reads, with their defaults.
@@ -149,8 +193,25 @@ def _option(name):
     return "--" + name.replace("_", "-")
 
 
-def bench(args) -> int:
-    """Benchmark presets; prints the table and writes JSON + PNG under ``--output-dir``."""
+def bench(args: argparse.Namespace) -> int:
+    """Benchmark presets; prints the table and writes JSON + PNG under ``--output-dir``.
+
+    With ``--distributed``, runs [`weak_scaling`][longnet_ref.bench.weak_scaling.weak_scaling]
+    instead and prints its table. Options left out are absent from ``args``, so a
+    single-process option given with ``--distributed`` (or the reverse) is an error.
+
+    Args:
+        args: The parsed ``bench`` options (``argparse.SUPPRESS`` defaults: only those given).
+
+    Returns:
+        ``0`` once the table is printed and the files are written.
+
+    Raises:
+        UsageError: Options that do not go together, a backend ``--distributed`` cannot use, or
+            a ``--max-n`` that excludes every configuration.
+        ImportError: The backend's extra (cupy, numba) or mpi4py is not installed.
+        MpiexecNotFound: ``--distributed`` and no ``mpiexec`` is installed.
+    """
     from . import bench as benchmarks
 
     given = vars(args)
@@ -194,8 +255,18 @@ def bench(args) -> int:
     return 0
 
 
-def pattern(args) -> int:
-    """Draw the documentation's figures from the library."""
+def pattern(args: argparse.Namespace) -> int:
+    """Draw the documentation's figures from the library, into ``--output-dir``.
+
+    Args:
+        args: The parsed ``pattern`` options: ``output_dir``.
+
+    Returns:
+        ``0`` once every figure is written (each path is printed).
+
+    Raises:
+        ImportError: matplotlib is not installed (the ``bench`` or ``docs`` extra).
+    """
     from .figures import generate
 
     for path in generate(args.output_dir):
@@ -274,7 +345,21 @@ def _missing_extra(error: ImportError) -> str:
     return f'this command needs {module}: pip install "longnet-ref[{extra}]"'
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``longnet-ref`` entry point: parse ``argv``, run the subcommand, map errors to exit statuses.
+
+    Args:
+        argv: The arguments after the program name; ``None`` reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: the subcommand's (0, or 1 for a failed demo check), ``EXIT_USAGE`` (2)
+        for a ``UsageError``, ``ValueError`` or ``TypeError``, ``EXIT_MISSING_EXTRA`` (3) for a
+        missing extra or ``mpiexec``; each error is one line on stderr, no traceback.
+
+    Raises:
+        SystemExit: From argparse, for ``--help`` (status 0) or an unknown or malformed option
+            (status 2, with the usage line).
+    """
     parser = _parser()
     args = parser.parse_args(argv)
     try:
