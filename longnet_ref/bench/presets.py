@@ -55,13 +55,21 @@ PRESETS: dict[str, list[Config]] = {
 its language-model branches, and a sweep of ``N`` from ``2^14`` to ``2^20``."""
 
 BACKENDS = ("numba", "numpy", "cupy")
+"""The values of ``--backend``; ``cupy`` needs the ``gpu`` extra."""
 DEFAULT_PRESETS = ("quick",)
+"""``--preset`` when none is given."""
 DEFAULT_BACKEND = "numba"
-DEFAULT_REPEATS = 3  # runs per measurement; the median is reported
-DEFAULT_MAX_N = 2**20  # skip configurations longer than this
-REFERENCE_MAX_N = 16384  # time the NumPy reference up to this N (its memory grows as N w / r)
-DENSE_MAX_N = 16384  # time dense attention up to this N (its memory grows as N^2)
+"""``--backend`` when none is given."""
+DEFAULT_REPEATS = 3
+"""``--repeats``: runs per measurement; the median is reported."""
+DEFAULT_MAX_N = 2**20
+"""``--max-n``: configurations longer than this are skipped."""
+REFERENCE_MAX_N = 16384
+"""``--reference-max-n``: the NumPy reference is timed up to this ``N`` (its memory grows as ``N w / r``)."""
+DENSE_MAX_N = 16384
+"""``--dense-max-n``: dense attention is timed up to this ``N`` (its memory grows as ``N^2``)."""
 DEFAULT_OUTPUT_DIR = "bench-results"
+"""``--output-dir``: where ``results.json`` and the plots go."""
 
 
 @dataclass(frozen=True)
@@ -94,3 +102,4 @@ class WeakScaling:
 
 
 DISTRIBUTED_BACKENDS = ("numba", "numpy")
+"""The backends ``bench --distributed`` accepts (CPU only)."""
