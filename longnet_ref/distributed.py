@@ -248,8 +248,10 @@ def _segment_scores(q_rows, keys, segment, causal, scale):
 
 
 def _first_query(segment):
-    """Index ``t`` in the segment of this rank's first row (a chunk holds a run of consecutive ``t``)."""
-    return int(np.flatnonzero(segment.mine)[0])
+    """Index ``t`` in the segment of this rank's first row (a chunk holds a run of consecutive ``t``;
+    0 when this rank only lends keys to the segment)."""
+    mine = np.flatnonzero(segment.mine)
+    return int(mine[0]) if mine.size else 0
 
 
 def _segment_forward(q_rows, keys, values, segment, causal, scale, backend):
