@@ -296,3 +296,16 @@ def test_gathered_segment_kernels_match_plain_attention(data, causal, dtype):
     for name, fast, expected in zip(("out", "lse", "dq", "dk", "dv"), (fast_out, fast_lse, *fast_grads), (out, lse, *grads)):
         assert fast.dtype == dtype, name
         np.testing.assert_allclose(fast, expected, err_msg=name, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_nan_query_does_not_reach_the_gradient_of_a_key_it_does_not_attend(dtype):
+    """Causal: query 0 attends key 0 only. Its NaN makes its own LSE NaN, and exp(-inf - NaN) is
+    NaN, so P must be zeroed on masked pairs after the exp, not only S before it (SPEC §7)."""
+    q = np.array([[[[np.nan]], [[0.5]]]], dtype)  # (B, N, H, D) = (1, 2, 1, 1): query 0 is NaN
+    k = v = dout = np.array([[[[0.3]], [[-0.7]]]], dtype)
+    with np.errstate(invalid="ignore"):
+        out, lse = dilated_attention(q, k, v, [2], [1], causal=True, return_lse=True, backend="numba")
+        dq, dk, dv = dilated_attention_backward(dout, q, k, v, out, lse, [2], [1], causal=True, backend="numba")
+    assert np.isnan(dv[0, 0, 0, 0]) and np.isfinite(dv[0, 1, 0, 0]) and np.isfinite(dk[0, 1, 0, 0])
+    assert np.isnan(dq[0, 0, 0, 0]) and np.isfinite(dq[0, 1, 0, 0])

@@ -165,13 +165,13 @@ def attended_dot_add(acc, weights, rows, transpose, q0, k0, causal):
 
 
 @njit(cache=True, inline="always")
-def mask_future(scores, q0, k0):
+def mask_future(scores, q0, k0, value):
     """Causal rule inside a block: query ``q0 + i`` attends key ``k0 + j`` iff ``k0 + j <
-    causal_key_count(q0 + i)``; the others get ``-inf``."""
+    causal_key_count(q0 + i)``; the others are set to ``value``."""
     nq, nk = scores.shape
     for i in range(nq):
         for j in range(max(0, causal_key_count(q0 + i) - k0), nk):
-            scores[i, j] = -np.inf
+            scores[i, j] = value
 
 
 @njit(cache=True, inline="always")
@@ -192,18 +192,31 @@ def scatter_add(x, b, h, segment, t0, count, rows, factor):
             x[b, row, h, c] += factor * rows[j, c]
 
 
-@njit(cache=True, fastmath={"nnan"})
+MAX_LANES = 16  # independent maxima per row in running_max
+
+
+@njit(cache=True, fastmath={"nnan", "nsz"})
 def running_max(scores, m, m_new, shift):
     """``m' = max(m, rowmax S)`` and the exp shift (``m'``, or 0 while a row has seen no key).
 
-    ``nnan`` lets LLVM vectorise the reduction; a NaN score does not need to win here, since it
-    reaches its row anyway through ``exp(S - m')`` -> ``P`` -> ``l``.
+    16 independent maxima per row (``MAX_LANES``), merged at the end: LLVM does not vectorise a
+    single max-reduction chain (measured 2x faster on 1024 x 128 blocks). ``nnan``: a NaN score
+    need not win here, since it reaches its row anyway through ``exp(S - m')`` -> ``P`` -> ``l``.
     """
     nq, nk = scores.shape
+    lanes = np.empty(MAX_LANES, scores.dtype)
+    full = nk - nk % MAX_LANES
     for i in range(nq):
+        lanes[:] = m[i]
+        for j0 in range(0, full, MAX_LANES):
+            for u in range(MAX_LANES):
+                x = scores[i, j0 + u]
+                lanes[u] = x if x > lanes[u] else lanes[u]  # noqa: FURB136 (a select LLVM vectorises)
         row_max = m[i]
-        for j in range(nk):
-            row_max = max(row_max, scores[i, j])
+        for u in range(MAX_LANES):
+            row_max = lanes[u] if lanes[u] > row_max else row_max  # noqa: FURB136
+        for j in range(full, nk):  # the ragged end of the block
+            row_max = scores[i, j] if scores[i, j] > row_max else row_max  # noqa: FURB136
         m_new[i] = row_max
         shift[i] = 0.0 if row_max == -np.inf else row_max
 
@@ -227,7 +240,7 @@ def online_softmax_step(scores, v_blk, m, l, acc, q0, k0, causal, p_flat, pv_fla
     nq, nk = scores.shape
     m_new, shift, l_blk = np.empty(nq, m.dtype), np.empty(nq, m.dtype), np.empty(nq, m.dtype)
     if causal:
-        mask_future(scores, q0, k0)
+        mask_future(scores, q0, k0, -np.inf)
     running_max(scores, m, m_new, shift)
     p = p_flat[: nq * nk].reshape((nq, nk))
     exp_shifted_block(scores, shift, p)
@@ -303,14 +316,15 @@ def forward_branch(q, k, v, w, r, offsets, causal, scale, block_q, out, lse):
 
 @njit(cache=True, inline="always")
 def probabilities(q_blk, k_blk, lse_blk, q0, k0, causal, scores, p):
-    """``P = exp(scale Q K^T - LSE)`` for one (query block, key block) pair, masked causally.
+    """``P = exp(scale Q K^T - LSE)`` for one (query block, key block) pair, exactly 0 on the pairs
+    the causal rule excludes (even in a row whose LSE is NaN: its NaN must not reach other keys).
 
     ``scores`` and ``p`` are distinct buffers: an in-place exp would defeat LLVM's vectoriser.
     """
     np.dot(q_blk, k_blk.T, scores)  # q_blk is pre-scaled
-    if causal:
-        mask_future(scores, q0, k0)
     exp_shifted_block(scores, lse_blk, p)
+    if causal:  # after the exp: exp(-inf - LSE) would be NaN for a row whose LSE is NaN (SPEC §7)
+        mask_future(p, q0, k0, 0.0)
 
 
 @njit(cache=True, inline="always")
