@@ -56,10 +56,12 @@ from .numba_exp import exp_shifted_block
 
 # Query rows per work item, by the causal flag (a run-time argument of the kernels). Large blocks
 # gather each key block once for many queries and give BLAS larger products: 1024 measured best
-# for the paper configuration (57 % of the GEMM rate vs 53 % at 512, 43 % at 128), but a causal
-# diagonal block also computes its masked upper triangle, so causal runs use 256 (46 % vs 37 %
-# at 1024). Measured by interleaving GEMM and kernel runs (docs/numba.md).
-QUERY_BLOCK = {False: 1024, True: 256}
+# for the paper configuration (57 % of the GEMM rate vs 53 % at 512, 43 % at 128). Causal blocks
+# skip the rows before each key block (first_attending_row), so they can be larger than the 256
+# they needed when whole diagonal blocks were computed and masked: 512 measured best, N = 16K,
+# forward 42 % vs 36 % (256) and 41 % (1024), fwd+bwd 50 % vs 49 % and 47 %, under load.
+# Measured by interleaving GEMM and kernel runs (docs/numba.md).
+QUERY_BLOCK = {False: 1024, True: 512}
 BLOCK_K = 128  # key rows per inner step
 # The backward runs one item per whole sparse segment (5 GEMMs per block pair) when a branch has
 # at least this many segments, else splits them in two passes (7 GEMMs, any parallelism). A
@@ -164,7 +166,7 @@ def attended_dot_add(acc, weights, rows, transpose, q0, k0, causal):
                 acc[i] += weights[i, j] * rows[j]
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def mask_future(scores, q0, k0, value):
     """Causal rule inside a block: query ``q0 + i`` attends key ``k0 + j`` iff ``k0 + j <
     causal_key_count(q0 + i)``; the others are set to ``value``."""
@@ -174,7 +176,7 @@ def mask_future(scores, q0, k0, value):
             scores[i, j] = value
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def gather(x, b, h, segment, t0, count, out, factor):
     """``out[j] = factor * x[b, row_of(segment, t0 + j), h]``: rows of one sparse segment."""
     for j in range(count):
@@ -183,7 +185,7 @@ def gather(x, b, h, segment, t0, count, out, factor):
             out[j, c] = x[b, row, h, c] * factor
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def scatter_add(x, b, h, segment, t0, count, rows, factor):
     """``x[b, row_of(segment, t0 + j), h] += factor * rows[j]``: the inverse of :func:`gather`."""
     for j in range(count):
@@ -314,7 +316,7 @@ def forward_branch(q, k, v, w, r, offsets, causal, scale, block_q, out, lse):
         mix_into_output(out, lse, b, h, segment, q0, m, l, acc)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def probabilities(q_blk, k_blk, lse_blk, q0, k0, causal, scores, p):
     """``P = exp(scale Q K^T - LSE)`` for one (query block, key block) pair, exactly 0 on the pairs
     the causal rule excludes (even in a row whose LSE is NaN: its NaN must not reach other keys).
@@ -327,7 +329,7 @@ def probabilities(q_blk, k_blk, lse_blk, q0, k0, causal, scores, p):
         mask_future(p, q0, k0, 0.0)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def score_gradient(p, do_blk, v_blk, dsum_blk, q0, k0, causal):
     """``dS = P * (dO V^T - Dsum)``, exactly 0 on unattended pairs (even if dO V^T is NaN)."""
     ds = np.dot(do_blk, v_blk.T)  # dP
@@ -341,7 +343,7 @@ def score_gradient(p, do_blk, v_blk, dsum_blk, q0, k0, causal):
     return ds
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def gather_row_statistics(lse, dsum, b, h, segment, q0, nq, lse_blk, dsum_blk):
     """``LSE`` and ``Dsum`` of a query block; an uncovered row (``LSE = -inf``) gets ``+inf``: P = 0."""
     for i in range(nq):
