@@ -29,6 +29,10 @@ fraction of the GEMM rate, and the ratio peer time / our time (> 1: we are faste
 
     python benchmarks/cpu_peer.py                     # N = 16K and 64K, causal and not, 3 repeats
     python benchmarks/cpu_peer.py --n 16384 --repeats 5 --json peer.json
+    python benchmarks/cpu_peer.py --show benchmarks/results/cpu_peer_loaded.json   # a recorded table
+
+Run it from the repository root with the package installed (``pip install -e ".[peer]"``), or
+with ``PYTHONPATH=.`` so that this checkout's ``longnet_ref`` is the one measured.
 
 torch is optional (``pip install -e .[peer]``): without it the script says so and exits 0.
 """
@@ -206,7 +210,14 @@ def main(argv=None):
     parser.add_argument("--causal", choices=["both", "yes", "no"], default="both", help="causal, non-causal or both (default)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per configuration (default: 3)")
     parser.add_argument("--json", help="also write the raw samples to this JSON file")
+    parser.add_argument("--show", metavar="JSON", help="only print the table of an earlier run's JSON file (no torch needed)")
     options = parser.parse_args(argv)
+    if options.show:
+        with open(options.show) as f:
+            recorded = json.load(f)
+        print(f"torch {recorded['torch']}, {recorded['threads']} threads")
+        print(format_rows(recorded["rows"]))
+        return 0
     try:
         import torch
     except ImportError:
