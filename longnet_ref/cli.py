@@ -129,7 +129,9 @@ def demo(args: argparse.Namespace) -> int:
         if backend == "numba":  # compile (first run only) or load the cached kernels, outside the timing
             from .backends.numba_cpu import warm_up
 
-            print(f"numba kernels ready in {warm_up(dtype):.1f} s (compiled on the first run, then loaded from the cache)")
+            seconds = warm_up()  # both dtypes: a later float32 (or float64) call does not compile silently
+            print(f"numba kernels (forward and backward, float32 and float64) ready in {seconds:.1f} s "
+                  "(compiled on the first run, then loaded from the cache)")
         (out, lse), t_fwd = _timed(lambda: dilated_attention(q, k, v, w, r, return_lse=True, backend=backend, **options))
         grads, t_bwd = _timed(lambda: dilated_attention_backward(dout, q, k, v, out, lse, w, r, backend=backend, **options))
         timings[backend], results[backend] = (t_fwd, t_bwd), (out, lse, *grads)

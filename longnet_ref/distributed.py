@@ -5,6 +5,8 @@ global positions ``[p L, (p + 1) L)``. For each branch ``(w, r)``:
 
 - **local branches** (``L`` a multiple of ``w``): every segment lies inside one chunk, so the
   chunk is computed alone by the chosen single-process backend (``"numpy"`` or ``"numba"``);
+  the shared branches below use the same backend's segment attention (for ``"numba"``, the
+  fused kernels ``numba_cpu.segment_forward`` / ``segment_backward``);
 - **shared branches** (any other ``w``: segments straddle chunk boundaries or span many ranks):
   for every segment, the ranks that hold part of it form a sub-communicator; each one first
   *sparsifies* its rows (keeps only the rows ``P(i, s, h)`` of SPEC §2, per head offset) and the
@@ -331,6 +333,33 @@ def _segment_scores(q_rows, keys, segment, causal, scale):
     return np.where(attended, scores, -np.inf), attended
 
 
+def _first_query(segment):
+    """Index ``t`` in the segment of this rank's first row (a chunk holds a run of consecutive ``t``;
+    0 when this rank only lends keys to the segment)."""
+    mine = np.flatnonzero(segment.mine)
+    return int(mine[0]) if mine.size else 0
+
+
+def _segment_forward(q_rows, keys, values, segment, causal, scale, backend):
+    """``o_i (B, Hs, nq, Dv)``, ``lse_i (B, Hs, nq)`` of my queries against the gathered segment."""
+    if backend == "numba":  # the gathered rows are a sparse segment like any other: the fused kernels
+        from .backends import numba_cpu
+
+        return numba_cpu.segment_forward(q_rows, keys, values, _first_query(segment), causal, scale)
+    scores, attended = _segment_scores(q_rows, keys, segment, causal, scale)
+    return attention_from_scores(scores, values, attended)
+
+
+def _segment_backward(q_rows, keys, values, dout_rows, lse_rows, dsum_rows, segment, causal, scale, backend):
+    """Exact ``dQ (B, Hs, nq, D)`` and partial ``dK (B, Hs, T, D)``, ``dV (B, Hs, T, Dv)`` of one segment."""
+    if backend == "numba":
+        from .backends import numba_cpu
+
+        return numba_cpu.segment_backward(q_rows, keys, values, dout_rows, lse_rows, dsum_rows, _first_query(segment), causal, scale)
+    scores, attended = _segment_scores(q_rows, keys, segment, causal, scale)
+    return attention_backward_from_scores(scores, attended, lse_rows, dsum_rows, q_rows, keys, values, dout_rows, scale)
+
+
 def _forward(comm, q, k, v, layout, branches, causal, scale, offsets, backend, stats):
     batch, chunk, heads, _ = q.shape
     local = tuple(b for b in branches if _is_local(b, layout))
@@ -347,8 +376,7 @@ def _forward(comm, q, k, v, layout, branches, causal, scale, offsets, backend, s
             keys, values = _gather_keys(comm, segment, k, v, index, stats)
             if segment.local_rows.size == 0:
                 continue  # this rank only lends keys to the segment
-            scores, attended = _segment_scores(_rows(q, segment), keys, segment, causal, scale)
-            o, l = attention_from_scores(scores, values, attended)  # (B, Hs, nq, Dv), (B, Hs, nq)
+            o, l = _segment_forward(_rows(q, segment), keys, values, segment, causal, scale, backend)  # (B, Hs, nq, Dv), (B, Hs, nq)
             where = (slice(None), segment.local_rows[:, None], segment.heads[None, :])
             out[where] = o.transpose(0, 2, 1, 3)
             lse[where] = l.transpose(0, 2, 1)
@@ -369,11 +397,9 @@ def _backward(comm, dout, q, k, v, out, lse, layout, branches, causal, scale, of
     for index, branch in ((i, b) for i, b in enumerate(branches) if not _is_local(b, layout)):
         for segment in _shared_segments(branch, heads, layout, offsets):
             keys, values = _gather_keys(comm, segment, k, v, index, stats)
-            q_rows = _rows(q, segment)  # (B, Hs, nq, D)
-            scores, attended = _segment_scores(q_rows, keys, segment, causal, scale)
-            grads = attention_backward_from_scores(
-                scores, attended, _rows(lse[..., None], segment)[..., 0], _rows(dsum[..., None], segment)[..., 0],
-                q_rows, keys, values, _rows(dout, segment), scale,
+            grads = _segment_backward(
+                _rows(q, segment), keys, values, _rows(dout, segment), _rows(lse[..., None], segment)[..., 0],
+                _rows(dsum[..., None], segment)[..., 0], segment, causal, scale, backend,
             )  # dQ (B, Hs, nq, D), dK (B, Hs, T, D), dV (B, Hs, T, Dv)
             where = (slice(None), segment.local_rows[:, None], segment.heads[None, :])
             dq[where] += grads[0].transpose(0, 2, 1, 3)

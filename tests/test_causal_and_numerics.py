@@ -121,14 +121,7 @@ def test_empty_sequence_gives_empty_results():
     assert multiplicity(0, 3, [4], [2]).shape == (3, 0, 0)
 
 
-NUMBA_CAUSAL_NAN_LEAK = pytest.mark.xfail(
-    strict=False,  # hypothesis finds the case in most runs, not all
-    reason="known Numba bug, reported for the Numba kernels' owner: with causal=True a NaN query's "
-    "P = exp(s - NaN) is not masked, so it reaches dv of keys the row does not attend",
-)
-
-
-@pytest.mark.parametrize("backend", ["numpy", pytest.param("numba", marks=NUMBA_CAUSAL_NAN_LEAK)])
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
 @settings(max_examples=40, deadline=None)
 @given(problem=problems(**SMALL, scales=True), data=st.data(), which=st.sampled_from(["q", "k", "v", "dout"]))
 def test_nan_in_the_backward_reaches_exactly_the_gradients_the_chain_rule_gives(backend, problem, data, which):
@@ -147,11 +140,10 @@ def test_nan_in_the_backward_reaches_exactly_the_gradients_the_chain_rule_gives(
         assert_same_non_finite_pattern_and_values(f"d{name}", g, o, problem.tolerance)
 
 
-@pytest.mark.parametrize("backend", ["numpy", pytest.param("numba", marks=pytest.mark.xfail(strict=True, reason=NUMBA_CAUSAL_NAN_LEAK.kwargs["reason"]))])
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
 def test_a_nan_query_does_not_reach_the_gradient_of_a_later_key_under_causal(backend):
-    """The smallest case of the leak: row 0 attends key 0 only, so key 1's dv must stay finite.
-
-    Strict for numba: when the kernels are fixed this XPASSes, and both marks can go."""
+    """The smallest case of a former Numba leak: row 0 attends key 0 only, so key 1's dv must
+    stay finite (the kernels now zero P on masked pairs after the exp)."""
     q = np.array([[[[np.nan]], [[0.5]]]])  # (B, N, H, D) = (1, 2, 1, 1): query 0 is NaN
     k = v = dout = np.array([[[[0.3]], [[-0.7]]]])
     out, lse = dilated_attention(q, k, v, [2], [1], causal=True, return_lse=True, backend=backend)

@@ -211,6 +211,35 @@ def time_dilated(
     )
 
 
+def speedup_over_reference(config: Config, backend: str, repeats: int) -> tuple[float, float, tuple[float, float, float]]:
+    """The NumPy reference's median forward and forward+backward seconds, and the forward+backward
+    speed-up over it: ``(median, min, max)`` of per-repeat ratios.
+
+    The reference spends its time in many small BLAS calls, which a competing process slows
+    10-20x when BLAS is multi-threaded: measured one after the other, the ratio swung from 2.8x
+    to 41.7x between runs. Here both sides run with the same number of threads (BLAS limited to
+    Numba's thread count for the reference) and alternate repeat by repeat, so drifting load
+    moves both; the spread of the ratios is reported with the median.
+    """
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    q, k, v, dout = inputs(config)
+    branches = (config.segment_lengths, config.dilation_rates)
+    forward = {name: (lambda name=name: dilated_attention(q, k, v, *branches, causal=config.causal, backend=name)) for name in ("numpy", backend)}
+    both = {name: (lambda name=name: forward_backward(q, k, v, dout, config, name)) for name in ("numpy", backend)}
+    both["numpy"]()  # warm-up of both sides
+    both[backend]()
+    reference_forward, reference_both, ratios = [], [], []
+    for _ in range(repeats):
+        with threadpool_limits(numba.get_num_threads(), user_api="blas"):
+            reference_forward.append(seconds(forward["numpy"]))
+            reference_both.append(seconds(both["numpy"]))
+        ratios.append(reference_both[-1] / seconds(both[backend], backend))
+    spread = (statistics.median(ratios), min(ratios), max(ratios))
+    return statistics.median(reference_forward), statistics.median(reference_both), spread
+
+
 def time_dense_one_head(config: Config, repeats: int) -> tuple[float, float]:
     """Dense attention timed on one (batch, head) and scaled by ``B * H`` (exact for its per-head cost).
 
@@ -288,7 +317,11 @@ def run(
         ).total
         (forward_s, forward_fraction, gemm), (both_s, both_fraction, _) = time_dilated(config, backend, repeats, flops)
         result = Result(config, backend, gemm, forward_s, both_s, flops, forward_fraction, both_fraction)
-        if backend != "numpy" and config.n <= reference_max_n:
+        if backend == "numba" and config.n <= reference_max_n:  # CPU vs CPU: interleaved, same threads
+            result.reference_forward_s, result.reference_forward_backward_s, result.extra["vs_reference"] = (
+                speedup_over_reference(config, backend, repeats)
+            )
+        elif backend != "numpy" and config.n <= reference_max_n:
             (reference_forward, *_), (reference_both, *_) = time_dilated(config, "numpy", 1, flops)
             result.reference_forward_s, result.reference_forward_backward_s = reference_forward, reference_both
         if config.n <= dense_max_n:
