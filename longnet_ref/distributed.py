@@ -49,8 +49,7 @@ from mpi4py.util.dtlib import from_numpy_dtype
 
 from .backends import get_backend
 from .config import InputTypeError, sparse_segments, validate_branches, validate_offset_rule
-from .dense import attention_backward_from_scores, attention_from_scores
-from .reference import mix_branches
+from .reference import attention_backward_from_scores, attention_from_scores, mix_branches
 from .validation import check_attention_inputs, check_flag, check_gradient_inputs, resolve_scale
 
 DISTRIBUTED_BACKENDS = ("numpy", "numba")

@@ -4,6 +4,7 @@ LongNet (Ding et al., arXiv 2307.02486) §2.2. For every branch ``i = (w_i, r_i)
 
 1. sparsify: gather the rows ``P(i, s, h)`` of every segment ``s`` (paper Eqs. 3-5, 13),
 2. attend:   dense softmax attention inside each sparse segment, keeping its ``lse_i`` (Eq. 6),
+             by :func:`attention_from_scores` (and :func:`attention_backward_from_scores`),
 3. scatter:  put every row back at its own position (Eqs. 7-8),
 
 then mix the branches by their softmax denominators (Eqs. 9-10):
@@ -21,8 +22,81 @@ from __future__ import annotations
 
 import numpy as np
 
+from .backends import array_namespace
 from .config import Branch, SparseSegments, sparse_segments
-from .dense import attention_backward_from_scores, attention_from_scores
+
+
+def attention_from_scores(scores, v, attended=None):
+    """Stable softmax attention of a block of scores (paper Eq. 1-2; SPEC §3).
+
+        m   = max_k S[q, k]                 (the row max; 0 for a row with no key)
+        lse = m + log sum_k exp(S[q, k] - m)
+        out = sum_k exp(S[q, k] - lse) v[k]
+
+    ``scores``: ``(..., Tq, Tk)`` with ``-inf`` for keys not attended; ``v``: ``(..., Tk, Dv)``;
+    ``attended``: the structural mask of attended pairs (broadcastable bool, ``None`` = all).
+    Returns ``out: (..., Tq, Dv)`` and ``lse: (..., Tq)``. A row with no key gets ``out = 0``
+    and ``lse = -inf``; a NaN score makes its own row NaN and nothing else.
+    """
+    xp = array_namespace(scores)
+    m = scores.max(axis=-1, keepdims=True)  # (..., Tq, 1)
+    m = xp.where(m == -xp.inf, 0, m)  # a row with no key: keep exp(-inf - m) = 0, not NaN
+    p = xp.exp(scores - m)  # (..., Tq, Tk) unnormalised probabilities
+    l = p.sum(axis=-1, keepdims=True)  # (..., Tq, 1) softmax denominator
+    out = attended_product(p, attended, v) / xp.where(l == 0, 1, l)  # (..., Tq, Dv)
+    with np.errstate(divide="ignore"):
+        lse = (xp.log(l) + m)[..., 0]  # (..., Tq); log(0) = -inf for a row with no key
+    return out, lse
+
+
+def attention_backward_from_scores(scores, attended, lse, dsum, q, k, v, dout, scale):
+    """FlashAttention-2 backward of one block, given the row statistics (SPEC §5).
+
+        P  = exp(S - lse)          dV = P^T dO          dP = dO V^T
+        dS = P * (dP - Dsum)       dQ = scale dS K      dK = scale dS^T Q
+
+    ``lse`` and ``Dsum = rowsum(dO * O)`` are those of the *final* output of each query row, so
+    when a query's keys are split over several blocks (branches) the blocks' gradients add up to
+    the exact gradient. ``attended`` as in :func:`attention_from_scores`. Shapes:
+    ``scores (..., Tq, Tk)``, ``lse, dsum (..., Tq)``,
+    ``q (..., Tq, D)``, ``k (..., Tk, D)``, ``v (..., Tk, Dv)``, ``dout (..., Tq, Dv)``.
+    """
+    xp = array_namespace(scores)
+    lse = xp.where(lse == -xp.inf, xp.inf, lse)  # a row with no key: P = exp(-inf) = 0, not NaN
+    p = xp.exp(scores - lse[..., None])  # (..., Tq, Tk)
+    transpose = lambda x: None if x is None else xp.swapaxes(x, -1, -2)
+    attended_t = transpose(attended)
+    dv = attended_product(transpose(p), attended_t, dout)  # (..., Tk, Dv)
+    dp = dout @ transpose(v)  # (..., Tq, Tk)
+    ds = p * (dp - dsum[..., None])  # (..., Tq, Tk)
+    if attended is not None:
+        ds = xp.where(attended, ds, 0)  # exactly 0 off the pattern, even where dP is NaN
+    dq = scale * attended_product(ds, attended, k)  # (..., Tq, D)
+    dk = scale * attended_product(transpose(ds), attended_t, q)  # (..., Tk, D)
+    return dq, dk, dv
+
+
+def attended_product(weights, attended, rows):
+    """``weights @ rows`` in which a pair that is not attended contributes exactly nothing.
+
+    ``weights (..., Tq, Tk)`` is 0 wherever ``attended`` is False, but ``0 * NaN = NaN``: a
+    plain product would let a NaN or Inf row of ``rows (..., Tk, C)`` reach every output row,
+    also the ones that do not attend it (SPEC §7). When such rows exist (rare), their columns
+    are multiplied pair by pair under the mask; the finite part is one matrix product.
+    ``attended=None`` means every pair is attended.
+    """
+    xp = array_namespace(weights)
+    if attended is None:
+        return weights @ rows
+    bad = ~xp.isfinite(rows).all(axis=-1)  # (..., Tk)
+    if not bad.any():
+        return weights @ rows
+    attended = xp.broadcast_to(attended, weights.shape)
+    cols = xp.flatnonzero(bad.reshape(-1, bad.shape[-1]).any(axis=0))  # keys non-finite anywhere
+    clean = rows.copy()
+    clean[..., cols, :] = 0
+    pairs = weights[..., :, cols, None] * rows[..., None, cols, :]  # (..., Tq, Kb, C)
+    return weights @ clean + xp.where(attended[..., :, cols, None], pairs, 0).sum(axis=-2)
 
 
 def gather_rows(x, segments: SparseSegments):
