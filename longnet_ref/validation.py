@@ -13,29 +13,46 @@ import numpy as np
 
 from .config import InputTypeError
 
-SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+SUPPORTED_DTYPES = ("float32", "float64")
+HALF_DTYPES = ("float16", "bfloat16")  # on CuPy arrays only: the GPU paths compute them in float32
+GPU_BACKENDS = ("cupy", "cupy-fused")
 
 
 def array_module_name(x) -> str:
-    """``"numpy"`` or ``"cupy"``: which library the array belongs to."""
+    """``"numpy"``, ``"cupy"`` or the top-level module of another array type (``"array_api_strict"``)."""
     if isinstance(x, np.ndarray):
         return "numpy"
-    if type(x).__module__.split(".")[0] == "cupy":
-        return "cupy"
-    return type(x).__name__
+    return type(x).__module__.split(".")[0]
+
+
+def dtype_name(dtype) -> str:
+    """``"float32"`` for NumPy's, CuPy's and array API libraries' float32 alike."""
+    return str(dtype).rsplit(".", 1)[-1]
 
 
 def check_array(x, name: str, backend: str, ndim: int):
-    expected = "cupy" if backend == "cupy" else "numpy"
     kind = array_module_name(x)
-    if kind != expected:
-        raise InputTypeError(
-            f"{name} must be a {expected} array for backend={backend!r}, got {type(x).__module__}.{type(x).__name__}"
-        )
+    if backend == "reference":  # any array API array: NumPy, CuPy, array_api_strict, ...
+        if kind != "numpy" and not hasattr(x, "__array_namespace__"):
+            raise InputTypeError(f"{name} must be an array (NumPy, CuPy or array API) for backend='reference', got {type(x).__name__}")
+    else:
+        expected = "cupy" if backend in GPU_BACKENDS else "numpy"
+        if kind != expected:
+            raise InputTypeError(
+                f"{name} must be a {expected} array for backend={backend!r}, got {type(x).__module__}.{type(x).__name__}"
+            )
     if x.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
-    if x.dtype not in SUPPORTED_DTYPES:
+    dtype = dtype_name(x.dtype)
+    if dtype in HALF_DTYPES and kind != "cupy":
+        raise InputTypeError(f"{name} must be float32 or float64, got dtype {dtype} (float16/bfloat16: CuPy arrays only)")
+    if dtype not in SUPPORTED_DTYPES + HALF_DTYPES:
         raise InputTypeError(f"{name} must be float32 or float64, got dtype {x.dtype}")
+
+
+def lse_dtype_name(dtype) -> str:
+    """The dtype of ``lse``: the input dtype, float32 for half inputs (accumulated in float32)."""
+    return "float32" if dtype_name(dtype) in HALF_DTYPES else dtype_name(dtype)
 
 
 def check_attention_inputs(q, k, v, backend: str = "numpy") -> tuple[int, int, int, int, int]:
@@ -61,7 +78,9 @@ def check_gradient_inputs(dout, out, lse, q, v, backend: str = "numpy") -> None:
         check_array(x, name, backend, len(shape))
         if tuple(x.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
-        if x.dtype != q.dtype:
+        if name == "lse" and dtype_name(x.dtype) != lse_dtype_name(q.dtype):
+            raise InputTypeError(f"lse must have dtype {lse_dtype_name(q.dtype)} (the forward's), got {x.dtype}")
+        if name != "lse" and x.dtype != q.dtype:
             raise InputTypeError(f"{name} must have the dtype of q ({q.dtype}), got {x.dtype}")
 
 
