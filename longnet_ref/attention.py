@@ -30,7 +30,8 @@ def dilated_attention(
         out = sum_i exp(lse_i - LSE) o_i,   LSE = log sum_i exp(lse_i).
 
     Args:
-        q: ``(B, N, H, D)``, float32 or float64 (``k`` and ``v`` of the same dtype).
+        q: ``(B, N, H, D)``, float32 or float64 (``k`` and ``v`` of the same dtype); on CuPy
+            arrays also float16 (computed in float32; ``lse`` is then float32).
         k: ``(B, N, H, D)``.
         v: ``(B, N, H, Dv)``.
         segment_lengths: the branches' segment lengths ``w_i``, positive integers.
@@ -38,7 +39,9 @@ def dilated_attention(
         causal: keep only keys at positions ``<=`` the query's.
         scale: score scale, ``1/sqrt(D)`` by default.
         offsets: ``"paper"`` (head ``h`` offset ``h mod r``) or ``"torchscale"`` (blocks).
-        backend: ``"numpy"`` (the reference), ``"numba"`` (CPU kernels) or ``"cupy"`` (GPU, CuPy arrays).
+        backend: ``"reference"`` (alias ``"numpy"``: the definition, on NumPy, CuPy or any
+            array API arrays), ``"numba"`` (CPU kernels), ``"cupy"`` (the reference on CuPy
+            arrays: cuBLAS GEMMs) or ``"cupy-fused"`` (fused Numba-CUDA kernels); see ``docs/gpu.md``.
         return_lse: also return ``LSE``.
 
     Returns:

@@ -102,6 +102,8 @@ def attention_backward_from_scores(scores, attended, lse, dsum, q, k, v, dout, s
     xp = array_namespace(scores)
     lse = xp.where(lse == -xp.inf, xp.inf, lse)  # a row with no key: P = exp(-inf) = 0, not NaN
     p = xp.exp(scores - lse[..., None])  # (..., Tq, Tk)
+    if attended is not None:  # exp(-inf - NaN) = NaN: a NaN row must not reach keys it does not attend
+        p = xp.where(attended, p, 0)
     attended_t = None if attended is None else _swap_last(xp, attended)
     dv = attended_product(_swap_last(xp, p), attended_t, dout)  # (..., Tk, Dv)
     dp = dout @ _swap_last(xp, v)  # (..., Tq, Tk)

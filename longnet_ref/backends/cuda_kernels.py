@@ -306,35 +306,57 @@ def accumulation_dtype(dtype) -> np.dtype:
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
-def bind_constants(template, dtype, dim: int, value_dim: int):
+class Geometry(NamedTuple):
+    """Threads per block and rows per shared tile. ``None``: chosen from the dtype and head dims.
+
+    Tests in the CUDA simulator pass small values (e.g. ``Geometry(8, 4)``) so that tiny
+    problems already span several thread blocks and tiles.
+    """
+
+    block: int | None = None
+    tile: int | None = None
+
+
+DEFAULT_GEOMETRY = Geometry()
+
+
+def default_tile(dtype, dim: int, value_dim: int) -> int:
+    """Rows per tile: two ``(TILE, max(D, Dv))`` tiles of ``REAL`` within 48 KiB of static shared memory."""
+    bits = 64 if accumulation_dtype(dtype) == np.float64 else 32
+    widest = max(dim, value_dim, 1)
+    return 64 if bits * widest <= 32 * 64 else 32 if bits * widest <= 32 * 128 else 16
+
+
+def bind_constants(template, dtype, dim: int, value_dim: int, geometry: Geometry = DEFAULT_GEOMETRY):
     """A copy of the Python function ``template`` whose globals hold the constants of ``(dtype, D, Dv)``.
 
-    ``DIM``, ``VALUE_DIM`` (and their array sizes), ``REAL`` and ``TILE`` replace the
+    ``DIM``, ``VALUE_DIM`` (and their array sizes), ``REAL``, ``BLOCK`` and ``TILE`` replace the
     placeholders; Numba reads globals as compile-time constants, so the per-row loops of the
     compiled kernel have fixed trip counts.
     """
     real = float64 if accumulation_dtype(dtype) == np.float64 else float32
-    widest = max(dim, value_dim, 1)
-    # Two (TILE, width) tiles of REAL within 48 KiB of static shared memory.
-    tile = 64 if real.bitwidth * widest <= 32 * 64 else 32 if real.bitwidth * widest <= 32 * 128 else 16
     constants = {"DIM": dim, "VALUE_DIM": value_dim, "DIM_ALLOC": max(dim, 1), "VALUE_ALLOC": max(value_dim, 1)}
-    constants.update(TILE=tile, REAL=real)
+    constants.update(
+        REAL=real,
+        BLOCK=geometry.block or BLOCK,
+        TILE=geometry.tile or default_tile(dtype, dim, value_dim),
+    )
     function = types.FunctionType(template.__code__, dict(template.__globals__, **constants), template.__name__)
     function.__doc__ = template.__doc__
     return function
 
 
 @cache
-def specialised(dtype, dim: int, value_dim: int) -> Kernels:
+def specialised(dtype, dim: int, value_dim: int, geometry: Geometry = DEFAULT_GEOMETRY) -> Kernels:
     """The three kernels for one ``(dtype, D, Dv)``, compiled once per process (cached)."""
     templates = (forward_branch, backward_keys_branch, backward_queries_branch)
-    return Kernels(*(cuda.jit(bind_constants(t, np.dtype(dtype), dim, value_dim)) for t in templates))
+    return Kernels(*(cuda.jit(bind_constants(t, np.dtype(dtype), dim, value_dim, geometry)) for t in templates))
 
 
-def _grid(n, heads, batch, segment_length, dilation):
+def _grid(n, heads, batch, segment_length, dilation, block):
     segments = -(-n // segment_length)
     rows = -(-min(segment_length, n) // dilation)  # rows of the largest sparse segment
-    return (max(1, -(-rows // BLOCK)), segments, batch * heads)
+    return (max(1, -(-rows // block)), segments, batch * heads)
 
 
 def check_dims(q, v):
@@ -348,7 +370,7 @@ def _offsets(xp, heads, branch, rule):
     return xp.asarray(config.head_offsets(heads, branch.dilation, rule).astype(np.int64))  # (H,)
 
 
-def forward(xp, q, k, v, branches, causal, scale, offsets):
+def forward(xp, q, k, v, branches, causal, scale, offsets, geometry: Geometry = DEFAULT_GEOMETRY):
     """Launch the forward per branch. ``xp``: ``cupy`` on a GPU, ``numpy`` in the simulator.
 
     Returns ``out (B, N, H, Dv)`` in the input dtype and ``lse (B, N, H)`` in the accumulation
@@ -362,15 +384,16 @@ def forward(xp, q, k, v, branches, causal, scale, offsets):
     lse = xp.full((batch, n, heads), -np.inf, real)  # (B, N, H)
     if lse.size == 0:  # N = 0 (or B = 0 or H = 0): nothing to launch
         return out.astype(q.dtype), lse
-    forward_branch = specialised(q.dtype, dim, value_dim).forward_branch
+    forward_branch = specialised(np.dtype(q.dtype), dim, value_dim, geometry).forward_branch
+    block = geometry.block or BLOCK
     for branch in branches:
-        grid = _grid(n, heads, batch, branch.segment_length, branch.dilation)
+        grid = _grid(n, heads, batch, branch.segment_length, branch.dilation, block)
         o = _offsets(xp, heads, branch, offsets)
-        forward_branch[grid, BLOCK](q, k, v, branch.segment_length, branch.dilation, o, causal, real.type(scale), out, lse)
+        forward_branch[grid, block](q, k, v, branch.segment_length, branch.dilation, o, causal, real.type(scale), out, lse)
     return out.astype(q.dtype, copy=False), lse
 
 
-def backward(xp, dout, q, k, v, out, lse, branches, causal, scale, offsets):
+def backward(xp, dout, q, k, v, out, lse, branches, causal, scale, offsets, geometry: Geometry = DEFAULT_GEOMETRY):
     """Launch the two backward passes per branch (exact gradient, SPEC §5).
 
     Gradients accumulate over branches in the accumulation dtype and are returned in the input
@@ -383,12 +406,13 @@ def backward(xp, dout, q, k, v, out, lse, branches, causal, scale, offsets):
         return tuple(g.astype(q.dtype, copy=False) for g in (dq, dk, dv))
     dsum = (dout.astype(real) * out.astype(real)).sum(axis=-1)  # (B, N, H)  Dsum = rowsum(dO * O)
     lse = lse.astype(real, copy=False)
-    kernels = specialised(q.dtype, q.shape[3], v.shape[3])
+    kernels = specialised(np.dtype(q.dtype), q.shape[3], v.shape[3], geometry)
+    block = geometry.block or BLOCK
     batch, n, heads, _ = q.shape
     for branch in branches:
-        grid = _grid(n, heads, batch, branch.segment_length, branch.dilation)
+        grid = _grid(n, heads, batch, branch.segment_length, branch.dilation, block)
         o = _offsets(xp, heads, branch, offsets)
         args = (q, k, v, dout, lse, dsum, branch.segment_length, branch.dilation, o, causal, real.type(scale))
-        kernels.backward_keys_branch[grid, BLOCK](*args, dk, dv)
-        kernels.backward_queries_branch[grid, BLOCK](*args, dq)
+        kernels.backward_keys_branch[grid, block](*args, dk, dv)
+        kernels.backward_queries_branch[grid, block](*args, dq)
     return tuple(g.astype(q.dtype, copy=False) for g in (dq, dk, dv))
