@@ -31,6 +31,8 @@ Docs: ``docs/segments.md``, ``docs/mixture.md``, ``docs/backward.md``, ``docs/gp
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .backends import array_namespace
@@ -151,10 +153,11 @@ def gather_rows(x, positions, valid, heads):
     xp = array_namespace(x)
     batch, n, num_heads = x.shape[:3]
     features = x.shape[3:]  # (D,) / (Dv,) for q, k, v; () for lse
-    flat = xp.reshape(x, (batch, n * num_heads, -1))  # (B, N H, C)
+    channels = features[0] if features else 1  # C (explicit: a -1 cannot be inferred when Dv = 0)
+    flat = xp.reshape(x, (batch, n * num_heads, channels))  # (B, N H, C)
     index = positions[:, None, :] * num_heads + heads[None, :, None]  # (S, Hs, T)
     rows = xp.take(flat, xp.asarray(index.reshape(-1)), axis=1)  # (B, S Hs T, C)
-    rows = xp.reshape(rows, (batch, *index.shape, -1))  # (B, S, Hs, T, C)
+    rows = xp.reshape(rows, (batch, *index.shape, channels))  # (B, S, Hs, T, C)
     keep = xp.asarray(valid[None, :, None, :, None])  # (1, S, 1, T, 1)
     return xp.reshape(xp.where(keep, rows, 0), (batch, *index.shape, *features))
 
@@ -189,7 +192,7 @@ def scatter_rows(parts, index, first, stop, num_heads, fill):
     """
     xp = array_namespace(parts[0])
     batch, features = parts[0].shape[0], parts[0].shape[4:]
-    flat = [xp.reshape(p, (batch, -1, *features)) for p in parts]  # (B, S Hs T, ...)
+    flat = [xp.reshape(p, (batch, math.prod(p.shape[1:4]), *features)) for p in parts]  # (B, S Hs T, ...)
     filler = xp.full((batch, 1, *features), fill, dtype=parts[0].dtype)
     rows = xp.take(_concat(xp, [*flat, filler], axis=1), xp.asarray(index), axis=1)  # (B, L H, ...)
     return xp.reshape(rows, (batch, stop - first, num_heads, *features))

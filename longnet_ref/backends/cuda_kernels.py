@@ -49,6 +49,7 @@ if not hasattr(np, "row_stack"):
 from numba import cuda, float32, float64
 
 from .. import config
+from ..config import InputTypeError
 
 BLOCK = 128  # threads (query or key rows) per thread block
 CHUNK = 16  # keys (queries, in the keys pass) scored together: independent FMAs per thread
@@ -359,10 +360,18 @@ def _grid(n, heads, batch, segment_length, dilation, block):
     return (max(1, -(-rows // block)), segments, batch * heads)
 
 
+KERNEL_DTYPES = ("float16", "float32", "float64")
+
+
 def check_dims(q, v):
+    """The fused kernels' limits: head dims up to ``MAX_DIM``; float16, float32 or float64."""
     if q.shape[3] > MAX_DIM or v.shape[3] > MAX_DIM:
         raise ValueError(
             f"backend='cupy-fused' supports head dimensions up to {MAX_DIM}, got D = {q.shape[3]} and Dv = {v.shape[3]}"
+        )
+    if str(q.dtype) not in KERNEL_DTYPES:
+        raise InputTypeError(
+            f"backend='cupy-fused' supports float16, float32 and float64, got {q.dtype}; backend='cupy' takes bfloat16 too"
         )
 
 
