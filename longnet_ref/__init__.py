@@ -4,10 +4,12 @@ The public contract of SPEC §6. Docs: https://longnet-ref docs (``mkdocs serve`
 """
 
 from .attention import dilated_attention, dilated_attention_backward
+from .config import InputTypeError
 from .dense import dense_attention, dense_attention_backward
 from .multiplicity import multiplicity
 
 __all__ = [
+    "InputTypeError",
     "dense_attention",
     "dense_attention_backward",
     "dilated_attention",

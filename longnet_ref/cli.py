@@ -1,21 +1,63 @@
-"""``longnet-ref``: the command line. ``longnet-ref demo`` runs dilated attention and checks it."""
+"""The command line: ``longnet-ref demo | bench | pattern``.
+
+Every error (bad option, bad configuration, a missing optional extra) ends the program with a
+one-line message on stderr and a non-zero exit status, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 
 from . import complexity
 from .attention import dilated_attention, dilated_attention_backward
+from .bench import presets
+from .bench.weak_scaling import MpiexecNotFound
 from .dense import dense_attention, dense_attention_backward
 from .multiplicity import multiplicity, multiplicity_bias
 
+DESCRIPTION = "LongNet dilated attention (arXiv 2307.02486): check it, benchmark it, draw its patterns."
+FIGURES_DIR = "longnet-ref-figures"
+
+# The optional extra that provides each importable dependency (pyproject.toml).
+EXTRAS = {"cupy": "gpu", "numba_cuda": "gpu", "matplotlib": "bench", "tqdm": "bench", "mpi4py": "mpi"}
+EXIT_USAGE, EXIT_MISSING_EXTRA, EXIT_FAILED = 2, 3, 1
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
 
 def _int_list(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part]
+    """``"256,512,1024"`` -> ``[256, 512, 1024]``; anything else is a usage error."""
+    parts = text.split(",")
+    try:
+        values = [int(part) for part in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 256,512, got {text!r}") from None
+    if any(value <= 0 for value in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 256,512, got {text!r}")
+    return values
 
 
 def _timed(fn):
@@ -83,31 +125,77 @@ def demo(args) -> int:
         print(f"max relative error of {backend} vs dense attention with bias log(multiplicity):")
         print("  " + "  ".join(f"{name}={err:.2e}" for name, err in errors.items()))
     print(f"{'OK' if ok else 'FAILED'}: every error {'<=' if ok else 'not <='} {tolerance:g}")
-    return 0 if ok else 1
+    return 0 if ok else EXIT_FAILED
+
+
+class UsageError(Exception):
+    """A combination of options that cannot be run; the message says why."""
+
+
+# Options of ``bench`` that only the single-process benchmark reads, with their defaults.
+SINGLE_PROCESS_OPTIONS = {
+    "preset": list(presets.DEFAULT_PRESETS),
+    "max_n": presets.DEFAULT_MAX_N,
+    "reference_max_n": presets.REFERENCE_MAX_N,
+    "dense_max_n": presets.DENSE_MAX_N,
+    "memory": False,
+    "output_dir": presets.DEFAULT_OUTPUT_DIR,
+}
+# Options only ``--distributed`` reads.
+DISTRIBUTED_OPTIONS = {"ranks": list(presets.WeakScaling().ranks), "n_per_rank": presets.WeakScaling().n_per_rank}
+
+
+def _option(name):
+    return "--" + name.replace("_", "-")
 
 
 def bench(args) -> int:
     """Benchmark presets; prints the table and writes JSON + PNG under ``--output-dir``."""
     from . import bench as benchmarks
 
+    given = vars(args)
+    backend = given.get("backend", presets.DEFAULT_BACKEND)
+    repeats = given.get("repeats", presets.DEFAULT_REPEATS)
     if args.distributed:
-        options = dict(n_per_rank=args.n_per_rank, ranks=args.ranks)
-        rows = benchmarks.weak_scaling(**options)
-        print(benchmarks.format_weak_scaling(rows, (2048, 16384), (1, 8), 4, 64))
+        ignored = [_option(name) for name in SINGLE_PROCESS_OPTIONS if name in given]
+        if ignored:
+            verb = "does" if len(ignored) == 1 else "do"
+            raise UsageError(f"{', '.join(ignored)} {verb} not apply to --distributed (weak scaling has its own configuration)")
+        if backend not in presets.DISTRIBUTED_BACKENDS:
+            raise UsageError(f"--distributed runs on the CPU: --backend must be one of {', '.join(presets.DISTRIBUTED_BACKENDS)}")
+        import mpi4py  # noqa: F401  (fail early, naming the extra, before any mpiexec is launched)
+
+        setup = replace(presets.WeakScaling(), backend=backend, repeats=repeats,
+                        ranks=tuple(given.get("ranks", DISTRIBUTED_OPTIONS["ranks"])),
+                        n_per_rank=given.get("n_per_rank", DISTRIBUTED_OPTIONS["n_per_rank"]))
+        rows = benchmarks.weak_scaling(setup)
+        print(benchmarks.format_weak_scaling(rows, setup))
         return 0
-    configs = [c for name in args.preset for c in benchmarks.PRESETS[name] if c.n <= args.max_n]
+    ignored = [_option(name) for name in DISTRIBUTED_OPTIONS if name in given]
+    if ignored:
+        raise UsageError(f"{', '.join(ignored)} apply only with --distributed")
+    options = {name: given.get(name, default) for name, default in SINGLE_PROCESS_OPTIONS.items()}
+    from .backends import get_backend
+
+    get_backend(backend)  # import it now: a missing extra (cupy) is reported before any work
+    candidates = [c for name in options["preset"] for c in presets.PRESETS[name]]
+    configs = [c for c in candidates if c.n <= options["max_n"]]
+    if not configs:
+        shortest = min(c.n for c in candidates)
+        raise UsageError(f"--max-n {options['max_n']} excludes every configuration of --preset {' '.join(options['preset'])}"
+                         f" (the shortest has N = {shortest}); nothing was run or written")
     results = benchmarks.run(
-        configs, backend=args.backend, repeats=args.repeats, reference_max_n=args.reference_max_n,
-        dense_max_n=args.dense_max_n, memory=args.memory,
+        configs, backend=backend, repeats=repeats, reference_max_n=options["reference_max_n"],
+        dense_max_n=options["dense_max_n"], memory=options["memory"],
     )
     print(benchmarks.format_table(results))
-    for path in benchmarks.save(results, args.output_dir):
+    for path in benchmarks.save(results, options["output_dir"]):
         print(f"wrote {path}")
     return 0
 
 
 def pattern(args) -> int:
-    """Draw the documentation's figures from the library (``docs/figures`` by default)."""
+    """Draw the documentation's figures from the library."""
     from .figures import generate
 
     for path in generate(args.output_dir):
@@ -115,45 +203,91 @@ def pattern(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="longnet-ref", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="forward + backward of dilated attention, checked against dense attention")
-    p.add_argument("--n", type=int, default=4096, help="sequence length N")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--dim", type=int, default=32, help="head dimension D")
-    p.add_argument("--segment-lengths", type=_int_list, default=[256, 512, 1024], help="comma-separated w_i")
-    p.add_argument("--dilation-rates", type=_int_list, default=[1, 2, 4], help="comma-separated r_i")
-    p.add_argument("--causal", action="store_true")
-    p.add_argument("--offsets", choices=["paper", "torchscale"], default="paper")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", choices=["numba", "numpy"], default="numba")
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longnet-ref", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench,pattern}")
+    with_defaults = dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    p = sub.add_parser("demo", help="forward + backward of dilated attention, checked against dense attention",
+                       description="Run dilated attention forward and backward on random inputs, time it, and check it "
+                                   "against dense attention with bias log(multiplicity).", **with_defaults)
+    p.add_argument("--n", type=_positive_int, default=4096, help="sequence length N")
+    p.add_argument("--batch", type=_positive_int, default=1, help="batch size B")
+    p.add_argument("--heads", type=_positive_int, default=4, help="number of heads H")
+    p.add_argument("--dim", type=_positive_int, default=32, help="head dimension D")
+    p.add_argument("--segment-lengths", type=_int_list, default=[256, 512, 1024], metavar="W1,W2,...",
+                   help="segment length w_i of each branch, comma-separated")
+    p.add_argument("--dilation-rates", type=_int_list, default=[1, 2, 4], metavar="R1,R2,...",
+                   help="dilation r_i of each branch, comma-separated (as many as segment lengths)")
+    p.add_argument("--causal", action="store_true", help="causal attention: keys at positions <= the query's only")
+    p.add_argument("--offsets", choices=["paper", "torchscale"], default="paper",
+                   help="head offsets: paper (h mod r) or torchscale (contiguous blocks of heads)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float64", help="floating-point type of the inputs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--backend", choices=["numba", "numpy"], default="numba", help="the backend checked and timed")
     p.set_defaults(func=demo)
 
-    p = sub.add_parser("bench", help="benchmarks: GFLOP/s vs this machine's GEMM rate, speed-ups vs numpy and dense")
-    p.add_argument("--preset", nargs="+", default=["quick"], choices=["quick", "paper", "lm", "sweep"])
-    p.add_argument("--backend", default="numba")
-    p.add_argument("--repeats", type=int, default=3, help="runs per measurement (median)")
-    p.add_argument("--max-n", type=int, default=2**20, help="skip configurations longer than this")
-    p.add_argument("--reference-max-n", type=int, default=16384, help="time the NumPy reference up to this N")
-    p.add_argument("--dense-max-n", type=int, default=16384, help="time dense attention up to this N")
-    p.add_argument("--memory", action="store_true", help="also measure peak memory (fresh subprocess)")
-    p.add_argument("--output-dir", default="bench-results")
-    p.add_argument("--distributed", action="store_true", help="MPI weak scaling (N per rank fixed) over --ranks")
-    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--n-per-rank", type=int, default=8192)
+    # bench: defaults live in longnet_ref.bench.presets; an option left out is absent from the
+    # parsed namespace (SUPPRESS), so bench() can tell which options the user gave.
+    weak = presets.WeakScaling()
+    p = sub.add_parser("bench", argument_default=argparse.SUPPRESS,
+                       help="benchmarks: GFLOP/s vs this machine's GEMM rate, speed-ups vs numpy and dense",
+                       description="Time dilated attention on preset configurations (or, with --distributed, MPI weak "
+                                   "scaling) and write a table, results.json and plots.")
+    p.add_argument("--preset", nargs="+", choices=list(presets.PRESETS),
+                   help=f"configurations to run (default: {' '.join(presets.DEFAULT_PRESETS)})")
+    p.add_argument("--backend", choices=list(presets.BACKENDS),
+                   help=f"backend to time; cupy needs the gpu extra (default: {presets.DEFAULT_BACKEND})")
+    p.add_argument("--repeats", type=_positive_int, help=f"runs per measurement, median reported (default: {presets.DEFAULT_REPEATS})")
+    p.add_argument("--max-n", type=_positive_int, help=f"skip configurations longer than this (default: {presets.DEFAULT_MAX_N})")
+    p.add_argument("--reference-max-n", type=_non_negative_int,
+                   help=f"time the NumPy reference up to this N; 0: never (default: {presets.REFERENCE_MAX_N})")
+    p.add_argument("--dense-max-n", type=_non_negative_int,
+                   help=f"time dense attention up to this N; 0: never (default: {presets.DENSE_MAX_N})")
+    p.add_argument("--memory", action="store_true", help="also measure peak memory, in a fresh subprocess (default: off)")
+    p.add_argument("--output-dir", help=f"where results.json and the plots go (default: {presets.DEFAULT_OUTPUT_DIR})")
+    p.add_argument("--distributed", action="store_true", default=False,
+                   help="MPI weak scaling instead (N per rank fixed, over --ranks; needs the mpi extra). "
+                        "Honours --backend (numba or numpy) and --repeats (default: off)")
+    p.add_argument("--ranks", type=_positive_int, nargs="+",
+                   help=f"with --distributed: numbers of MPI ranks (default: {' '.join(map(str, weak.ranks))})")
+    p.add_argument("--n-per-rank", type=_positive_int, help=f"with --distributed: rows per rank (default: {weak.n_per_rank})")
     p.set_defaults(func=bench)
-    p = sub.add_parser("pattern", help="draw the attention-pattern, multiplicity, FLOPs and path-length figures")
-    p.add_argument("--output-dir", default="docs/figures")
+
+    p = sub.add_parser("pattern", help="draw the attention-pattern, multiplicity, FLOPs and path-length figures",
+                       description="Draw the documentation's figures from the library (needs matplotlib: the bench or "
+                                   "docs extra). They go to --output-dir, relative to the current directory; to redraw "
+                                   "the docs' figures, run it from the project root with --output-dir docs/figures.",
+                       **with_defaults)
+    p.add_argument("--output-dir", default=FIGURES_DIR, help="directory for the PNG files (created if missing)")
     p.set_defaults(func=pattern)
+    return parser
+
+
+def _missing_extra(error: ImportError) -> str:
+    if "pip install" in str(error):  # the message already names what to install
+        return str(error)
+    module = (error.name or "").split(".")[0]
+    extra = EXTRAS.get(module)
+    if extra is None:
+        return f"a required module is missing: {error}"
+    return f'this command needs {module}: pip install "longnet-ref[{extra}]"'
+
+
+def main(argv=None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError) as error:
-        print(f"longnet-ref: error: {error}", file=sys.stderr)
-        return 2
+    except (UsageError, ValueError, TypeError) as error:  # incl. bad configurations named by the library (SPEC §7)
+        print(f"longnet-ref {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except ImportError as error:
+        print(f"longnet-ref {args.command}: error: {_missing_extra(error)}", file=sys.stderr)
+        return EXIT_MISSING_EXTRA
+    except MpiexecNotFound as error:
+        print(f"longnet-ref {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_MISSING_EXTRA
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ from mpi4py import MPI
 from mpi4py.util.dtlib import from_numpy_dtype
 
 from .backends import get_backend
-from .config import InputTypeError, sparse_segments, validate_branches, validate_offset_rule
+from .config import InputTypeError, segment_position, segment_size, sparse_segments, validate_branches, validate_offset_rule
 from .reference import attention_backward_from_scores, attention_from_scores, mix_branches
 from .validation import check_attention_inputs, check_flag, check_gradient_inputs, resolve_scale
 
@@ -72,24 +72,35 @@ class CommunicationStats:
     def bytes_received(self):
         return sum(r[3] for r in self.records)
 
-    def by_branch(self):
-        """``{branch: (bytes sent, bytes received)}``."""
-        totals = {}
-        for _, branch, sent, received in self.records:
-            s, r = totals.get(branch, (0, 0))
-            totals[branch] = (s + sent, r + received)
-        return totals
+
+_KEYVAL = None  # MPI attribute key under which a communicator caches its sub-communicators
 
 
-_GROUPS = {}  # (communicator handle, first rank, last rank) -> sub-communicator
+def _free_sub_communicators(comm, keyval, groups):
+    """Attribute delete callback: MPI calls it when ``comm`` is freed (or at finalize), so the
+    sub-communicators die with the communicator they were cut from."""
+    for group in groups.values():
+        if group != MPI.COMM_NULL:
+            group.Free()
 
 
 def _group(comm, first, last):
-    """The sub-communicator of ranks ``first..last`` (created once, collectively, by its members)."""
-    key = (comm.py2f(), first, last)
-    if key not in _GROUPS:
-        _GROUPS[key] = comm.Create_group(comm.Get_group().Range_incl([(first, last, 1)]))
-    return _GROUPS[key]
+    """The sub-communicator of ranks ``first..last`` of ``comm`` (created once, collectively, by its members).
+
+    The cache is an attribute of ``comm`` itself, not a table keyed by its handle: a freed
+    communicator takes its sub-communicators with it, and a new communicator that reuses the
+    handle starts with an empty cache. ``Dup`` does not copy the attribute.
+    """
+    global _KEYVAL
+    if _KEYVAL is None:
+        _KEYVAL = MPI.Comm.Create_keyval(delete_fn=_free_sub_communicators)
+    groups = comm.Get_attr(_KEYVAL)
+    if groups is None:
+        groups = {}
+        comm.Set_attr(_KEYVAL, groups)
+    if (first, last) not in groups:
+        groups[(first, last)] = comm.Create_group(comm.Get_group().Range_incl([(first, last, 1)]))
+    return groups[(first, last)]
 
 
 @dataclass(frozen=True)
@@ -190,15 +201,23 @@ class SharedSegment:
 
 
 def _shared_segments(branch, heads, layout, offsets):
-    """Every sparse segment of a shared branch that intersects this rank's chunk, in a fixed order."""
-    w = branch.segment_length
-    for group in sparse_segments(layout.n, heads, (branch,), offsets):
-        for s in range(layout.lo // w, (layout.hi - 1) // w + 1):
-            positions = group.positions[s][group.valid[s]]
-            if positions.size == 0:
+    """Every sparse segment of a shared branch with rows on this rank, in the same order on every rank.
+
+    Its rows are those of SPEC §2, by ``config``'s scalar rule (``segment_size``,
+    ``segment_position``); the ranks that hold them, ``first..last``, share it.
+    """
+    w, r, n = branch.segment_length, branch.dilation, layout.n
+    for group in sparse_segments(n, heads, (branch,), offsets):
+        o = group.offset
+        for s in range(layout.lo // w, (layout.hi - 1) // w + 1):  # the segments that overlap my chunk
+            size = segment_size(n, w, r, o, s)
+            if size == 0:
                 continue
-            first, last = (s * w) // layout.chunk, (min((s + 1) * w, layout.n) - 1) // layout.chunk
-            owner = positions // layout.chunk
+            positions = segment_position(w, r, o, s, 0) + r * np.arange(size)  # (T,) P(i, s, h), ascending
+            owner = positions // layout.chunk  # (T,) the rank holding each row
+            first, last = int(owner[0]), int(owner[-1])
+            if not first <= layout.rank <= last:
+                continue  # no row of this segment here, before or after mine: not a member
             mine = owner == layout.rank
             yield SharedSegment(
                 heads=group.heads,

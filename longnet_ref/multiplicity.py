@@ -9,27 +9,48 @@ Docs: ``docs/mixture.md``.
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
-from .config import sparse_segments, validate_branches, validate_offset_rule
+from .config import InputTypeError, segment_position, segment_size, sparse_segments, validate_branches, validate_offset_rule
 from .validation import check_flag
 
 
+def _count(value, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise InputTypeError(f"{name} must be a non-negative integer, got {value!r} ({type(value).__name__})")
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
 def multiplicity(n, num_heads, segment_lengths, dilation_rates, *, causal=False, offsets="paper"):
-    """``m (H, N, N)``: the number of branches in which head ``h``'s query ``p`` sees key ``k``."""
-    for name, value in (("n", n), ("num_heads", num_heads)):
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    """``m (H, N, N)``: the number of branches in which head ``h``'s query ``p`` sees key ``k``.
+
+    Every sparse segment ``P(i, s, h)`` is the arithmetic progression ``s w + o + t r``, so its
+    block of ``m`` is the slice ``[start:stop:r, start:stop:r]``: each of its queries sees each
+    of its keys (only the keys ``t_k <= t`` under ``causal=True``), once per branch.
+    """
+    n, num_heads = _count(n, "n"), _count(num_heads, "num_heads")
     branches = validate_branches(segment_lengths, dilation_rates)
     offsets = validate_offset_rule(offsets)
     causal = check_flag(causal, "causal")
     counts = np.zeros((num_heads, n, n), np.int32)  # (H, N, N)
-    for segments in sparse_segments(n, num_heads, branches, offsets):
-        attended = segments.attended(causal)  # (S, Tq, Tk)
-        query = np.broadcast_to(segments.positions[:, :, None], attended.shape)[attended]  # (M,)
-        key = np.broadcast_to(segments.positions[:, None, :], attended.shape)[attended]  # (M,)
-        # Each (p, k) pair appears once per branch and offset group: no collision in +=.
-        counts[segments.heads[:, None], query[None, :], key[None, :]] += 1
+    for group in sparse_segments(n, num_heads, branches, offsets):
+        w, r, o = group.segment_length, group.dilation, group.offset
+        rows_per_segment = group.positions.shape[1]  # the longest segment's T
+        # K_i(p) for every query row t of a segment: all T keys, or under causal=True the keys
+        # t_k <= t (a shorter segment uses the top-left corner of the same triangle).
+        linked = np.tri(rows_per_segment, rows_per_segment, dtype=np.int32) if causal else np.ones((1, 1), np.int32)
+        for s in range(group.positions.shape[0]):
+            size = segment_size(n, w, r, o, s)  # T rows of this segment
+            if size == 0:
+                continue
+            rows = slice(segment_position(w, r, o, s, 0), segment_position(w, r, o, s, size - 1) + 1, r)  # P(i, s, h)
+            block = linked[:size, :size] if causal else linked  # (T, T), or 1 broadcast
+            for h in group.heads:
+                counts[h, rows, rows] += block  # a strided (T, T) view: added in place
     return counts
 
 

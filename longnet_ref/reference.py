@@ -270,6 +270,10 @@ def mix_branches(branch_out, branch_lse):
     return out, lse
 
 
+# NaN or Inf in the inputs propagates to the rows that attend it (SPEC §7), by design: the
+# RuntimeWarnings NumPy would raise on the way (inf - inf, NaN comparisons) are not news to the
+# caller, and the Numba backend raises none.
+@np.errstate(invalid="ignore", over="ignore")
 def forward(q, k, v, branches: tuple[Branch, ...], causal: bool, scale: float, offsets: str, memory_budget=None):
     """Dilated attention forward (SPEC §3-4). Inputs validated by ``longnet_ref.attention``.
 
@@ -312,6 +316,7 @@ def forward(q, k, v, branches: tuple[Branch, ...], causal: bool, scale: float, o
     return _astype(xp, out, dtype), lse
 
 
+@np.errstate(invalid="ignore", over="ignore")  # as in forward
 def backward(
     dout, q, k, v, out, lse, branches: tuple[Branch, ...], causal: bool, scale: float, offsets: str,
     memory_budget=None,

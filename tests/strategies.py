@@ -1,4 +1,7 @@
-"""Hypothesis strategies and tolerances shared by the specification tests (and backend tests)."""
+"""Hypothesis strategies shared by the specification tests (and backend tests).
+
+Tolerances live in ``tests/tolerances.py``.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +12,7 @@ from hypothesis import strategies as st
 
 from longnet_ref.multiplicity import multiplicity, multiplicity_bias
 
-# Tolerances, by dtype, for two computations of the same attention that sum in different orders.
-# Unit roundoff u = 6e-8 (float32), 1.1e-16 (float64); the longest sum is over N * branches
-# <= 96 * 4 keys, so the rounding of a sum of O(1) terms is bounded by about 400 u: 2.4e-5 in
-# float32, 4.4e-14 in float64. The gradients' dS = P * (dP - Dsum) subtract O(1) quantities, so
-# their absolute error is of that order times the O(1..10) magnitudes of unit-normal inputs.
-TOLERANCE = {
-    np.dtype(np.float32): dict(rtol=1e-4, atol=1e-4),
-    np.dtype(np.float64): dict(rtol=1e-10, atol=1e-11),
-}
+from .tolerances import SUMMATION
 
 
 @dataclass
@@ -35,6 +30,7 @@ class Problem:
     offsets: str
     dtype: np.dtype
     seed: int
+    scale: float | None = None  # None: the library's default 1/sqrt(D)
     arrays: tuple = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -49,31 +45,52 @@ class Problem:
 
     @property
     def options(self):
+        return dict(causal=self.causal, offsets=self.offsets, scale=self.scale)
+
+    @property
+    def index_options(self):
+        """The options that pick rows (what :func:`longnet_ref.multiplicity` takes)."""
         return dict(causal=self.causal, offsets=self.offsets)
 
     @property
+    def dense_options(self):
+        """The options :func:`longnet_ref.dense_attention` shares with dilated attention."""
+        return dict(causal=self.causal, scale=self.scale)
+
+    @property
     def tolerance(self):
-        return TOLERANCE[np.dtype(self.dtype)]
+        return SUMMATION[np.dtype(self.dtype)]
 
     def multiplicity_bias(self):
         """The dense oracle's bias ``log m`` (SPEC §4), ``(1, H, N, N)``."""
-        return multiplicity_bias(multiplicity(self.n, self.num_heads, *self.branches, **self.options))
+        return multiplicity_bias(multiplicity(self.n, self.num_heads, *self.branches, **self.index_options))
+
+
+def sequence_lengths(max_n):
+    """``N`` in ``0..max_n``, with ``N = 1`` (one row, one key: the smallest non-empty case)
+    drawn explicitly in about one example in ten rather than one in ``max_n``."""
+    return st.integers(0, 9).flatmap(lambda pick: st.just(1) if pick == 0 else st.integers(0, max_n))
 
 
 @st.composite
-def problems(draw, max_n=96, min_branches=1, max_heads=6, max_dim=16, max_branches=4, max_segment=128, max_dilation=9, dtypes=(np.float32, np.float64), causal=None):
-    """Random problems per the core issue: B 1-2, N 0-96, H 1-6, D 1-16, 1-4 arbitrary branches."""
+def problems(draw, max_n=96, min_branches=1, max_heads=6, max_dim=16, max_branches=4, max_segment=128, max_dilation=9, dtypes=(np.float32, np.float64), causal=None, scales=False, min_value_dim=1):
+    """Random problems per the core issue: B 1-2, N 0-96, H 1-6, D 1-16, 1-4 arbitrary branches.
+
+    With ``scales=True`` the score scale is drawn too: ``None`` (the default ``1/sqrt(D)``) or
+    a real in ``[0.05, 2]``.
+    """
     num_branches = draw(st.integers(min_branches, max(min_branches, max_branches)))
     return Problem(
         batch=draw(st.integers(1, 2)),
-        n=draw(st.integers(0, max_n)),
+        n=draw(sequence_lengths(max_n)),
         num_heads=draw(st.integers(1, max_heads)),
         head_dim=draw(st.integers(1, max_dim)),
-        value_dim=draw(st.integers(1, max_dim)),
+        value_dim=draw(st.integers(min_value_dim, max_dim)),
         segment_lengths=draw(st.lists(st.integers(1, max_segment), min_size=num_branches, max_size=num_branches)),
         dilation_rates=draw(st.lists(st.integers(1, max_dilation), min_size=num_branches, max_size=num_branches)),
         causal=draw(st.booleans()) if causal is None else causal,
         offsets=draw(st.sampled_from(["paper", "torchscale"])),
         dtype=np.dtype(draw(st.sampled_from(dtypes))),
         seed=draw(st.integers(0, 2**32 - 1)),
+        scale=draw(st.none() | st.floats(0.05, 2.0)) if scales else None,
     )

@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from longnet_ref import dense_attention, dense_attention_backward, dilated_attention, dilated_attention_backward
 
 from .strategies import Problem, problems
+from .tolerances import FINITE_DIFFERENCE_STEP, FINITE_DIFFERENCES
 
 
 def forward_and_backward(problem):
@@ -15,13 +16,13 @@ def forward_and_backward(problem):
 
 
 @settings(max_examples=150, deadline=None)
-@given(problems())
+@given(problems(scales=True))
 def test_backward_equals_dense_backward_with_multiplicity_bias(problem):
     q, k, v, dout = problem.arrays
     _, _, grads = forward_and_backward(problem)
     bias = problem.multiplicity_bias()
-    out, lse = dense_attention(q, k, v, causal=problem.causal, bias=bias, return_lse=True)
-    dense_grads = dense_attention_backward(dout, q, k, v, out, lse, causal=problem.causal, bias=bias)
+    out, lse = dense_attention(q, k, v, bias=bias, return_lse=True, **problem.dense_options)
+    dense_grads = dense_attention_backward(dout, q, k, v, out, lse, bias=bias, **problem.dense_options)
     for name, grad, expected, x in zip("qkv", grads, dense_grads, (q, k, v)):
         assert grad.shape == x.shape and grad.dtype == x.dtype, name
         np.testing.assert_allclose(grad, expected, err_msg=f"d{name}", **problem.tolerance)
@@ -47,11 +48,9 @@ def test_backward_equals_central_finite_differences(problem):
     q, k, v, dout = problem.arrays
     _, _, grads = forward_and_backward(problem)
     loss = lambda: float((dilated_attention(q, k, v, *problem.branches, **problem.options) * dout).sum())
-    # float64, eps = 1e-6: truncation error O(eps^2 |f'''|) ~ 1e-11, cancellation error
-    # O(u |f| / eps) ~ 1e-16 * 10 / 1e-6 = 1e-9; so 1e-6 absolute leaves a wide margin while a
-    # wrong term (e.g. a detached mixture weight) is O(0.1).
     for name, grad, x in zip("qkv", grads, (q, k, v)):
-        np.testing.assert_allclose(grad, central_differences(loss, x, 1e-6), rtol=1e-6, atol=1e-6, err_msg=f"d{name}")
+        expected = central_differences(loss, x, FINITE_DIFFERENCE_STEP)
+        np.testing.assert_allclose(grad, expected, err_msg=f"d{name}", **FINITE_DIFFERENCES)
 
 
 def detached_weights_gradient(problem):

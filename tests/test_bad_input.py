@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from longnet_ref import dense_attention, dense_attention_backward, dilated_attention, dilated_attention_backward, multiplicity
+from longnet_ref import InputTypeError, dense_attention, dense_attention_backward, dilated_attention, dilated_attention_backward, multiplicity
 
 B, N, H, D = 2, 16, 3, 4
 rng = np.random.default_rng(0)
@@ -82,6 +82,8 @@ def test_type_errors_are_also_value_errors():
         forward(k=Q.astype(np.float32))
     with pytest.raises(TypeError):
         forward(k=Q.astype(np.float32))
+    with pytest.raises(InputTypeError):  # exported, so a caller can catch exactly this
+        forward(k=Q.astype(np.float32))
 
 
 def test_dense_attention_rejects_bad_input_and_bias():
@@ -97,7 +99,9 @@ def test_dense_attention_rejects_bad_input_and_bias():
 def test_multiplicity_rejects_bad_sizes():
     with pytest.raises(ValueError, match="num_heads"):
         multiplicity(8, -1, [4], [1])
-    with pytest.raises(ValueError, match="n must be"):
+    with pytest.raises(TypeError, match="n must be"):  # a wrong type: the type error, as everywhere
         multiplicity(8.0, 2, [4], [1])
+    with pytest.raises(TypeError, match="num_heads must be"):
+        multiplicity(8, True, [4], [1])
     with pytest.raises(ValueError, match=r"dilation_rates\[0\]"):
         multiplicity(8, 2, [4], [0])

@@ -1,19 +1,21 @@
 """Causality (SPEC §3) and numerical behaviour (SPEC §7, numerics standard)."""
 
 import numpy as np
-from hypothesis import given, settings
+import pytest
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from longnet_ref import dense_attention, dense_attention_backward, dilated_attention, dilated_attention_backward, multiplicity
+from longnet_ref import dilated_attention, dilated_attention_backward, multiplicity
 
+from . import oracle
 from .strategies import Problem, problems
+from .tolerances import LARGE_SCORES_GRAD, LARGE_SCORES_LSE, LARGE_SCORES_OUT
 
 
 @settings(max_examples=100, deadline=None)
 @given(problems(causal=True), st.data())
 def test_causal_output_ignores_every_later_position(problem, data):
-    if problem.n == 0:
-        return
+    assume(problem.n > 0)
     p = data.draw(st.integers(0, problem.n - 1))
     q, k, v, _ = problem.arrays
     out, lse = dilated_attention(q, k, v, *problem.branches, return_lse=True, **problem.options)
@@ -31,71 +33,82 @@ def large_score_problem(dtype):
     return Problem(1, 48, 4, 4, 4, [8, 16, 48], [1, 2, 3], False, "paper", np.dtype(dtype), seed=11)
 
 
-def test_scores_of_magnitude_1e4_give_finite_outputs_equal_to_the_oracle():
-    problem = large_score_problem(np.float64)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_scores_of_magnitude_1e4_give_finite_outputs_equal_to_the_oracle(dtype):
+    problem = large_score_problem(dtype)
     q, k, v, dout = problem.arrays
     q, k = q * 100, k * 100  # |scale q.k| ~ 1e4: exp overflows unless the max is subtracted
     out, lse = dilated_attention(q, k, v, *problem.branches, return_lse=True)
-    assert np.abs(lse).max() > 5e3
-    dense_out, dense_lse = dense_attention(q, k, v, bias=problem.multiplicity_bias(), return_lse=True)
-    assert np.all(np.isfinite(out)) and np.all(np.isfinite(lse))
-    # Scores of 1e4 carry an absolute rounding error of 1e4 * 1.1e-16 ~ 1e-12 in float64, which
-    # moves softmax weights by that relative amount: the usual float64 tolerance scaled by 1e4.
-    np.testing.assert_allclose(out, dense_out, rtol=1e-7, atol=1e-7)
-    np.testing.assert_allclose(lse, dense_lse, rtol=1e-10)
     grads = dilated_attention_backward(dout, q, k, v, out, lse, *problem.branches)
-    assert all(np.all(np.isfinite(g)) for g in grads)
-
-
-def test_scores_of_magnitude_1e4_stay_finite_in_float32():
-    problem = large_score_problem(np.float32)
-    q, k, v, dout = problem.arrays
-    out, lse = dilated_attention(q * 100, k * 100, v, *problem.branches, return_lse=True)
+    assert np.abs(lse).max() > 5e3
     assert np.all(np.isfinite(out)) and np.all(np.isfinite(lse))
-    grads = dilated_attention_backward(dout, q * 100, k * 100, v, out, lse, *problem.branches)
     assert all(np.all(np.isfinite(g)) for g in grads)
+    want_out, want_lse = oracle.dilated_attention(q, k, v, *problem.branches)
+    want_grads = oracle.dilated_attention_gradients(dout, q, k, v, *problem.branches)
+    np.testing.assert_allclose(out, want_out, **LARGE_SCORES_OUT[problem.dtype])
+    np.testing.assert_allclose(lse, want_lse, **LARGE_SCORES_LSE[problem.dtype])
+    for name, g, want in zip("qkv", grads, want_grads):
+        np.testing.assert_allclose(g, want, err_msg=f"d{name}", **LARGE_SCORES_GRAD[problem.dtype])
 
 
-@settings(max_examples=60, deadline=None)
-@given(problems(min_branches=1), st.data(), st.sampled_from(["q", "k", "v"]), st.sampled_from([np.nan, np.inf]))
-def test_nan_or_inf_reaches_exactly_the_rows_it_reaches_in_dense_attention(problem, data, which, bad):
-    if problem.n == 0:
-        return
-    q, k, v, _ = problem.arrays
-    p = data.draw(st.integers(0, problem.n - 1))
-    h = data.draw(st.integers(0, problem.num_heads - 1))
-    poisoned = dict(q=q.copy(), k=k.copy(), v=v.copy())
-    poisoned[which][0, p, h, 0] = bad
-    with np.errstate(invalid="ignore", over="ignore"):
-        out = dilated_attention(poisoned["q"], poisoned["k"], poisoned["v"], *problem.branches, **problem.options)
-        oracle = dense_attention(
-            poisoned["q"], poisoned["k"], poisoned["v"], causal=problem.causal, bias=problem.multiplicity_bias()
-        )
-    np.testing.assert_array_equal(np.isnan(out), np.isnan(oracle))
-    np.testing.assert_array_equal(out[np.isinf(oracle)], oracle[np.isinf(oracle)])
-    finite = np.isfinite(oracle)
-    np.testing.assert_allclose(out[finite], oracle[finite], **problem.tolerance)
-    # Rows that do not attend position p of head h (a q poison reaches only its own row) are untouched.
-    counts = multiplicity(problem.n, problem.num_heads, *problem.branches, **problem.options)  # (H, N, N)
-    reached = np.zeros(out.shape[:3], bool)  # (B, N, H)
+def poisoned_row_is_reached(problem, which, p, h):
+    """``(B, N, H)``: the rows whose output a non-finite entry of ``which`` at ``(0, p, h)`` can reach."""
+    counts = multiplicity(problem.n, problem.num_heads, *problem.branches, **problem.index_options)  # (H, N, N)
+    reached = np.zeros((problem.batch, problem.n, problem.num_heads), bool)  # (B, N, H)
     if which == "q":
         reached[0, p, h] = True
     else:
         reached[0, :, h] = counts[h, :, p] > 0
-    clean = dilated_attention(q, k, v, *problem.branches, **problem.options)
-    # Equal up to rounding (the poisoned column is summed on its own path); a leak would be NaN/Inf.
+    return reached
+
+
+def assert_same_non_finite_pattern_and_values(name, got, want, tolerance):
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=f"{name}: NaN pattern")
+    np.testing.assert_array_equal(got[np.isinf(want)], want[np.isinf(want)], err_msg=f"{name}: infinities")
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], err_msg=name, **tolerance)
+
+
+# The loop oracle sums attended pairs only, so a NaN or Inf reaches exactly the rows that attend
+# it. (dense_attention's plain products would spread a NaN of v through 0 * NaN.)
+SMALL = dict(max_n=32, max_heads=4, max_dim=6, max_branches=3, max_segment=40, max_dilation=5)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@settings(max_examples=40, deadline=None)
+@given(problem=problems(**SMALL, scales=True), data=st.data(), which=st.sampled_from(["q", "k", "v"]), bad=st.sampled_from([np.nan, np.inf]))
+def test_nan_or_inf_reaches_exactly_the_rows_that_attend_it(backend, problem, data, which, bad):
+    assume(problem.n > 0)
+    q, k, v, _ = problem.arrays
+    p = data.draw(st.integers(0, problem.n - 1), label="position")
+    h = data.draw(st.integers(0, problem.num_heads - 1), label="head")
+    poisoned = dict(q=q.copy(), k=k.copy(), v=v.copy())
+    poisoned[which][0, p, h, 0] = bad
+    arrays = (poisoned["q"], poisoned["k"], poisoned["v"])
+    out, lse = dilated_attention(*arrays, *problem.branches, return_lse=True, backend=backend, **problem.options)
+    want_out, want_lse = oracle.dilated_attention(*arrays, *problem.branches, **problem.options)
+    assert_same_non_finite_pattern_and_values("out", out, want_out, problem.tolerance)
+    # A row with a +inf score has lse = +inf mathematically; max-subtraction gives inf - inf = NaN
+    # there. SPEC §7 asks only that the row be non-finite, so lse is compared where it is finite.
+    finite = np.isfinite(want_lse)
+    np.testing.assert_array_equal(np.isfinite(lse), finite, err_msg="lse: finite pattern")
+    np.testing.assert_allclose(lse[finite], want_lse[finite], err_msg="lse", **problem.tolerance)
+    # Rows that do not attend position p of head h are untouched: equal to the clean result.
+    reached = poisoned_row_is_reached(problem, which, p, h)
+    clean = dilated_attention(q, k, v, *problem.branches, backend=backend, **problem.options)
     np.testing.assert_allclose(out[~reached], clean[~reached], **problem.tolerance)
 
 
-def test_nan_in_one_query_row_leaves_every_other_row_finite():
+def test_nan_in_one_query_row_leaves_every_other_row_unchanged():
     problem = Problem(2, 50, 3, 6, 5, [10, 20, 50], [1, 2, 5], True, "paper", np.dtype(np.float32), seed=2)
     q, k, v, _ = problem.arrays
+    clean = dilated_attention(q, k, v, *problem.branches, causal=True)
     q[1, 17, 2, 3] = np.nan
     out = dilated_attention(q, k, v, *problem.branches, causal=True)
     assert np.all(np.isnan(out[1, 17, 2]))
     rest = np.ones(out.shape[:3], bool)
     rest[1, 17, 2] = False
-    assert np.all(np.isfinite(out[rest]))
+    np.testing.assert_allclose(out[rest], clean[rest], **problem.tolerance)
 
 
 def test_empty_sequence_gives_empty_results():
@@ -108,21 +121,39 @@ def test_empty_sequence_gives_empty_results():
     assert multiplicity(0, 3, [4], [2]).shape == (3, 0, 0)
 
 
-@settings(max_examples=60, deadline=None)
-@given(problems(min_branches=1), st.data(), st.sampled_from(["q", "k", "v", "dout"]))
-def test_nan_in_the_backward_reaches_exactly_the_gradients_it_reaches_in_dense_attention(problem, data, which):
-    if problem.n == 0:
-        return
+NUMBA_CAUSAL_NAN_LEAK = pytest.mark.xfail(
+    strict=False,  # hypothesis finds the case in most runs, not all
+    reason="known Numba bug, reported for the Numba kernels' owner: with causal=True a NaN query's "
+    "P = exp(s - NaN) is not masked, so it reaches dv of keys the row does not attend",
+)
+
+
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("numba", marks=NUMBA_CAUSAL_NAN_LEAK)])
+@settings(max_examples=40, deadline=None)
+@given(problem=problems(**SMALL, scales=True), data=st.data(), which=st.sampled_from(["q", "k", "v", "dout"]))
+def test_nan_in_the_backward_reaches_exactly_the_gradients_the_chain_rule_gives(backend, problem, data, which):
+    """The forward and backward of poisoned inputs against the oracle's chain-rule gradient."""
+    assume(problem.n > 0)
     q, k, v, dout = problem.arrays
-    out, lse = dilated_attention(q, k, v, *problem.branches, return_lse=True, **problem.options)
     poisoned = dict(q=q.copy(), k=k.copy(), v=v.copy(), dout=dout.copy())
-    poisoned[which][0, data.draw(st.integers(0, problem.n - 1)), data.draw(st.integers(0, problem.num_heads - 1)), 0] = np.nan
-    bias = problem.multiplicity_bias()
-    names = ("dout", "q", "k", "v")
-    with np.errstate(invalid="ignore"):
-        grads = dilated_attention_backward(*(poisoned[n] for n in names), out, lse, *problem.branches, **problem.options)
-        oracle = dense_attention_backward(*(poisoned[n] for n in names), out, lse, causal=problem.causal, bias=bias)
-    for name, g, o in zip("qkv", grads, oracle):
-        np.testing.assert_array_equal(np.isnan(g), np.isnan(o), err_msg=f"d{name}")
-        finite = np.isfinite(o)
-        np.testing.assert_allclose(g[finite], o[finite], err_msg=f"d{name}", **problem.tolerance)
+    position = data.draw(st.integers(0, problem.n - 1), label="position")
+    head = data.draw(st.integers(0, problem.num_heads - 1), label="head")
+    poisoned[which][0, position, head, 0] = np.nan
+    dout, q, k, v = (poisoned[name] for name in ("dout", "q", "k", "v"))
+    out, lse = dilated_attention(q, k, v, *problem.branches, return_lse=True, backend=backend, **problem.options)
+    grads = dilated_attention_backward(dout, q, k, v, out, lse, *problem.branches, backend=backend, **problem.options)
+    want = oracle.dilated_attention_gradients(dout, q, k, v, *problem.branches, **problem.options)
+    for name, g, o in zip("qkv", grads, want):
+        assert_same_non_finite_pattern_and_values(f"d{name}", g, o, problem.tolerance)
+
+
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("numba", marks=pytest.mark.xfail(strict=True, reason=NUMBA_CAUSAL_NAN_LEAK.kwargs["reason"]))])
+def test_a_nan_query_does_not_reach_the_gradient_of_a_later_key_under_causal(backend):
+    """The smallest case of the leak: row 0 attends key 0 only, so key 1's dv must stay finite.
+
+    Strict for numba: when the kernels are fixed this XPASSes, and both marks can go."""
+    q = np.array([[[[np.nan]], [[0.5]]]])  # (B, N, H, D) = (1, 2, 1, 1): query 0 is NaN
+    k = v = dout = np.array([[[[0.3]], [[-0.7]]]])
+    out, lse = dilated_attention(q, k, v, [2], [1], causal=True, return_lse=True, backend=backend)
+    dq, dk, dv = dilated_attention_backward(dout, q, k, v, out, lse, [2], [1], causal=True, backend=backend)
+    assert np.isnan(dv[0, 0, 0, 0]) and np.isfinite(dv[0, 1, 0, 0])

@@ -10,11 +10,11 @@ from .strategies import problems
 
 
 @settings(max_examples=150, deadline=None)
-@given(problems())
+@given(problems(scales=True))
 def test_forward_equals_dense_attention_with_multiplicity_bias(problem):
     q, k, v, _ = problem.arrays
     out, lse = dilated_attention(q, k, v, *problem.branches, return_lse=True, **problem.options)
-    dense_out, dense_lse = dense_attention(q, k, v, causal=problem.causal, bias=problem.multiplicity_bias(), return_lse=True)
+    dense_out, dense_lse = dense_attention(q, k, v, bias=problem.multiplicity_bias(), return_lse=True, **problem.dense_options)
     assert out.dtype == lse.dtype == problem.dtype
     assert out.shape == v.shape and lse.shape == q.shape[:3]
     np.testing.assert_allclose(out, dense_out, **problem.tolerance)
@@ -38,7 +38,7 @@ def test_one_branch_covering_the_sequence_without_dilation_equals_dense(problem,
 def test_rows_covered_by_no_branch_are_zero_with_lse_minus_infinity(problem):
     q, k, v, _ = problem.arrays
     out, lse = dilated_attention(q, k, v, *problem.branches, return_lse=True, **problem.options)
-    covered = multiplicity(problem.n, problem.num_heads, *problem.branches, **problem.options).any(axis=2)  # (H, N)
+    covered = multiplicity(problem.n, problem.num_heads, *problem.branches, **problem.index_options).any(axis=2)  # (H, N)
     uncovered = ~covered.T[None].repeat(problem.batch, 0)  # (B, N, H)
     assert np.all(out[uncovered] == 0)
     assert np.all(lse[uncovered] == -np.inf)
@@ -46,7 +46,7 @@ def test_rows_covered_by_no_branch_are_zero_with_lse_minus_infinity(problem):
 
 
 @settings(max_examples=80, deadline=None)
-@given(problems(max_branches=4))
+@given(problems(max_branches=4, scales=True))
 def test_mixture_is_the_softmax_denominator_weighted_sum_of_branches(problem):
     """Paper Eqs. 9-10 written out: each branch alone, then out = sum_i exp(lse_i - LSE) o_i."""
     q, k, v, _ = problem.arrays
@@ -67,16 +67,16 @@ def test_mixture_is_the_softmax_denominator_weighted_sum_of_branches(problem):
 def union_attention(problem, counts):
     """Dense attention over the *set* of keys some branch attends (a 0/1 mask, no multiplicity)."""
     q, k, v, _ = problem.arrays
-    return dense_attention(q, k, v, causal=problem.causal, bias=np.where(counts > 0, 0.0, -np.inf)[None])
+    return dense_attention(q, k, v, bias=np.where(counts > 0, 0.0, -np.inf)[None], **problem.dense_options)
 
 
 @settings(max_examples=80, deadline=None)
-@given(problems(min_branches=2))
+@given(problems(min_branches=2, scales=True))
 def test_rows_whose_keys_no_two_branches_share_attend_over_the_union(problem):
     """The paper's remark, where it applies: if no key of row p is counted twice, the mixture
     is attention over the union of the branches' keys."""
     q, k, v, _ = problem.arrays
-    counts = multiplicity(problem.n, problem.num_heads, *problem.branches, **problem.options)  # (H, N, N)
+    counts = multiplicity(problem.n, problem.num_heads, *problem.branches, **problem.index_options)  # (H, N, N)
     out = dilated_attention(q, k, v, *problem.branches, **problem.options)
     disjoint_rows = np.broadcast_to((counts.max(axis=2, initial=0) <= 1).T[None], out.shape[:3])  # (B, N, H)
     np.testing.assert_allclose(out[disjoint_rows], union_attention(problem, counts)[disjoint_rows], **problem.tolerance)
@@ -87,12 +87,12 @@ def test_rows_whose_keys_no_two_branches_share_attend_over_the_union(problem):
 def test_a_row_covered_by_several_branches_counts_itself_once_per_branch(problem):
     """Why the remark cannot hold for a whole multi-branch configuration: each branch covering p
     attends (p, p), and head 0 (offset 0) covers row 0 in every branch."""
-    counts = multiplicity(problem.n, problem.num_heads, *problem.branches, **problem.options)  # (H, N, N)
+    counts = multiplicity(problem.n, problem.num_heads, *problem.branches, **problem.index_options)  # (H, N, N)
     if problem.n:
         assert counts[0, 0, 0] == len(problem.segment_lengths)
     covering = np.zeros((problem.num_heads, problem.n), int)
     for w, r in zip(*problem.branches):
-        covering += multiplicity(problem.n, problem.num_heads, [w], [r], **problem.options).any(axis=2)
+        covering += multiplicity(problem.n, problem.num_heads, [w], [r], **problem.index_options).any(axis=2)
     np.testing.assert_array_equal(np.diagonal(counts, axis1=1, axis2=2), covering)
 
 

@@ -5,7 +5,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from longnet_ref.config import head_offsets, segment_rows, sparse_segments, validate_branches
+from longnet_ref.config import (
+    causal_key_count,
+    head_offsets,
+    segment_position,
+    segment_rows,
+    segment_size,
+    sparse_segments,
+    validate_branches,
+)
 
 
 def spec_positions(n, w, r, o):
@@ -24,6 +32,30 @@ def spec_positions(n, w, r, o):
 def test_segment_rows_are_the_spec_positions(n, w, r, o):
     positions, valid = segment_rows(n, w, r, o)
     assert [list(p[m]) for p, m in zip(positions, valid)] == spec_positions(n, w, r, o)
+
+
+@given(n=st.integers(0, 200), w=st.integers(1, 150), r=st.integers(1, 20), o=st.integers(0, 25))
+def test_the_scalar_rules_the_kernels_wrap_give_the_spec_positions(n, w, r, o):
+    """``segment_size`` / ``segment_position`` (what the kernels compile) against the SPEC loop."""
+    for s, rows in enumerate(spec_positions(n, w, r, o)):
+        assert segment_size(n, w, r, o, s) == len(rows)
+        assert [segment_position(w, r, o, s, t) for t in range(len(rows))] == rows
+
+
+@given(n=st.integers(1, 120), w=st.integers(1, 80), r=st.integers(1, 9), o=st.integers(0, 8))
+def test_the_scalar_rules_agree_with_segment_rows_and_the_causal_mask(n, w, r, o):
+    positions, valid = segment_rows(n, w, r, o)
+    # H = r heads under the paper rule: head o has offset o (for o < r)
+    segments = next((g for g in sparse_segments(n, r, validate_branches([w], [r])) if g.offset == o), None)
+    for s in range(positions.shape[0]):
+        size = segment_size(n, w, r, o, s)
+        assert size == valid[s].sum()
+        assert [segment_position(w, r, o, s, t) for t in range(size)] == list(positions[s][valid[s]])
+    if segments is not None:
+        attended = segments.attended(causal=True)  # (S, T, T)
+        for s in range(attended.shape[0]):
+            for t in range(segment_size(n, w, r, o, s)):
+                assert attended[s, t].sum() == causal_key_count(t)
 
 
 @given(n=st.integers(1, 200), w=st.integers(1, 150), r=st.integers(1, 20), o=st.integers(0, 19))

@@ -11,10 +11,11 @@ from mpi4py import MPI
 from longnet_ref import dilated_attention, dilated_attention_backward
 from longnet_ref import distributed
 
+from ..tolerances import DISTRIBUTED
+
 COMM = MPI.COMM_WORLD
 RANK, SIZE = COMM.Get_rank(), COMM.Get_size()
-# float64: the chunked computation sums the same terms as one process in a different grouping.
-TOLERANCE = dict(rtol=1e-11, atol=1e-12)
+TOLERANCE = DISTRIBUTED  # float64, the same terms as one process in a different grouping
 
 CHUNK = 24  # rows per rank
 CASES = {  # name: (B, H, D, Dv, w, r, offsets)
@@ -107,3 +108,19 @@ def test_chunks_of_different_lengths_are_rejected_on_every_rank():
     q = np.zeros((1, CHUNK - RANK, 2, 4))  # rank 1 holds one row fewer than rank 0
     with pytest.raises(ValueError, match="same shape"):
         distributed.dilated_attention(q, q, q, [8], [1], comm=COMM)
+
+
+@pytest.mark.skipif(SIZE < 2, reason="needs at least 2 ranks")
+def test_sub_communicators_are_freed_with_their_communicator():
+    """The cache of sub-communicators lives on the communicator (an MPI attribute): freeing the
+    communicator frees them, and a new communicator starts with none."""
+    comm = COMM.Dup()
+    branch_bytes(2 * CHUNK, 2, comm=comm)  # a segment over ranks {0, 1}, {2, 3}, ...: sub-communicators
+    cached = dict(comm.Get_attr(distributed._KEYVAL))
+    comm.Free()
+    fresh = COMM.Dup()  # may reuse the freed handle
+    inherited = fresh.Get_attr(distributed._KEYVAL)
+    fresh.Free()
+    assert cached  # this rank is a member of at least one sub-communicator
+    assert all(sub == MPI.COMM_NULL for sub in cached.values()), cached
+    assert inherited is None

@@ -1,0 +1,152 @@
+"""A brute-force oracle: SPEC §2-5 written as plain Python loops, sharing nothing with longnet_ref.
+
+Everything the library computes is recomputed here from the SPEC text alone, slowly and in
+float64, so that a bug in a helper the library shares between its implementations (the index
+sets, the softmax core, the backward formulas, the scale) cannot also hide in the oracle:
+
+- the selected rows of a segment by testing every position of the segment (not a formula for
+  the row count), the ``"torchscale"`` offsets by padding the heads and cutting them into
+  blocks, the causal rule as ``key <= query``;
+- the softmax by ``scipy.special.logsumexp`` over the attended keys of one query row;
+- the backward from the chain rule through the softmax Jacobian ``diag(a) - a a^T``, not from
+  the FlashAttention-2 formulas the library uses.
+
+Only attended pairs are ever summed, so a NaN or Inf reaches exactly the rows that attend it.
+A row whose logits are all ``-inf`` (no key, or an infinite query) carries no weight: its
+``out`` is 0, its ``lse`` is ``-inf`` and its gradient is 0 (SPEC §4). The loops cost
+``O(B H N^2)`` Python steps: keep ``N`` to a few dozen.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.special import logsumexp
+
+
+def default_scale(head_dim):
+    """SPEC §1: scores are ``scale * q.k`` with ``scale = 1/sqrt(D)`` unless given."""
+    return 1.0 / math.sqrt(head_dim)
+
+
+def head_offset(h, dilation, num_heads, rule):
+    """SPEC §2: the first row (within its segment) that head ``h`` keeps for dilation ``r``."""
+    if rule == "paper":
+        return h % dilation
+    # torchscale: pad the heads to a multiple of r, then cut them into r equal contiguous blocks;
+    # block b starts at row b of every segment.
+    padded = dilation * math.ceil(num_heads / dilation)
+    blocks = [b for b in range(dilation) for _ in range(padded // dilation)]
+    return blocks[h]
+
+
+def branch_keys(p, h, n, num_heads, w, r, rule, causal):
+    """``K_i(p)`` of SPEC §3 for head ``h``, or ``None`` when branch ``(w, r)`` does not select ``p``."""
+    start = p - p % w  # the segment [start, start + w) that holds p
+    o = head_offset(h, r, num_heads, rule)
+    selected = [x for x in range(start, min(start + w, n)) if x - start >= o and (x - start - o) % r == 0]
+    if p not in selected:
+        return None
+    return [x for x in selected if not causal or x <= p]
+
+
+def multiplicity(n, num_heads, segment_lengths, dilation_rates, causal, rule):
+    """``m[h, p, k]``: the number of branches in which head ``h``'s query ``p`` attends key ``k`` (SPEC §4)."""
+    m = np.zeros((num_heads, n, n), int)
+    for h in range(num_heads):
+        for p in range(n):
+            for w, r in zip(segment_lengths, dilation_rates):
+                for key in branch_keys(p, h, n, num_heads, w, r, rule, causal) or []:
+                    m[h, p, key] += 1
+    return m
+
+
+def multiplicity_bias(m):
+    """``log m`` with ``-inf`` where ``m = 0``, ``(H, N, N)`` -> ``(1, H, N, N)``."""
+    bias = np.full(m.shape, -np.inf)
+    bias[m > 0] = np.log(m[m > 0])
+    return bias[None]
+
+
+def _row(q, k, bias, scale, causal, b, h, p):
+    """Attended keys of query row ``(b, p, h)``, their logits and softmax weights."""
+    n = q.shape[1]
+    keys = [j for j in range(n) if bias[b, h, p, j] != -np.inf and not (causal and j > p)]
+    logits = np.array([scale * np.dot(q[b, p, h], k[b, j, h]) + bias[b, h, p, j] for j in keys])
+    lse = logsumexp(logits) if keys else -np.inf
+    if lse == -np.inf:  # no weight at all: no key, or every logit -inf
+        return [], np.zeros(0), lse
+    return keys, np.exp(logits - lse), lse
+
+
+def _float64(*arrays):
+    return tuple(np.asarray(x, np.float64) for x in arrays)
+
+
+def _bias(bias, q):
+    batch, n, num_heads, _ = q.shape
+    return np.broadcast_to(np.zeros(()) if bias is None else np.asarray(bias, np.float64), (batch, num_heads, n, n))
+
+
+def attention(q, k, v, *, bias=None, scale=None, causal=False):
+    """Dense softmax attention with additive ``bias`` (SPEC §3-4), one query row at a time.
+
+    ``q, k: (B, N, H, D)``, ``v: (B, N, H, Dv)``, ``bias`` broadcastable to ``(B, H, N, N)``.
+    Returns ``out (B, N, H, Dv)`` and ``lse (B, N, H)`` in float64.
+    """
+    q, k, v = _float64(q, k, v)
+    scale = default_scale(q.shape[3]) if scale is None else scale
+    bias = _bias(bias, q)
+    batch, n, num_heads, _ = q.shape
+    out = np.zeros(v.shape)
+    lse = np.full((batch, n, num_heads), -np.inf)
+    for b in range(batch):
+        for h in range(num_heads):
+            for p in range(n):
+                keys, weights, lse[b, p, h] = _row(q, k, bias, scale, causal, b, h, p)
+                for j, a in zip(keys, weights):
+                    out[b, p, h] += a * v[b, j, h]
+    return out, lse
+
+
+def attention_gradients(dout, q, k, v, *, bias=None, scale=None, causal=False):
+    """``d/d(q, k, v)`` of ``sum(dout * out)`` for :func:`attention`, by the chain rule.
+
+    Per query row ``p`` with weights ``a_j = softmax_j(scale q_p.k_j + bias)``:
+    ``out_p = sum_j a_j v_j``, so ``dv_j += a_j dout_p``; ``g_j = dout_p . v_j`` is the
+    derivative by ``a_j``, the softmax Jacobian ``J = diag(a) - a a^T`` turns it into the
+    derivative by the logits ``dz = J g``, and ``z_j = scale q_p.k_j`` gives
+    ``dq_p += scale sum_j dz_j k_j`` and ``dk_j += scale dz_j q_p``.
+    """
+    dout, q, k, v = _float64(dout, q, k, v)
+    scale = default_scale(q.shape[3]) if scale is None else scale
+    bias = _bias(bias, q)
+    batch, n, num_heads, _ = q.shape
+    dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+    for b in range(batch):
+        for h in range(num_heads):
+            for p in range(n):
+                keys, a, _ = _row(q, k, bias, scale, causal, b, h, p)
+                if not keys:
+                    continue
+                g = np.array([np.dot(dout[b, p, h], v[b, j, h]) for j in keys])  # d loss / d a
+                jacobian = np.diag(a) - np.outer(a, a)  # d a / d z
+                dz = jacobian @ g  # d loss / d z
+                for j, a_j, dz_j in zip(keys, a, dz):
+                    dv[b, j, h] += a_j * dout[b, p, h]
+                    dq[b, p, h] += scale * dz_j * k[b, j, h]
+                    dk[b, j, h] += scale * dz_j * q[b, p, h]
+    return dq, dk, dv
+
+
+def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, causal=False, scale=None, offsets="paper"):
+    """Dilated attention as dense attention with bias ``log m`` (SPEC §4), ``m`` counted by loops."""
+    m = multiplicity(q.shape[1], q.shape[2], segment_lengths, dilation_rates, causal, offsets)
+    return attention(q, k, v, bias=multiplicity_bias(m), scale=scale, causal=causal)
+
+
+def dilated_attention_gradients(dout, q, k, v, segment_lengths, dilation_rates, *, causal=False, scale=None, offsets="paper"):
+    """The exact gradient of :func:`dilated_attention` (SPEC §5)."""
+    m = multiplicity(q.shape[1], q.shape[2], segment_lengths, dilation_rates, causal, offsets)
+    return attention_gradients(dout, q, k, v, bias=multiplicity_bias(m), scale=scale, causal=causal)

@@ -1,0 +1,61 @@
+"""The one tolerance table of the test suite: every comparison of floating-point results uses it.
+
+Each entry says which two computations it compares and why the bound holds. Unit roundoff:
+``u = 6.0e-8`` (float32), ``1.1e-16`` (float64). Inputs are unit normal unless an entry says
+otherwise, so scores, outputs and their sums are O(1..10).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
+
+# The same attention computed two ways that sum in different orders (the library against the
+# dense oracle or the loop oracle, which works in float64). The longest sum is over
+# N * branches <= 96 * 4 keys, so the rounding of a sum of O(1) terms is bounded by ~400 u:
+# 2.4e-5 in float32, 4.4e-14 in float64. The gradients' dS = P * (dP - Dsum) subtract O(1)
+# quantities, so their absolute error is of that order times the O(1..10) input magnitudes.
+SUMMATION = {
+    F32: dict(rtol=1e-4, atol=1e-4),
+    F64: dict(rtol=1e-10, atol=1e-11),
+}
+
+# The Numba kernels against the NumPy reference: blocks of 128 rows and the kernels' own exp
+# (max relative error 8e-8 in float32, 2.2e-16 in float64). float64: sums of <= ~3000 terms at
+# 1.1e-16 -> ~3e-13 relative; float32: the same sums at 6e-8 plus the exp -> ~2e-4 worst case.
+NUMBA = {
+    F64: dict(rtol=1e-12, atol=1e-12),
+    F32: dict(rtol=2e-4, atol=2e-5),
+}
+
+# Scores of magnitude ~1e4 (q and k scaled by 100). A score's absolute rounding error is
+# |score| * u * D: ~1e4 * 1.1e-16 * 4 ~ 5e-12 in float64, ~1e4 * 6e-8 * 4 ~ 2.4e-3 in float32.
+# It moves each softmax weight by that relative amount, so outputs (|v| <= ~4) move by a few
+# times it (measured: 5e-12 and 3.4e-3). The softmax is saturated, so the exact dq, dk are tiny
+# (~1e-6) and dS = P * (dP - Dsum) is a cancellation: the output error enters Dsum and comes out
+# as scale * |k| * |dout| * (out error) ~ 0.5 * 300 * 3 * err: ~1e-9 in float64 (measured 7e-10)
+# and ~0.5 in float32 (measured 0.44), where dq, dk keep no correct digit. The bound still
+# fails a gradient that overflows or loses the max subtraction (errors of 1e4 and more).
+LARGE_SCORES_OUT = {
+    F64: dict(rtol=1e-7, atol=1e-7),
+    F32: dict(rtol=2e-2, atol=2e-2),
+}
+LARGE_SCORES_LSE = {  # lse ~ 1e4 with the same absolute error as one score: relative u * D
+    F64: dict(rtol=1e-10, atol=0),
+    F32: dict(rtol=1e-5, atol=0),
+}
+LARGE_SCORES_GRAD = {
+    F64: dict(rtol=1e-7, atol=1e-8),
+    F32: dict(rtol=1e-2, atol=2.0),
+}
+
+# Central finite differences in float64 with eps = 1e-6: truncation O(eps^2 |f'''|) ~ 1e-11,
+# cancellation O(u |f| / eps) ~ 1e-16 * 10 / 1e-6 = 1e-9; a wrong term (e.g. a detached mixture
+# weight) is O(0.1).
+FINITE_DIFFERENCES = dict(rtol=1e-6, atol=1e-6)
+FINITE_DIFFERENCE_STEP = 1e-6
+
+# Distributed (float64) against one process: the same terms summed in a different grouping
+# over <= 4 ranks and <= 3 branches, N <= 96: well under 1e-12 relative.
+DISTRIBUTED = dict(rtol=1e-11, atol=1e-12)
