@@ -13,9 +13,9 @@ Design (one launch per branch and pass, so the rows of one branch are owned by o
   memory; each thread keeps its query row, its online-softmax state (``m``, ``l``) and its
   accumulator in registers, scores ``CHUNK`` keys at a time, and at the end mixes its branch
   result into ``out``/``lse`` with a running LSE (paper Eq. 10).
-- backward, with the global ``LSE`` and ``Dsum``: :func:`backward_keys_branch` (a thread per
-  key row: dK, dV over query tiles) and :func:`backward_queries_branch` (a thread per query
-  row: dQ over key tiles). ``P = exp(scale q.k - LSE)``, ``dS = P (dO.v - Dsum)``. No atomics:
+- backward, with the global ``LSE`` and ``Dsum``: :func:`backward_keys_branch`, compiled twice
+  (a thread per key row over query tiles: once for dV, once for dK) and
+  :func:`backward_queries_branch` (a thread per query row: dQ over key tiles). ``P = exp(scale q.k - LSE)``, ``dS = P (dO.v - Dsum)``. No atomics:
   deterministic.
 
 **Specialisation.** The kernel bodies below are module-level templates that read the head
@@ -46,6 +46,7 @@ if not hasattr(np, "row_stack"):
     # imports; no numerical behaviour depends on it.
     np.row_stack = np.vstack
 
+from numba import config as numba_config
 from numba import cuda, float32, float64
 
 from .. import config
@@ -66,6 +67,11 @@ DIM = VALUE_DIM = 1  # D, Dv
 DIM_ALLOC = VALUE_ALLOC = 1  # max(D, 1), max(Dv, 1): array sizes (Dv = 0 is allowed)
 TILE = 64  # key (query) rows per shared-memory tile
 REAL = float32  # accumulation type: float32 for float16/float32 inputs, float64 for float64
+# Shared tiles aligned to 16 bytes let the compiler read 4 floats per instruction
+# (ld.shared.v4), a quarter of the shared-memory loads; the simulator does not model alignment.
+ALIGNMENT = None if numba_config.ENABLE_CUDASIM else 16
+KEY_GRADIENT = "dk"  # which gradient backward_keys_branch accumulates: "dk" or "dv"
+GRAD_DIM = GRAD_ALLOC = 1  # D for "dk", Dv for "dv" (and its array size)
 
 
 def forward_branch(q, k, v, w, r, offsets, causal, scale, out, lse):
@@ -89,11 +95,12 @@ def forward_branch(q, k, v, w, r, offsets, causal, scale, out, lse):
     if q0 >= size:
         return  # the whole block is past this (short) segment: uniform, no barrier skipped
     t = q0 + cuda.threadIdx.x  # this thread's row of the sparse segment
-    k_tile = cuda.shared.array((TILE, DIM_ALLOC), REAL)
-    v_tile = cuda.shared.array((TILE, VALUE_ALLOC), REAL)
+    k_tile = cuda.shared.array((TILE, DIM_ALLOC), REAL, alignment=ALIGNMENT)
+    v_tile = cuda.shared.array((TILE, VALUE_ALLOC), REAL, alignment=ALIGNMENT)
     q_row = cuda.local.array(DIM_ALLOC, REAL)
     acc = cuda.local.array(VALUE_ALLOC, REAL)
     scores = cuda.local.array(CHUNK, REAL)
+    partial = cuda.local.array(4, REAL)
     if t < size:
         row = segment_position(w, r, o, s, t)
         for c in range(DIM):
@@ -119,9 +126,11 @@ def forward_branch(q, k, v, w, r, offsets, causal, scale, out, lse):
             for j0 in range(0, last, CHUNK):
                 for j in range(CHUNK):  # c unrolls (DIM is a constant): q_row stays in registers
                     key = min(j0 + j, TILE - 1)  # past `last`: computed, never used
-                    score = REAL(0.0)
-                    for c in range(DIM):
-                        score += q_row[c] * k_tile[key, c]
+                    for c in range(4):
+                        partial[c] = 0.0
+                    for c in range(DIM):  # four partial sums: four independent FMA chains, not one
+                        partial[c % 4] += q_row[c] * k_tile[key, c]
+                    score = (partial[0] + partial[1]) + (partial[2] + partial[3])
                     scores[j] = score
                 m_new = m
                 for j in range(CHUNK):
@@ -157,14 +166,18 @@ def forward_branch(q, k, v, w, r, offsets, causal, scale, out, lse):
             lse[b, row, h] = new
 
 
-def backward_keys_branch(q, k, v, dout, lse, dsum, w, r, offsets, causal, scale, dk, dv):
-    """dK and dV of one branch (SPEC §5), added into ``dk, dv`` (``REAL``).
+def backward_keys_branch(q, k, v, dout, lse, dsum, w, r, offsets, causal, scale, grad):
+    """dV (``KEY_GRADIENT == "dv"``) or dK (``"dk"``) of one branch (SPEC §5), added into ``grad``.
 
     Thread ``t`` owns key row ``t`` of a sparse segment and loops over the query tiles that
-    attend it (causal: queries ``>= t``):
+    attend it (causal: queries ``>= t``), ``CHUNK`` queries at a time: first their weights
 
-        P = exp(scale q.k - LSE),  dV += P dO,  dS = P (dO.v - Dsum),  dK += dS scale q.
+        P = exp(scale q.k - LSE)         (dV: the weight is P)
+        dS = P (dO.v - Dsum)             (dK: the weight is dS)
 
+    then ``dV += P dO`` or ``dK += dS scale q``. dV and dK are two compilations of this one
+    template (two launches): together they would keep four rows per thread (k, v, dK, dV: 256
+    values for D = Dv = 64), more than a thread's 255 registers; apart, at most three.
     ``lse = -inf`` (row covered by no branch) is read as ``+inf``, so ``P = 0``, not NaN.
     """
     n, heads = q.shape[1], q.shape[2]
@@ -176,24 +189,24 @@ def backward_keys_branch(q, k, v, dout, lse, dsum, w, r, offsets, causal, scale,
     if k0 >= size:
         return
     t = k0 + cuda.threadIdx.x  # this thread's key row
-    q_tile = cuda.shared.array((TILE, DIM_ALLOC), REAL)
-    do_tile = cuda.shared.array((TILE, VALUE_ALLOC), REAL)
+    q_tile = cuda.shared.array((TILE, DIM_ALLOC), REAL, alignment=ALIGNMENT)
+    do_tile = cuda.shared.array((TILE, VALUE_ALLOC), REAL, alignment=ALIGNMENT)
     lse_tile = cuda.shared.array(TILE, REAL)
     dsum_tile = cuda.shared.array(TILE, REAL)
     k_row = cuda.local.array(DIM_ALLOC, REAL)
     v_row = cuda.local.array(VALUE_ALLOC, REAL)
-    dk_row = cuda.local.array(DIM_ALLOC, REAL)
-    dv_row = cuda.local.array(VALUE_ALLOC, REAL)
+    grad_row = cuda.local.array(GRAD_ALLOC, REAL)
+    weights = cuda.local.array(CHUNK, REAL)
+    partial = cuda.local.array(4, REAL)
     if t < size:
         row = segment_position(w, r, o, s, t)
         for c in range(DIM):
             k_row[c] = REAL(k[b, row, h, c])
-        for c in range(VALUE_DIM):
-            v_row[c] = REAL(v[b, row, h, c])
-    for c in range(DIM):
-        dk_row[c] = 0.0
-    for c in range(VALUE_DIM):
-        dv_row[c] = 0.0
+        if KEY_GRADIENT == "dk":
+            for c in range(VALUE_DIM):
+                v_row[c] = REAL(v[b, row, h, c])
+    for c in range(GRAD_DIM):
+        grad_row[c] = 0.0
     first = k0 if causal else 0  # earlier queries never see this block's keys
     for q0 in range(first, size, TILE):
         nq = min(TILE, size - q0)
@@ -212,32 +225,44 @@ def backward_keys_branch(q, k, v, dout, lse, dsum, w, r, offsets, causal, scale,
         if t < size:
             # causal: query q0 + i attends key t iff t < causal_key_count(q0 + i), i.e. i >= t - q0
             start = max(0, t - q0) if causal else 0
-            for i in range(start, nq):  # c loops unroll (constant D, Dv): the rows stay in registers
-                score = REAL(0.0)
-                for c in range(DIM):
-                    score += q_tile[i, c] * k_row[c]
-                dp = REAL(0.0)
-                for c in range(VALUE_DIM):
-                    dp += do_tile[i, c] * v_row[c]
-                p = math.exp(score - lse_tile[i])
-                ds = p * (dp - dsum_tile[i])
-                for c in range(VALUE_DIM):
-                    dv_row[c] += p * do_tile[i, c]
-                for c in range(DIM):
-                    dk_row[c] += ds * q_tile[i, c]  # q_tile carries the scale
+            for i0 in range(start, nq, CHUNK):
+                for i in range(CHUNK):  # c loops unroll (constant D, Dv): the rows stay in registers
+                    query = i0 + i
+                    if query < nq:  # rows past the tile hold stale data: never read
+                        for c in range(4):
+                            partial[c] = 0.0
+                        for c in range(DIM):  # four partial sums: four independent FMA chains, not one
+                            partial[c % 4] += q_tile[query, c] * k_row[c]
+                        score = (partial[0] + partial[1]) + (partial[2] + partial[3])
+                        p = math.exp(score - lse_tile[query])
+                        if KEY_GRADIENT == "dk":
+                            for c in range(4):
+                                partial[c] = 0.0
+                            for c in range(VALUE_DIM):  # four partial sums: four independent FMA chains, not one
+                                partial[c % 4] += do_tile[query, c] * v_row[c]
+                            dp = (partial[0] + partial[1]) + (partial[2] + partial[3])
+                            weights[i] = p * (dp - dsum_tile[query])
+                        else:
+                            weights[i] = p
+                for i in range(CHUNK):  # a second pass over the chunk's rows: none kept live
+                    if i0 + i < nq:
+                        if KEY_GRADIENT == "dk":
+                            for c in range(DIM):
+                                grad_row[c] += weights[i] * q_tile[i0 + i, c]  # q_tile carries the scale
+                        else:
+                            for c in range(VALUE_DIM):
+                                grad_row[c] += weights[i] * do_tile[i0 + i, c]
     if t < size:
         row = segment_position(w, r, o, s, t)
-        for c in range(DIM):
-            dk[b, row, h, c] += dk_row[c]
-        for c in range(VALUE_DIM):
-            dv[b, row, h, c] += dv_row[c]
+        for c in range(GRAD_DIM):
+            grad[b, row, h, c] += grad_row[c]
 
 
 def backward_queries_branch(q, k, v, dout, lse, dsum, w, r, offsets, causal, scale, dq):
     """dQ of one branch (SPEC §5), added into ``dq`` (``REAL``).
 
-    Thread ``t`` owns query row ``t`` and loops over its key tiles:
-    ``P = exp(scale q.k - LSE)``, ``dS = P (dO.v - Dsum)``, ``dQ += scale dS k``.
+    Thread ``t`` owns query row ``t`` and loops over its key tiles, ``CHUNK`` keys at a time:
+    first ``dS = P (dO.v - Dsum)`` with ``P = exp(scale q.k - LSE)``, then ``dQ += scale dS k``.
     """
     n, heads = q.shape[1], q.shape[2]
     s, bh = cuda.blockIdx.y, cuda.blockIdx.z
@@ -248,11 +273,13 @@ def backward_queries_branch(q, k, v, dout, lse, dsum, w, r, offsets, causal, sca
     if q0 >= size:
         return
     t = q0 + cuda.threadIdx.x  # this thread's query row
-    k_tile = cuda.shared.array((TILE, DIM_ALLOC), REAL)
-    v_tile = cuda.shared.array((TILE, VALUE_ALLOC), REAL)
+    k_tile = cuda.shared.array((TILE, DIM_ALLOC), REAL, alignment=ALIGNMENT)
+    v_tile = cuda.shared.array((TILE, VALUE_ALLOC), REAL, alignment=ALIGNMENT)
     q_row = cuda.local.array(DIM_ALLOC, REAL)
     do_row = cuda.local.array(VALUE_ALLOC, REAL)
     dq_row = cuda.local.array(DIM_ALLOC, REAL)
+    weights = cuda.local.array(CHUNK, REAL)
+    partial = cuda.local.array(4, REAL)
     lse_t = REAL(math.inf)
     dsum_t = REAL(0.0)
     if t < size:
@@ -278,16 +305,25 @@ def backward_queries_branch(q, k, v, dout, lse, dsum, w, r, offsets, causal, sca
         cuda.syncthreads()
         if t < size:
             last = min(nk, causal_key_count(t) - k0) if causal else nk
-            for j in range(last):  # c loops unroll (constant D, Dv): the rows stay in registers
-                score = REAL(0.0)
-                for c in range(DIM):
-                    score += q_row[c] * k_tile[j, c]
-                dp = REAL(0.0)
-                for c in range(VALUE_DIM):
-                    dp += do_row[c] * v_tile[j, c]
-                ds = math.exp(score - lse_t) * (dp - dsum_t)
-                for c in range(DIM):
-                    dq_row[c] += ds * k_tile[j, c]
+            for j0 in range(0, last, CHUNK):
+                for j in range(CHUNK):  # c loops unroll (constant D, Dv): the rows stay in registers
+                    key = j0 + j
+                    if key < last:  # keys past `last` are not attended (or stale): never read
+                        for c in range(4):
+                            partial[c] = 0.0
+                        for c in range(DIM):  # four partial sums: four independent FMA chains, not one
+                            partial[c % 4] += q_row[c] * k_tile[key, c]
+                        score = (partial[0] + partial[1]) + (partial[2] + partial[3])
+                        for c in range(4):
+                            partial[c] = 0.0
+                        for c in range(VALUE_DIM):  # four partial sums: four independent FMA chains, not one
+                            partial[c % 4] += do_row[c] * v_tile[key, c]
+                        dp = (partial[0] + partial[1]) + (partial[2] + partial[3])
+                        weights[j] = math.exp(score - lse_t) * (dp - dsum_t)  # dS
+                for j in range(CHUNK):  # a second pass over the chunk's keys: none kept live
+                    if j0 + j < last:
+                        for c in range(DIM):
+                            dq_row[c] += weights[j] * k_tile[j0 + j, c]
     if t < size:
         row = segment_position(w, r, o, s, t)
         for c in range(DIM):
@@ -295,10 +331,11 @@ def backward_queries_branch(q, k, v, dout, lse, dsum, w, r, offsets, causal, sca
 
 
 class Kernels(NamedTuple):
-    """The three kernels compiled for one ``(dtype, D, Dv)``."""
+    """The four kernels compiled for one ``(dtype, D, Dv)``."""
 
     forward_branch: object
-    backward_keys_branch: object
+    backward_values_branch: object  # backward_keys_branch with KEY_GRADIENT = "dv"
+    backward_keys_branch: object  # with KEY_GRADIENT = "dk"
     backward_queries_branch: object
 
 
@@ -328,7 +365,7 @@ def default_tile(dtype, dim: int, value_dim: int) -> int:
     return 64 if bits * widest <= 32 * 64 else 32 if bits * widest <= 32 * 128 else 16
 
 
-def bind_constants(template, dtype, dim: int, value_dim: int, geometry: Geometry = DEFAULT_GEOMETRY):
+def bind_constants(template, dtype, dim: int, value_dim: int, geometry: Geometry = DEFAULT_GEOMETRY, key_gradient="dk"):
     """A copy of the Python function ``template`` whose globals hold the constants of ``(dtype, D, Dv)``.
 
     ``DIM``, ``VALUE_DIM`` (and their array sizes), ``REAL``, ``BLOCK`` and ``TILE`` replace the
@@ -337,10 +374,14 @@ def bind_constants(template, dtype, dim: int, value_dim: int, geometry: Geometry
     """
     real = float64 if accumulation_dtype(dtype) == np.float64 else float32
     constants = {"DIM": dim, "VALUE_DIM": value_dim, "DIM_ALLOC": max(dim, 1), "VALUE_ALLOC": max(value_dim, 1)}
+    grad_dim = dim if key_gradient == "dk" else value_dim  # the row backward_keys_branch accumulates
     constants.update(
         REAL=real,
         BLOCK=geometry.block or BLOCK,
         TILE=geometry.tile or default_tile(dtype, dim, value_dim),
+        KEY_GRADIENT=key_gradient,
+        GRAD_DIM=grad_dim,
+        GRAD_ALLOC=max(grad_dim, 1),
     )
     function = types.FunctionType(template.__code__, dict(template.__globals__, **constants), template.__name__)
     function.__doc__ = template.__doc__
@@ -349,9 +390,14 @@ def bind_constants(template, dtype, dim: int, value_dim: int, geometry: Geometry
 
 @cache
 def specialised(dtype, dim: int, value_dim: int, geometry: Geometry = DEFAULT_GEOMETRY) -> Kernels:
-    """The three kernels for one ``(dtype, D, Dv)``, compiled once per process (cached)."""
-    templates = (forward_branch, backward_keys_branch, backward_queries_branch)
-    return Kernels(*(cuda.jit(bind_constants(t, np.dtype(dtype), dim, value_dim, geometry)) for t in templates))
+    """The four kernels for one ``(dtype, D, Dv)``, compiled once per process (cached)."""
+    dtype = np.dtype(dtype)
+    return Kernels(
+        cuda.jit(bind_constants(forward_branch, dtype, dim, value_dim, geometry)),
+        cuda.jit(bind_constants(backward_keys_branch, dtype, dim, value_dim, geometry, key_gradient="dv")),
+        cuda.jit(bind_constants(backward_keys_branch, dtype, dim, value_dim, geometry, key_gradient="dk")),
+        cuda.jit(bind_constants(backward_queries_branch, dtype, dim, value_dim, geometry)),
+    )
 
 
 def _grid(n, heads, batch, segment_length, dilation, block):
@@ -422,6 +468,7 @@ def backward(xp, dout, q, k, v, out, lse, branches, causal, scale, offsets, geom
         grid = _grid(n, heads, batch, branch.segment_length, branch.dilation, block)
         o = _offsets(xp, heads, branch, offsets)
         args = (q, k, v, dout, lse, dsum, branch.segment_length, branch.dilation, o, causal, real.type(scale))
-        kernels.backward_keys_branch[grid, block](*args, dk, dv)
+        kernels.backward_values_branch[grid, block](*args, dv)
+        kernels.backward_keys_branch[grid, block](*args, dk)
         kernels.backward_queries_branch[grid, block](*args, dq)
     return tuple(g.astype(q.dtype, copy=False) for g in (dq, dk, dv))
