@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, one prepared script (about 6 minutes at most on one H100/H200):
-#   versions, `pytest -m gpu tests/test_gpu.py`, then benchmarks/gpu_peer.py.
+#   versions, `pytest -m gpu tests/test_gpu.py`, benchmarks/gpu_peer.py, and (optional)
+#   benchmarks/gpu_geometry.py. STEPS chooses: STEPS="pytest peer geometry" bash benchmarks/gpu_check.sh
 # Run from the repository root (not pip-installed: PYTHONPATH=$PWD). Logs and JSON go to $OUT
 # (default ./gpu-results). Each step has its own timeout so that one hang cannot eat the budget.
 set -u
@@ -9,7 +10,9 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-$PWD/gpu-results}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
+STEPS="${STEPS:-geometry}"  # run 3 only: the geometry sweep (pytest and peer passed in run 2 on these kernels)
 start=$SECONDS
+has() { [[ " $STEPS " == *" $1 "* ]]; }
 
 {
   date -u
@@ -35,15 +38,26 @@ PY
 } > "$OUT/versions.txt" 2>&1
 cat "$OUT/versions.txt"
 
-echo "== pytest -m gpu (timeout 170 s)"
-timeout -k 10 170 "$PY" -m pytest -m gpu tests/test_gpu.py -x -q -ra -p no:cacheprovider \
-  --junitxml="$OUT/pytest.xml" > "$OUT/pytest.log" 2>&1
-echo "pytest exit status $? after $((SECONDS - start)) s" | tee -a "$OUT/pytest.log"
-tail -n 40 "$OUT/pytest.log"
+if has pytest; then
+  echo "== pytest -m gpu (timeout 170 s)"
+  timeout -k 10 170 "$PY" -m pytest -m gpu tests/test_gpu.py -x -q -ra -p no:cacheprovider \
+    --junitxml="$OUT/pytest.xml" > "$OUT/pytest.log" 2>&1
+  echo "pytest exit status $? after $((SECONDS - start)) s" | tee -a "$OUT/pytest.log"
+  tail -n 40 "$OUT/pytest.log"
+fi
 
-left=$((330 - (SECONDS - start)))
-[ "$left" -gt 140 ] || left=140
-echo "== benchmarks/gpu_peer.py (timeout $left s)"
-timeout -k 10 "$left" "$PY" benchmarks/gpu_peer.py --json "$OUT/gpu_peer.json" > "$OUT/gpu_peer.log" 2>&1
-echo "gpu_peer exit status $? after $((SECONDS - start)) s" | tee -a "$OUT/gpu_peer.log"
-cat "$OUT/gpu_peer.log" | grep -v "^  File\|^    " | tail -n 60
+if has peer; then
+  left=$((330 - (SECONDS - start)))
+  [ "$left" -gt 140 ] || left=140
+  echo "== benchmarks/gpu_peer.py (timeout $left s)"
+  timeout -k 10 "$left" "$PY" benchmarks/gpu_peer.py --json "$OUT/gpu_peer.json" > "$OUT/gpu_peer.log" 2>&1
+  echo "gpu_peer exit status $? after $((SECONDS - start)) s" | tee -a "$OUT/gpu_peer.log"
+  grep -v "^  File\|^    " "$OUT/gpu_peer.log" | tail -n 60
+fi
+
+if has geometry; then
+  echo "== benchmarks/gpu_geometry.py (timeout 150 s)"
+  timeout -k 10 150 "$PY" benchmarks/gpu_geometry.py --json "$OUT/gpu_geometry.json" > "$OUT/gpu_geometry.log" 2>&1
+  echo "gpu_geometry exit status $? after $((SECONDS - start)) s" | tee -a "$OUT/gpu_geometry.log"
+  grep -v "^  File\|^    " "$OUT/gpu_geometry.log" | tail -n 40
+fi

@@ -345,14 +345,17 @@ def accumulation_dtype(dtype) -> np.dtype:
 
 
 class Geometry(NamedTuple):
-    """Threads per block and rows per shared tile. ``None``: chosen from the dtype and head dims.
+    """Threads per block, rows per shared tile and a register cap. ``None``: the defaults.
 
     Tests in the CUDA simulator pass small values (e.g. ``Geometry(8, 4)``) so that tiny
-    problems already span several thread blocks and tiles.
+    problems already span several thread blocks and tiles; ``benchmarks/gpu_geometry.py``
+    times alternatives on a GPU. ``max_registers`` caps registers per thread (more resident
+    threads, perhaps spills).
     """
 
     block: int | None = None
     tile: int | None = None
+    max_registers: int | None = None
 
 
 DEFAULT_GEOMETRY = Geometry()
@@ -392,11 +395,12 @@ def bind_constants(template, dtype, dim: int, value_dim: int, geometry: Geometry
 def specialised(dtype, dim: int, value_dim: int, geometry: Geometry = DEFAULT_GEOMETRY) -> Kernels:
     """The four kernels for one ``(dtype, D, Dv)``, compiled once per process (cached)."""
     dtype = np.dtype(dtype)
+    options = {} if geometry.max_registers is None else {"max_registers": geometry.max_registers}
     return Kernels(
-        cuda.jit(bind_constants(forward_branch, dtype, dim, value_dim, geometry)),
-        cuda.jit(bind_constants(backward_keys_branch, dtype, dim, value_dim, geometry, key_gradient="dv")),
-        cuda.jit(bind_constants(backward_keys_branch, dtype, dim, value_dim, geometry, key_gradient="dk")),
-        cuda.jit(bind_constants(backward_queries_branch, dtype, dim, value_dim, geometry)),
+        cuda.jit(bind_constants(forward_branch, dtype, dim, value_dim, geometry), **options),
+        cuda.jit(bind_constants(backward_keys_branch, dtype, dim, value_dim, geometry, key_gradient="dv"), **options),
+        cuda.jit(bind_constants(backward_keys_branch, dtype, dim, value_dim, geometry, key_gradient="dk"), **options),
+        cuda.jit(bind_constants(backward_queries_branch, dtype, dim, value_dim, geometry), **options),
     )
 
 
