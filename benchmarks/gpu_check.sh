@@ -10,7 +10,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-$PWD/gpu-results}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-STEPS="${STEPS:-geometry}"  # run 3 only: the geometry sweep (pytest and peer passed in run 2 on these kernels)
+STEPS="${STEPS:-pytest peer}"
 start=$SECONDS
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 
