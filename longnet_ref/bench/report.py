@@ -80,8 +80,10 @@ def format_weak_scaling(rows, setup, itemsize=4) -> str:
     module's docstring formula predicts."""
     w, r, heads, dim = setup.segment_lengths, setup.dilation_rates, setup.heads, setup.dim
     lines = [
-        f"weak scaling: N = P x {setup.n_per_rank}, w = {list(w)}, r = {list(r)}, H = {heads}, D = {dim},"
-        f" backend = {setup.backend}, median of {setup.repeats}",
+        (
+            f"weak scaling: N = P x {setup.n_per_rank}, w = {list(w)}, r = {list(r)}, H = {heads}, D = {dim},"
+            f" backend = {setup.backend}, median of {setup.repeats}"
+        ),
         f"{'P':>3s} {'N':>8s} {'fwd s':>8s} {'fwd+bwd s':>10s} {'fwd recv B/rank (max)':>22s} {'bwd moved B/rank (max)':>23s}",
     ]
     for row in rows:
