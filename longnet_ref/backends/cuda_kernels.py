@@ -15,15 +15,18 @@ Design (one launch per branch and pass, so the rows of one branch are owned by o
   result into ``out``/``lse`` with a running LSE (paper Eq. 10).
 - backward, with the global ``LSE`` and ``Dsum``: :func:`backward_keys_branch`, compiled twice
   (a thread per key row over query tiles: once for dV, once for dK) and
-  :func:`backward_queries_branch` (a thread per query row: dQ over key tiles). ``P = exp(scale q.k - LSE)``, ``dS = P (dO.v - Dsum)``. No atomics:
-  deterministic.
+  :func:`backward_queries_branch` (a thread per query row: dQ over key tiles).
+  ``P = exp(scale q.k - LSE)``, ``dS = P (dO.v - Dsum)``. No atomics: deterministic.
 
 **Specialisation.** The kernel bodies below are module-level templates that read the head
-dimensions ``DIM`` / ``VALUE_DIM`` and the accumulation type ``REAL`` as *global constants*. :func:`specialised` compiles a copy of each template per
-``(dtype, D, Dv)`` with those globals bound (Numba freezes globals at compile time), so every
+dimensions ``DIM`` / ``VALUE_DIM`` and the accumulation type ``REAL`` as *global constants*.
+:func:`specialised` compiles a copy of each template per ``(dtype, D, Dv)`` with those globals
+bound (Numba freezes globals at compile time), so every
 per-row loop has a compile-time trip count: the compiler unrolls it and keeps the row in
 registers, and shared tiles are sized exactly. float16 inputs are read as float16 and
-accumulated in float32 (``REAL``); ``out`` and ``lse`` are written in ``REAL``.
+accumulated in float32 (``REAL``); ``out`` and ``lse`` are written in ``REAL``. Launch geometry
+(threads per block, tile rows, the forward's register cap) was measured on an H200
+(``benchmarks/gpu_geometry.py``).
 
 A thread skips the pairs its row does not attend, so a NaN reaches exactly the rows that attend
 it (SPEC §7). Head dimensions up to ``MAX_DIM``. The row rules (segment sizes, positions, the
