@@ -46,7 +46,18 @@ def array_namespace(x):
 
 
 def get_backend(name):
-    """Import and return the backend module called ``name`` (SPEC §6)."""
+    """Import and return the backend module called ``name`` (SPEC §6).
+
+    The GPU backends need CuPy: without it they fail here, naming the extra to install, before
+    any work (``"cupy"`` runs the reference, which itself would import without CuPy).
+    """
     if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"backend must be one of {tuple(BACKENDS)}, got {name!r}")
+    if name in GPU_BACKENDS:
+        try:
+            import cupy  # noqa: F401
+        except ImportError as error:
+            raise ImportError(
+                f"backend={name!r} needs CuPy and an NVIDIA GPU: pip install 'longnet-ref[gpu]' (see docs/gpu.md)"
+            ) from error
     return importlib.import_module(BACKENDS[name])
