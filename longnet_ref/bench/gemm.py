@@ -11,10 +11,12 @@ import time
 
 import numpy as np
 
+from ..backends import GPU_BACKENDS
+
 
 def to_device(x, backend):
-    """``x`` as a CuPy array for ``backend="cupy"``, unchanged otherwise."""
-    if backend != "cupy":
+    """``x`` as a CuPy array for the GPU backends (``"cupy"``, ``"cupy-fused"``), unchanged otherwise."""
+    if backend not in GPU_BACKENDS:
         return x
     import cupy
 
@@ -23,7 +25,7 @@ def to_device(x, backend):
 
 def seconds(fn, backend="numba") -> float:
     """Wall time of ``fn()``; for the GPU, from a synchronised start to a synchronised end."""
-    if backend == "cupy":
+    if backend in GPU_BACKENDS:
         import cupy
 
         sync = cupy.cuda.Device().synchronize
@@ -48,7 +50,7 @@ def gemm_gflops(dtype, size=2048, repeats=5, backend="numba") -> float:
 
     A product of two ``size x size`` matrices is ``2 size^3`` FLOPs.
     """
-    size = 8192 if backend == "cupy" else size  # a GPU needs a larger product to reach its rate
+    size = 8192 if backend in GPU_BACKENDS else size  # a GPU needs a larger product to reach its rate
     a, b = _gemm_operands(np.dtype(dtype), size, backend)
     a @ b  # warm-up: BLAS threads, GPU context
     best = min(seconds(lambda: a @ b, backend) for _ in range(repeats))

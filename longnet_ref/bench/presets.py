@@ -37,7 +37,7 @@ PRESETS = {
     "sweep": [Config(f"sweep N=2^{e}", 2**e, heads=4, **PAPER_BRANCHES) for e in range(14, 21)],
 }
 
-BACKENDS = ("numba", "numpy", "cupy")
+BACKENDS = ("numba", "numpy", "cupy", "cupy-fused")
 DEFAULT_PRESETS = ("quick",)
 DEFAULT_BACKEND = "numba"
 DEFAULT_REPEATS = 3  # runs per measurement; the median is reported
