@@ -46,7 +46,8 @@ def dilated_attention(
     Docs: [the mixture](mixture.md), [from scratch](scratch.md) (the same in plain loops).
 
     Args:
-        q: queries ``(B, N, H, D)``, ``float32`` or ``float64``; with ``backend="cupy"`` a CuPy array.
+        q: queries ``(B, N, H, D)``, ``float32`` or ``float64`` (on CuPy arrays also ``float16``,
+            and ``bfloat16`` with ``backend="cupy"``: computed in float32, ``lse`` then float32).
         k: keys ``(B, N, H, D)``, the dtype of ``q``.
         v: values ``(B, N, H, Dv)``, the dtype of ``q``; ``Dv`` may differ from ``D``.
         segment_lengths: the branches' segment lengths ``w_i``, positive integers.
@@ -55,7 +56,10 @@ def dilated_attention(
         scale: the score scale; ``1/sqrt(D)`` when ``None``.
         offsets: ``"paper"`` (head ``h`` has offset ``h mod r``) or ``"torchscale"`` (contiguous
             blocks of heads), SPEC §2.
-        backend: ``"numpy"`` (the reference), ``"numba"`` (CPU kernels) or ``"cupy"`` (GPU).
+        backend: ``"reference"`` (alias ``"numpy"``: the definition, on NumPy, CuPy or any
+            array API arrays), ``"numba"`` (CPU kernels), ``"cupy"`` (the reference on CuPy
+            arrays: cuBLAS GEMMs) or ``"cupy-fused"`` (fused Numba-CUDA kernels); see
+            [GPU](gpu.md).
         return_lse: also return the log-sum-exp ``LSE`` of every row.
 
     Returns:

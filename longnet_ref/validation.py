@@ -17,12 +17,16 @@ from .config import InputTypeError
 if TYPE_CHECKING:
     import cupy
 
-SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+SUPPORTED_DTYPES = ("float32", "float64")
 """The dtypes every public function accepts (SPEC §1): float32 and float64."""
+HALF_DTYPES = ("float16", "bfloat16")
+"""Accepted on CuPy arrays only: the GPU paths compute them in float32."""
+GPU_BACKENDS = ("cupy", "cupy-fused")
+"""The backends that take CuPy arrays."""
 
 
 def array_module_name(x: Any) -> str:
-    """``"numpy"`` or ``"cupy"``: which library the array belongs to (SPEC §7).
+    """``"numpy"``, ``"cupy"`` or the top-level module of another array type (``"array_api_strict"``).
 
     Decided by type, without importing CuPy.
 
@@ -30,23 +34,27 @@ def array_module_name(x: Any) -> str:
         x: Any object.
 
     Returns:
-        ``"numpy"`` for a ``np.ndarray``, ``"cupy"`` for an object of a ``cupy`` module, and
-        otherwise the name of ``x``'s type (``"list"``, ``"Tensor"``, ...), for the message.
+        ``"numpy"`` for a ``np.ndarray``, otherwise the top-level module of ``x``'s type
+        (``"cupy"``, ``"array_api_strict"``, ``"builtins"`` for a list, ...), for the message.
     """
     if isinstance(x, np.ndarray):
         return "numpy"
-    if type(x).__module__.split(".")[0] == "cupy":
-        return "cupy"
-    return type(x).__name__
+    return type(x).__module__.split(".")[0]
+
+
+def dtype_name(dtype) -> str:
+    """``"float32"`` for NumPy's, CuPy's and array API libraries' float32 alike."""
+    return str(dtype).rsplit(".", 1)[-1]
 
 
 def check_array(x: Any, name: str, backend: str, ndim: int) -> None:
-    """Check that ``x`` is an ``ndim``-D float32/float64 array of the backend's library (SPEC §1, §7).
+    """Check that ``x`` is an ``ndim``-D float array the backend accepts (SPEC §1, §7).
 
     Args:
         x: The argument to check.
         name: Its name, used in the messages (``"q"``, ``"dout"``, ...).
-        backend: ``"cupy"`` asks for a CuPy array; any other backend for a NumPy array.
+        backend: ``"reference"`` accepts NumPy or any array API array; ``"cupy"`` and
+            ``"cupy-fused"`` ask for a CuPy array; ``"numba"`` for a NumPy array.
         ndim: The required number of dimensions.
 
     Returns:
@@ -54,38 +62,55 @@ def check_array(x: Any, name: str, backend: str, ndim: int) -> None:
 
     Raises:
         InputTypeError: ``x`` is not an array of the expected library, or its dtype is not
-            float32 or float64.
+            float32 or float64 (float16/bfloat16 are accepted on CuPy arrays only).
         ValueError: ``x.ndim != ndim``.
     """
-    expected = "cupy" if backend == "cupy" else "numpy"
     kind = array_module_name(x)
-    if kind != expected:
-        raise InputTypeError(
-            f"{name} must be a {expected} array for backend={backend!r}, got {type(x).__module__}.{type(x).__name__}"
-        )
+    if backend == "reference":  # any array API array: NumPy, CuPy, array_api_strict, ...
+        if kind != "numpy" and not hasattr(x, "__array_namespace__"):
+            raise InputTypeError(f"{name} must be an array (NumPy, CuPy or array API) for backend='reference', got {type(x).__name__}")
+    else:
+        expected = "cupy" if backend in GPU_BACKENDS else "numpy"
+        if kind != expected:
+            raise InputTypeError(
+                f"{name} must be a {expected} array for backend={backend!r}, got {type(x).__module__}.{type(x).__name__}"
+            )
     if x.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
-    if x.dtype not in SUPPORTED_DTYPES:
+    dtype = dtype_name(x.dtype)
+    if dtype in HALF_DTYPES and kind != "cupy":
+        raise InputTypeError(f"{name} must be float32 or float64, got dtype {dtype} (float16/bfloat16: CuPy arrays only)")
+    if dtype not in SUPPORTED_DTYPES + HALF_DTYPES:
         raise InputTypeError(f"{name} must be float32 or float64, got dtype {x.dtype}")
 
 
-def check_attention_inputs(
-    q: np.ndarray | cupy.ndarray, k: np.ndarray | cupy.ndarray, v: np.ndarray | cupy.ndarray, backend: str = "numpy"
-) -> tuple[int, int, int, int, int]:
+def lse_dtype_name(dtype: Any) -> str:
+    """The dtype of ``lse``: the input dtype, float32 for half inputs (accumulated in float32).
+
+    Args:
+        dtype: The inputs' dtype (NumPy, CuPy or array API).
+
+    Returns:
+        ``"float32"`` for float16/bfloat16, otherwise the dtype's name.
+    """
+    return "float32" if dtype_name(dtype) in HALF_DTYPES else dtype_name(dtype)
+
+
+def check_attention_inputs(q: Any, k: Any, v: Any, backend: str = "numpy") -> tuple[int, int, int, int, int]:
     """Check ``q, k: (B, N, H, D)``, ``v: (B, N, H, Dv)``, one float dtype; return the sizes (SPEC §1, §7).
 
     Args:
-        q: ``(B, N, H, D)`` queries, float32 or float64.
+        q: ``(B, N, H, D)`` queries, float32 or float64 (half precision on CuPy arrays).
         k: ``(B, N, H, D)`` keys, the shape and dtype of ``q``.
         v: ``(B, N, H, Dv)`` values, the dtype of ``q``.
-        backend: ``"cupy"`` asks for CuPy arrays; any other backend for NumPy arrays.
+        backend: which arrays are expected, as in [`check_array`][longnet_ref.validation.check_array].
 
     Returns:
         ``(B, N, H, D, Dv)`` as ``int``s.
 
     Raises:
-        InputTypeError: An argument is not an array of the backend's library, its dtype is not
-            float32/float64, or the three dtypes differ.
+        InputTypeError: An argument is not an array the backend accepts, its dtype is not
+            supported, or the three dtypes differ.
         ValueError: An argument is not 4-D, ``k.shape != q.shape``, ``v.shape[:3] != q.shape[:3]``,
             or ``D = 0``.
     """
@@ -134,7 +159,9 @@ def check_gradient_inputs(
         check_array(x, name, backend, len(shape))
         if tuple(x.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
-        if x.dtype != q.dtype:
+        if name == "lse" and dtype_name(x.dtype) != lse_dtype_name(q.dtype):
+            raise InputTypeError(f"lse must have dtype {lse_dtype_name(q.dtype)} (the forward's), got {x.dtype}")
+        if name != "lse" and x.dtype != q.dtype:
             raise InputTypeError(f"{name} must have the dtype of q ({q.dtype}), got {x.dtype}")
 
 

@@ -1,9 +1,11 @@
-"""``backend="cupy"``: dilated attention on an NVIDIA GPU, on CuPy arrays (SPEC §6).
+"""``backend="cupy-fused"``: dilated attention on an NVIDIA GPU by fused Numba-CUDA kernels (SPEC §6).
 
 Inputs and outputs are CuPy arrays; nothing is copied to the host. The work is done by the
-Numba-CUDA kernels of ``cuda_kernels.py``, launched on the CuPy arrays' device memory.
-Install with ``pip install "longnet-ref[gpu]"`` (CuPy for CUDA 12; see ``docs/gpu.md`` for
-other CUDA versions). Docs: ``docs/gpu.md``.
+kernels of ``cuda_kernels.py`` (one launch per branch and pass, specialised per dtype and head
+dimensions), launched on the CuPy arrays' device memory. float16 inputs are accumulated in
+float32; ``lse`` is float32 for them. ``backend="cupy"`` is the other GPU path: the reference
+itself on CuPy arrays (cuBLAS). Install with ``pip install "longnet-ref[gpu]"``; see
+``docs/gpu.md`` for which path to choose.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ try:
     import cupy
 except ImportError as error:  # pragma: no cover - depends on the machine
     raise ImportError(
-        "backend='cupy' needs CuPy and an NVIDIA GPU: pip install 'longnet-ref[gpu]' (see docs/gpu.md)"
+        "backend='cupy-fused' needs CuPy and an NVIDIA GPU: pip install 'longnet-ref[gpu]' (see docs/gpu.md)"
     ) from error
 
 from . import cuda_kernels

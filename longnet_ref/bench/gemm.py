@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..backends import GPU_BACKENDS
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -19,20 +21,20 @@ if TYPE_CHECKING:
 
 
 def to_device(x: np.ndarray, backend: str) -> Any:
-    """``x`` as a CuPy array for ``backend="cupy"``, unchanged otherwise.
+    """``x`` as a CuPy array for the GPU backends (``"cupy"``, ``"cupy-fused"``), unchanged otherwise.
 
     Args:
         x: A NumPy array of any shape and dtype.
-        backend: The benchmarked backend (``"numba"``, ``"numpy"`` or ``"cupy"``).
+        backend: The benchmarked backend (``"numba"``, ``"numpy"``, ``"cupy"`` or ``"cupy-fused"``).
 
     Returns:
-        ``cupy.asarray(x)`` (same shape and dtype, on the current GPU) for ``"cupy"``; ``x``
+        ``cupy.asarray(x)`` (same shape and dtype, on the current GPU) for a GPU backend; ``x``
         itself otherwise.
 
     Raises:
         ImportError: ``backend="cupy"`` and CuPy is not installed (the ``gpu`` extra).
     """
-    if backend != "cupy":
+    if backend not in GPU_BACKENDS:
         return x
     import cupy
 
@@ -44,7 +46,7 @@ def seconds(fn: Callable[[], Any], backend: str = "numba") -> float:
 
     Args:
         fn: The call to time, no arguments; its result is discarded.
-        backend: ``"cupy"`` synchronises the current GPU before and after; any other backend
+        backend: a GPU backend synchronises the current GPU before and after; any other backend
             times the call alone.
 
     Returns:
@@ -54,7 +56,7 @@ def seconds(fn: Callable[[], Any], backend: str = "numba") -> float:
         ImportError: ``backend="cupy"`` and CuPy is not installed.
         Exception: Whatever ``fn`` raises, unchanged.
     """
-    if backend == "cupy":
+    if backend in GPU_BACKENDS:
         import cupy
 
         sync = cupy.cuda.Device().synchronize
@@ -95,7 +97,7 @@ def gemm_gflops(dtype: DTypeLike, size: int = 2048, repeats: int = 5, backend: s
         ImportError: ``backend="cupy"`` and CuPy is not installed.
         TypeError: ``dtype`` is not a NumPy dtype.
     """
-    size = 8192 if backend == "cupy" else size  # a GPU needs a larger product to reach its rate
+    size = 8192 if backend in GPU_BACKENDS else size  # a GPU needs a larger product to reach its rate
     a, b = _gemm_operands(np.dtype(dtype), size, backend)
     a @ b  # warm-up: BLAS threads, GPU context
     best = min(seconds(lambda: a @ b, backend) for _ in range(repeats))

@@ -54,8 +54,8 @@ PRESETS: dict[str, list[Config]] = {
 """The configurations of ``longnet-ref bench --preset NAME``: the paper's branches (Table 1),
 its language-model branches, and a sweep of ``N`` from ``2^14`` to ``2^20``."""
 
-BACKENDS = ("numba", "numpy", "cupy")
-"""The values of ``--backend``; ``cupy`` needs the ``gpu`` extra."""
+BACKENDS = ("numba", "numpy", "cupy", "cupy-fused")
+"""The values of ``--backend``; ``cupy`` and ``cupy-fused`` need the ``gpu`` extra."""
 DEFAULT_PRESETS = ("quick",)
 """``--preset`` when none is given."""
 DEFAULT_BACKEND = "numba"
