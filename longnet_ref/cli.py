@@ -148,6 +148,11 @@ def main(argv=None) -> int:
     p = sub.add_parser("pattern", help="draw the attention-pattern, multiplicity, FLOPs and path-length figures")
     p.add_argument("--output-dir", default="docs/figures")
     p.set_defaults(func=pattern)
+    p = sub.add_parser("train", help="train a small LongNet language model (passkey task or --text FILE)")
+    from . import train
+
+    train.add_arguments(p)
+    p.set_defaults(func=train.run)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
