@@ -6,8 +6,10 @@ The public contract of SPEC §6. Docs: https://longnet-ref docs (``mkdocs serve`
 from .attention import dilated_attention, dilated_attention_backward
 from .dense import dense_attention, dense_attention_backward
 from .multiplicity import multiplicity
+from .nn import MultiheadDilatedAttention
 
 __all__ = [
+    "MultiheadDilatedAttention",
     "dense_attention",
     "dense_attention_backward",
     "dilated_attention",
