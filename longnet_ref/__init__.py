@@ -4,11 +4,14 @@ The public contract of SPEC §6. Docs: https://longnet-ref docs (``mkdocs serve`
 """
 
 from .attention import dilated_attention, dilated_attention_backward
+from .decode import DenseKVCache, DilatedKVCache
 from .dense import dense_attention, dense_attention_backward
 from .multiplicity import multiplicity
 from .nn import MultiheadDilatedAttention
 
 __all__ = [
+    "DenseKVCache",
+    "DilatedKVCache",
     "MultiheadDilatedAttention",
     "dense_attention",
     "dense_attention_backward",

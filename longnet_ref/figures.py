@@ -142,3 +142,59 @@ def generate(output_dir) -> list[Path]:
     for name, make in makers.items():
         make(output_dir / name)
     return [output_dir / name for name in FIGURES]
+
+
+# --- Decoding with a bounded cache (docs/decoding.md) ----------------------------------------
+
+
+def decode_cache(path, position=26):
+    """Which rows the bounded KV cache holds after decoding positions ``0..t`` (``longnet_ref.decode``).
+
+    One strip per (branch, head), like :func:`selected_rows`: grey marks every row the head
+    selects up to ``t``, colour the rows the cache still holds (its current segment's rows); all
+    grey rows left of a segment boundary were dropped when the segment ended.
+    """
+    from matplotlib.colors import ListedColormap
+
+    from .decode import DilatedKVCache
+
+    plt = _pyplot()
+    colours = ListedColormap(["#d0d0d0", "tab:blue", "tab:orange", "tab:green", "tab:red"])  # 0: dropped
+    cache = DilatedKVCache(1, HEADS, 1, 1, SEGMENT_LENGTHS, DILATION_RATES)
+    keys = np.zeros((1, position + 1, HEADS, 1))  # (B, t+1, H, D): only the positions matter here
+    cache.fill(keys, keys)
+    held = cache.held_positions()
+    branches = validate_branches(SEGMENT_LENGTHS, DILATION_RATES)
+    fig, axes = plt.subplots(len(branches), 1, figsize=(9, 1.1 * HEADS * len(branches) / 2.2), sharex=True)
+    for i, (ax, branch) in enumerate(zip(axes, branches)):
+        picture = np.full((HEADS, N), np.nan)
+        for h, o in enumerate(head_offsets(HEADS, branch.dilation)):
+            positions, valid = segment_rows(position + 1, branch.segment_length, branch.dilation, int(o))
+            picture[h, positions[valid]] = 0  # selected so far
+            picture[h, held[i][h]] = 1 + h % 4  # still in the cache
+        ax.imshow(picture, cmap=colours, vmin=-0.5, vmax=4.5, aspect="auto", interpolation="nearest")
+        for start in range(0, N + 1, branch.segment_length):
+            ax.axvline(start - 0.5, color="black", linewidth=1.5)
+        ax.axvline(position + 0.5, color="red", linewidth=1.5, linestyle="--")
+        ax.set_yticks(range(HEADS), [f"head {h}" for h in range(HEADS)], fontsize=7)
+        ax.set_title(
+            f"w = {branch.segment_length}, r = {branch.dilation}: at most ceil(w/r) = {cache.rows[i]} rows per head",
+            fontsize=9,
+        )
+        ax.set_xticks(range(0, N, 4))
+        ax.grid(False)
+    axes[-1].set_xlabel(f"position (colour: held in the cache after t = {position}; grey: selected, dropped; red: t)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+FIGURES = FIGURES + ("decode_cache.png",)
+_generate_before_decode_cache = generate
+
+
+def generate(output_dir) -> list[Path]:  # extends the generate above by one figure
+    """Draw every figure of ``FIGURES`` into ``output_dir``."""
+    paths = _generate_before_decode_cache(output_dir)  # draws the figures before this one
+    decode_cache(Path(output_dir) / "decode_cache.png")
+    return paths

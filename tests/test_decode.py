@@ -1,0 +1,368 @@
+"""Incremental decoding with the bounded KV cache (``longnet_ref.decode``; issue 11).
+
+The contract: for every position ``t``, ``DilatedKVCache.step`` returns row ``t`` of the causal
+parallel forward ``dilated_attention(..., causal=True)`` on the whole sequence, while holding at
+most ``sum_i ceil(w_i / r_i)`` rows per head. Two oracles: the parallel forward, and a
+brute-force softmax over the keys SPEC §2-4 assigns to ``t``, written out here from the spec
+(offsets, segments, multiplicities) without any library code.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from longnet_ref import DenseKVCache, DilatedKVCache, dense_attention, dilated_attention
+from tests.strategies import problems
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Step vs parallel forward: the same float operations per row, but the parallel forward forms the
+# scores of a whole segment with one matrix product while a step forms one row, so BLAS may sum
+# the D products in another order. A reordered dot product of length D <= 16 of unit normals
+# (|s| <= ~40 at most) differs by at most about D * u * |s|, and exp / normalise keep that size:
+# float64 (u = 1.1e-16): ~7e-14, so the issue's 1e-12 holds with margin; float32 (u = 6e-8):
+# ~4e-5, so 5e-5 (observed: <= 1e-6 over 60 random problems). The outputs are convex
+# combinations of O(1) values, hence the same bound absolute and relative.
+TOLERANCE = {
+    np.dtype(np.float64): {"rtol": 1e-12, "atol": 1e-12},
+    np.dtype(np.float32): {"rtol": 5e-5, "atol": 5e-5},
+}
+
+
+def spec_offsets(num_heads, dilation, rule):
+    """SPEC §2 written out: ``h mod r`` or contiguous blocks of ``ceil(H / r)`` heads."""
+    if rule == "paper":
+        return [h % dilation for h in range(num_heads)]
+    block = -(-num_heads // dilation)
+    return [h // block for h in range(num_heads)]
+
+
+def spec_keys(t, h, num_heads, segment_lengths, dilation_rates, rule):
+    """The multiset of key positions of query ``t``, head ``h`` under ``causal=True`` (SPEC §3-4).
+
+    Branch ``(w, r)`` covers ``t`` iff ``t``'s index in its segment is ``o + j r``; then its keys
+    are the positions of the same segment, ``<= t``, with index ``o + j' r``. Keys of several
+    branches are repeated (the multiplicity of SPEC §4).
+    """
+    keys = []
+    for w, r in zip(segment_lengths, dilation_rates):
+        o = spec_offsets(num_heads, r, rule)[h]
+        start = (t // w) * w
+        if t - start >= o and (t - start - o) % r == 0:
+            keys += [p for p in range(start, t + 1) if p - start >= o and (p - start - o) % r == 0]
+    return keys
+
+
+def spec_row(q, k, v, t, keys, scale):
+    """Softmax attention of row ``t`` over a multiset of keys, in float64: ``(out (B, Dv), lse (B,))``."""
+    if not keys:
+        return np.zeros((q.shape[0], v.shape[-1])), np.full(q.shape[0], -np.inf)
+    q64, k64, v64 = (x.astype(np.float64) for x in (q[:, t], k[:, keys], v[:, keys]))  # (B, D), (B, K, D), (B, K, Dv)
+    scores = scale * np.einsum("bd,bkd->bk", q64, k64)  # (B, K)
+    m = scores.max(axis=1, keepdims=True)
+    p = np.exp(scores - m)
+    return np.einsum("bk,bkc->bc", p, v64) / p.sum(axis=1, keepdims=True), np.log(p.sum(axis=1)) + m[:, 0]
+
+
+def new_cache(problem, **options):
+    return DilatedKVCache(
+        problem.batch, problem.num_heads, problem.head_dim, problem.value_dim, *problem.branches,
+        offsets=problem.offsets, dtype=problem.dtype, **options,
+    )
+
+
+def assert_rows_equal(out, lse, expected_out, expected_lse, tolerance):
+    """Equal outputs; ``lse`` equal where finite and ``-inf`` (uncovered) at exactly the same rows."""
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(expected_lse))
+    np.testing.assert_allclose(out, expected_out, **tolerance)
+    finite = np.isfinite(expected_lse)
+    np.testing.assert_allclose(lse[finite], expected_lse[finite], **tolerance)
+
+
+causal_problems = problems(max_n=40, causal=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(causal_problems)
+def test_stepping_reproduces_the_causal_parallel_forward_at_every_position(problem):
+    q, k, v, _ = problem.arrays
+    expected_out, expected_lse = dilated_attention(q, k, v, *problem.branches, causal=True, offsets=problem.offsets, return_lse=True)
+    cache = new_cache(problem)
+    for t in range(problem.n):
+        out, lse = cache.step(q[:, t], k[:, t], v[:, t])
+        assert out.dtype == lse.dtype == problem.dtype and out.shape == (problem.batch, problem.num_heads, problem.value_dim)
+        assert_rows_equal(out, lse, expected_out[:, t], expected_lse[:, t], TOLERANCE[problem.dtype])
+        assert cache.position == t + 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(problems(max_n=24, causal=True, dtypes=(np.float64,), max_heads=4))
+def test_stepping_equals_the_softmax_over_the_keys_the_spec_assigns(problem):
+    q, k, v, _ = problem.arrays
+    scale = 1 / math.sqrt(problem.head_dim)
+    cache = new_cache(problem)
+    for t in range(problem.n):
+        out, lse = cache.step(q[:, t], k[:, t], v[:, t])
+        for h in range(problem.num_heads):
+            keys = spec_keys(t, h, problem.num_heads, *problem.branches, problem.offsets)
+            assert_rows_equal(out[:, h], lse[:, h], *spec_row(q[:, :, h], k[:, :, h], v[:, :, h], t, keys, scale), TOLERANCE[problem.dtype])
+
+
+@settings(max_examples=40, deadline=None)
+@given(causal_problems, st.data())
+def test_prefill_of_a_prefix_then_steps_equals_the_parallel_forward(problem, data):
+    q, k, v, _ = problem.arrays
+    prompt = data.draw(st.integers(0, problem.n), label="prompt length")
+    expected_out, expected_lse = dilated_attention(q, k, v, *problem.branches, causal=True, offsets=problem.offsets, return_lse=True)
+    cache = new_cache(problem)
+    out, lse = cache.prefill(q[:, :prompt], k[:, :prompt], v[:, :prompt])
+    assert cache.position == prompt
+    assert_rows_equal(out, lse, expected_out[:, :prompt], expected_lse[:, :prompt], TOLERANCE[problem.dtype])
+    for t in range(prompt, problem.n):
+        assert_rows_equal(*cache.step(q[:, t], k[:, t], v[:, t]), expected_out[:, t], expected_lse[:, t], TOLERANCE[problem.dtype])
+
+
+@settings(max_examples=40, deadline=None)
+@given(causal_problems)
+def test_cache_holds_exactly_the_current_segment_rows_each_head_selects(problem):
+    """After positions ``0..t``, head ``h`` of branch ``(w, r)`` holds the rows of ``t``'s segment its offset selects."""
+    q, k, v, _ = problem.arrays
+    cache = new_cache(problem)
+    for t in range(problem.n):
+        cache.step(q[:, t], k[:, t], v[:, t])
+        for i, (w, r) in enumerate(zip(*problem.branches)):
+            for h, o in enumerate(spec_offsets(problem.num_heads, r, problem.offsets)):
+                start = (t // w) * w
+                expected = [p for p in range(start, t + 1) if p - start >= o and (p - start - o) % r == 0]
+                np.testing.assert_array_equal(cache.held_positions()[i][h], expected)
+                count = len(expected)
+                np.testing.assert_array_equal(cache.keys[i][:, h, :count], k[:, expected, h])
+                np.testing.assert_array_equal(cache.values[i][:, h, :count], v[:, expected, h])
+
+
+@settings(max_examples=40, deadline=None)
+@given(causal_problems, st.data())
+def test_fill_from_the_tail_gives_the_state_stepping_reaches(problem, data):
+    """``fill`` with only the rows from ``first_needed_position`` on == stepping from 0; later steps agree bitwise."""
+    q, k, v, _ = problem.arrays
+    n = data.draw(st.integers(0, problem.n), label="position")
+    stepped, filled = new_cache(problem), new_cache(problem)
+    for t in range(n):
+        stepped.step(q[:, t], k[:, t], v[:, t])
+    start = filled.first_needed_position(n)
+    assert start == min([((n - 1) // w) * w for w in problem.segment_lengths]) if n else start == 0
+    filled.fill(k[:, start:n], v[:, start:n], start=start)
+    assert filled.position == stepped.position == n
+    for i in range(len(problem.segment_lengths)):
+        np.testing.assert_array_equal(filled.count[i], stepped.count[i])
+        for h in range(problem.num_heads):
+            live = filled.count[i][h]
+            np.testing.assert_array_equal(filled.keys[i][:, h, :live], stepped.keys[i][:, h, :live])
+            np.testing.assert_array_equal(filled.values[i][:, h, :live], stepped.values[i][:, h, :live])
+    for t in range(n, problem.n):
+        for a, b in zip(filled.step(q[:, t], k[:, t], v[:, t]), stepped.step(q[:, t], k[:, t], v[:, t])):
+            np.testing.assert_array_equal(a, b)
+    if n > 0 and start > 0:  # one row too few: the cache would miss a row it needs
+        with pytest.raises(ValueError, match="start"):
+            filled.fill(k[:, start + 1 : n], v[:, start + 1 : n], start=start + 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(causal_problems)
+def test_allocated_rows_are_sum_of_ceil_w_over_r_and_never_change(problem):
+    q, k, v, _ = problem.arrays
+    rows = sum(-(-w // r) for w, r in zip(*problem.branches))  # sum_i ceil(w_i / r_i)
+    cache = new_cache(problem)
+    expected_bytes = problem.batch * problem.num_heads * rows * (problem.head_dim + problem.value_dim) * problem.dtype.itemsize
+    buffers = [id(x) for x in cache.keys + cache.values]
+    assert cache.allocated_rows == rows and cache.nbytes == expected_bytes
+    for t in range(problem.n):
+        cache.step(q[:, t], k[:, t], v[:, t])
+        assert cache.nbytes == expected_bytes
+    assert [id(x) for x in cache.keys + cache.values] == buffers  # the same arrays: never reallocated
+    cache.reset()
+    assert cache.position == 0 and cache.nbytes == expected_bytes
+
+
+@settings(max_examples=30, deadline=None)
+@given(problems(max_n=40, causal=True, max_branches=1), st.data())
+def test_dense_cache_reproduces_causal_dense_attention_and_grows(problem, data):
+    q, k, v, _ = problem.arrays
+    prompt = data.draw(st.integers(0, problem.n), label="prompt length")
+    expected_out, expected_lse = dense_attention(q, k, v, causal=True, return_lse=True)
+    cache = DenseKVCache(problem.batch, problem.num_heads, problem.head_dim, problem.value_dim, dtype=problem.dtype)
+    out, lse = cache.prefill(q[:, :prompt], k[:, :prompt], v[:, :prompt])
+    assert_rows_equal(out, lse, expected_out[:, :prompt], expected_lse[:, :prompt], TOLERANCE[problem.dtype])
+    scale = 1 / math.sqrt(problem.head_dim)
+    for t in range(prompt, problem.n):
+        out, lse = cache.step(q[:, t], k[:, t], v[:, t])
+        assert_rows_equal(out, lse, expected_out[:, t], expected_lse[:, t], TOLERANCE[problem.dtype])
+        for h in range(problem.num_heads):  # and the brute-force softmax over keys 0..t
+            assert_rows_equal(out[:, h], lse[:, h], *spec_row(q[:, :, h], k[:, :, h], v[:, :, h], t, list(range(t + 1)), scale), TOLERANCE[problem.dtype])
+        assert cache.capacity >= t + 1
+    row_bytes = problem.batch * problem.num_heads * (problem.head_dim + problem.value_dim) * problem.dtype.itemsize
+    assert cache.nbytes == cache.capacity * row_bytes
+
+
+def test_dense_cache_with_a_capacity_is_preallocated_and_refuses_to_overflow():
+    cache = DenseKVCache(1, 2, 3, 3, capacity=2)
+    x = np.zeros((1, 2, 3))
+    cache.step(x, x, x)
+    cache.step(x, x, x)
+    with pytest.raises(ValueError, match="capacity"):
+        cache.step(x, x, x)
+
+
+@pytest.mark.parametrize(
+    "segment_lengths, dilation_rates, num_heads, n",
+    [
+        ([5, 7], [2, 3], 4, 23),  # ragged: N not a multiple of w, w not a multiple of r
+        ([64], [2], 3, 20),  # w > N: one segment
+        ([4, 6], [9, 8], 8, 20),  # r > w: the heads whose offset o >= w see nothing
+        ([8, 16], [4, 8], 2, 30),  # H < r: some offsets have no head, some positions no branch at all
+    ],
+)
+@pytest.mark.parametrize("offsets", ["paper", "torchscale"])
+def test_edge_configurations_match_the_parallel_forward(segment_lengths, dilation_rates, num_heads, n, offsets):
+    rng = np.random.default_rng(11)
+    q, k, v = (rng.standard_normal((2, n, num_heads, 3)) for _ in range(3))
+    expected_out, expected_lse = dilated_attention(q, k, v, segment_lengths, dilation_rates, causal=True, offsets=offsets, return_lse=True)
+    cache = DilatedKVCache(2, num_heads, 3, 3, segment_lengths, dilation_rates, offsets=offsets)
+    for t in range(n):
+        assert_rows_equal(*cache.step(q[:, t], k[:, t], v[:, t]), expected_out[:, t], expected_lse[:, t], TOLERANCE[np.dtype(np.float64)])
+    if num_heads < min(dilation_rates):  # some positions no head covers: the out = 0, lse = -inf case is exercised
+        assert np.isneginf(expected_lse).all(axis=(0, 2)).any()
+
+
+def test_a_non_finite_key_of_a_dropped_segment_never_reaches_later_rows():
+    """Rows of an old segment stay in the buffer past the live count; they must not leak (SPEC §7)."""
+    rng = np.random.default_rng(3)
+    n, segment_lengths, dilation_rates = 24, [8, 12], [1, 2]
+    q, k, v = (rng.standard_normal((1, n, 2, 4)) for _ in range(3))
+    k[0, 2, 0], v[0, 3, 1], v[0, 5, 0] = np.nan, np.inf, np.nan  # all in the first segment of both branches
+    cache = DilatedKVCache(1, 2, 4, 4, segment_lengths, dilation_rates)
+    with np.errstate(invalid="ignore"):  # NaN arithmetic in the affected rows is expected
+        expected_out, expected_lse = dilated_attention(q, k, v, segment_lengths, dilation_rates, causal=True, return_lse=True)
+        for t in range(n):
+            out, lse = cache.step(q[:, t], k[:, t], v[:, t])
+            np.testing.assert_allclose(out, expected_out[:, t], rtol=1e-12, atol=1e-12, equal_nan=True)
+            np.testing.assert_allclose(lse, expected_lse[:, t], rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert np.isnan(expected_out[:, 2:8]).any()  # the bad rows did poison their own segment ...
+    assert np.isfinite(expected_out[:, 12:]).all()  # ... and were dropped with it, though still in the buffers
+    cache.reset()  # a reused cache must not leak them either
+    q, k, v = (rng.standard_normal((1, n, 2, 4)) for _ in range(3))
+    expected_out = dilated_attention(q, k, v, segment_lengths, dilation_rates, causal=True)
+    for t in range(n):
+        np.testing.assert_allclose(cache.step(q[:, t], k[:, t], v[:, t])[0], expected_out[:, t], rtol=1e-12, atol=1e-12)
+
+
+def test_heads_that_are_not_evenly_spaced_take_the_copying_path_with_the_same_result(monkeypatch):
+    """Selected heads are read as a strided view when evenly spaced; the fancy-index fallback agrees."""
+    from longnet_ref import decode
+
+    rng = np.random.default_rng(5)
+    n, segment_lengths, dilation_rates = 30, [6, 12, 20], [1, 3, 4]
+    q, k, v = (rng.standard_normal((2, n, 5, 3)) for _ in range(3))
+    expected_out, expected_lse = dilated_attention(q, k, v, segment_lengths, dilation_rates, causal=True, return_lse=True)
+    monkeypatch.setattr(decode, "_as_index", lambda heads: heads)  # always fancy indexing
+    cache = DilatedKVCache(2, 5, 3, 3, segment_lengths, dilation_rates)
+    for t in range(n):
+        assert_rows_equal(*cache.step(q[:, t], k[:, t], v[:, t]), expected_out[:, t], expected_lse[:, t], TOLERANCE[np.dtype(np.float64)])
+
+
+# --- bad input: a clear error naming the argument -------------------------------------------
+
+
+def small_cache(**options):
+    return DilatedKVCache(2, 3, 4, 5, [4, 8], [1, 2], **options)
+
+
+@pytest.mark.parametrize(
+    "name, q_t, k_t, v_t",
+    [
+        ("q_t", np.zeros((2, 3, 5)), np.zeros((2, 3, 4)), np.zeros((2, 3, 5))),  # D of another config
+        ("k_t", np.zeros((2, 3, 4)), np.zeros((2, 4, 4)), np.zeros((2, 3, 5))),  # H of another config
+        ("v_t", np.zeros((2, 3, 4)), np.zeros((2, 3, 4)), np.zeros((1, 3, 5))),  # B of another config
+        ("q_t", np.zeros((2, 1, 3, 4)), np.zeros((2, 3, 4)), np.zeros((2, 3, 5))),  # a sequence, not a step
+    ],
+)
+def test_step_with_a_wrong_shape_names_the_argument(name, q_t, k_t, v_t):
+    for cache in (small_cache(), DenseKVCache(2, 3, 4, 5)):
+        with pytest.raises(ValueError, match=name):
+            cache.step(q_t, k_t, v_t)
+        assert cache.position == 0
+
+
+def test_step_with_a_wrong_dtype_or_type_names_the_argument():
+    cache = small_cache(dtype=np.float32)
+    good = np.zeros((2, 3, 4), np.float32), np.zeros((2, 3, 4), np.float32), np.zeros((2, 3, 5), np.float32)
+    with pytest.raises(TypeError, match="k_t.*float32"):
+        cache.step(good[0], good[1].astype(np.float64), good[2])
+    with pytest.raises(TypeError, match="v_t"):
+        cache.step(good[0], good[1], good[2].astype(np.int64))
+    with pytest.raises(TypeError, match="q_t"):
+        cache.step(good[0].tolist(), good[1], good[2])
+    out, lse = cache.step(*good)
+    assert out.dtype == lse.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    "arguments, options, name",
+    [
+        ((2, 3, 4, 5, [], []), {}, "segment_lengths"),
+        ((2, 3, 4, 5, [4, 8], [1]), {}, "dilation_rates"),
+        ((2, 3, 4, 5, [4, 0], [1, 2]), {}, r"segment_lengths\[1\]"),
+        ((2, 3, 4, 5, [4, 8], [1, 2.5]), {}, r"dilation_rates\[1\]"),
+        ((0, 3, 4, 5, [4], [1]), {}, "batch"),
+        ((2, 3, 0, 5, [4], [1]), {}, "head_dim"),
+        ((2, 3, 4, 5, [4], [1]), {"offsets": "blocks"}, "offsets"),
+        ((2, 3, 4, 5, [4], [1]), {"dtype": np.int32}, "dtype"),
+        ((2, 3, 4, 5, [4], [1]), {"scale": float("nan")}, "scale"),
+        ((2, 3, 4, 5, [4], [1]), {"causal": False}, "causal=False"),
+    ],
+)
+def test_an_invalid_configuration_names_the_argument(arguments, options, name):
+    with pytest.raises(ValueError, match=name):
+        DilatedKVCache(*arguments, **options)
+
+
+def test_dense_cache_rejects_non_causal_use_and_a_bad_capacity():
+    with pytest.raises(ValueError, match="causal=False"):
+        DenseKVCache(1, 1, 1, 1, causal=False)
+    with pytest.raises(ValueError, match="capacity"):
+        DenseKVCache(1, 1, 1, 1, capacity=0)
+
+
+def test_prefill_checks_the_prompt_and_needs_an_empty_cache():
+    cache = small_cache()
+    q = np.zeros((2, 6, 3, 4))
+    with pytest.raises(ValueError, match="v"):
+        cache.prefill(q, q, np.zeros((2, 6, 3, 4)))  # Dv = 4, the cache has Dv = 5
+    with pytest.raises(ValueError, match="k"):
+        cache.prefill(q, q[:, :5], np.zeros((2, 6, 3, 5)))
+    cache.prefill(q, q, np.zeros((2, 6, 3, 5)))
+    with pytest.raises(ValueError, match="reset"):
+        cache.prefill(q, q, np.zeros((2, 6, 3, 5)))
+    with pytest.raises(ValueError, match="start"):
+        cache.fill(q, np.zeros((2, 6, 3, 5)), start=-1)
+    with pytest.raises(ValueError, match="start"):
+        DenseKVCache(2, 3, 4, 5).fill(q, np.zeros((2, 6, 3, 5)), start=3)
+
+
+def test_decode_benchmark_quick_run(tmp_path):
+    """The benchmark's smoke run: one command, both caches, the table printed."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "decode_bench.py"), "--quick", "--output", str(tmp_path / "decode.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "dilated" in result.stdout and "dense" in result.stdout
+    assert (tmp_path / "decode.json").is_file()
