@@ -153,6 +153,11 @@ def main(argv=None) -> int:
 
     train.add_arguments(p)
     p.set_defaults(func=train.run)
+    p = sub.add_parser("generate", help="continue a prompt with a trained checkpoint, token by token through KV caches")
+    from . import generate
+
+    generate.add_arguments(p)
+    p.set_defaults(func=generate.run)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

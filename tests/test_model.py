@@ -108,8 +108,8 @@ def test_forward_matches_a_plain_transformer_written_out_here():
     x = x + linear(gelu(linear(layernorm(x, "h.0.ln_2"), "h.0.mlp.fc1")), "h.0.mlp.fc2")
     expected = layernorm(x, "ln_f") @ params["wte.weight"].T
     logits, _ = lm.forward(config, params, tokens)
-    # the GELU of nn.py may be the exact erf form: tanh vs erf differ by < 1e-3 at these magnitudes
-    np.testing.assert_allclose(logits, expected, rtol=0, atol=2e-3)
+    # float64, the same operations in a different grouping: agreement to rounding
+    np.testing.assert_allclose(logits, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_the_model_is_causal():
