@@ -304,7 +304,7 @@ def test_transcription_matches_real_torchscale_when_available():
 
     mha.flash_attn_func = flash_attn_func
     rng = np.random.default_rng(0)
-    worst, exact_cases = 0.0, 0
+    worst, exact_cases, transcription_error = 0.0, 0, 0.0
     cases = [(16, 4, [4, 8], [1, 2], True), (16, 4, [4, 8], [1, 2], False), (12, 3, [6, 12, 4], [2, 3, 1], True),
              (24, 3, [8, 24], [2, 4], False), (10, 5, [4, 16], [2, 3], True),
              (6, 2, [4], [1], False), (10, 3, [3, 6], [2, 4], True)]  # the last two: SPEC §8 rows 2 and 4
@@ -317,12 +317,15 @@ def test_transcription_matches_real_torchscale_when_available():
         x = rng.standard_normal((2, n, num_heads * 2))
         with torch.no_grad():
             real = module(torch.from_numpy(x), torch.from_numpy(x), torch.from_numpy(x), is_causal=causal)[0].numpy()
-        np.testing.assert_allclose(torchscale_dilated_attention(params, x, num_heads, segment_lengths, dilation_rates, causal), real, **TOL64)
+        transcribed = torchscale_dilated_attention(params, x, num_heads, segment_lengths, dilation_rates, causal)
+        np.testing.assert_allclose(transcribed, real, **TOL64)
+        transcription_error = max(transcription_error, float(np.abs(transcribed - real).max()))
         if torchscale_is_exact(n, segment_lengths, dilation_rates, causal):
             layer = MultiheadDilatedAttention(num_heads * 2, num_heads, segment_lengths, dilation_rates, causal=causal, offsets="torchscale")
             layer.load_state_dict({name: tensor.numpy() for name, tensor in module.state_dict().items()})
             worst = max(worst, float(np.abs(layer.forward(x)[0] - real).max()))
             exact_cases += 1
+    print(f"max |transcription - torchscale| over {len(cases)} cases: {transcription_error:.3e}")
     print(f"max |layer - torchscale| over {exact_cases} exact cases: {worst:.3e}")
     assert exact_cases == len(cases) - 2 and worst < 1e-10
 
