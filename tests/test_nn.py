@@ -301,3 +301,18 @@ def test_attention_backward_is_the_gradient(problem):
     assert set(grads) == set(params) and dx.shape == x.shape
     loss = lambda: float((nn.attention_forward(params, x, **options)[0] * dy).sum())
     check_directions(loss, {"x": x, **params}, {"x": dx, **grads}, rng)
+
+
+def test_initialisers_give_the_shapes_and_dtypes_the_layers_expect():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    mlp = nn.init_mlp(rng, 8, 32, dtype=np.float32)
+    norm = nn.init_layernorm(8, dtype=np.float32)
+    embedding = nn.init_embedding(rng, 11, 8, dtype=np.float32)
+    attention = nn.init_attention(rng, 8, dtype=np.float32)
+    assert {k: v.shape for k, v in mlp.items()} == {"fc1.weight": (32, 8), "fc1.bias": (32,), "fc2.weight": (8, 32), "fc2.bias": (8,)}
+    assert set(attention) == {f"{p}.{w}" for p in nn.PROJECTIONS for w in ("weight", "bias")}
+    assert not attention["out_proj.bias"].any()  # torchscale's reset_parameters zeroes it
+    for y in (nn.mlp_forward(mlp, x)[0], nn.layernorm_forward(norm, x)[0], nn.embedding_forward(embedding, np.zeros((2, 3), int))[0],
+              nn.attention_forward(attention, x, num_heads=2, kind="dense")[0]):
+        assert y.shape == (2, 3, 8) and y.dtype == np.float32
