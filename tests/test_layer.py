@@ -491,3 +491,27 @@ def test_numba_backend_gives_the_numpy_layer(kind):
     np.testing.assert_allclose(dx_numba, dx, **TOL64)
     for name in grads:
         np.testing.assert_allclose(grads_numba[name], grads[name], err_msg=name, **TOL64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", nn.ATTENTION_KINDS)
+def test_cupy_backend_gives_the_numpy_layer(kind):
+    cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
+    try:
+        devices = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:  # noqa: BLE001 -- any CUDA driver error means: no GPU here
+        pytest.skip(f"the CUDA driver is unavailable: {error.__class__.__name__}")
+    if devices == 0:
+        pytest.skip("no CUDA device visible to CuPy")
+    params = random_attention_params(np.random.default_rng(0), 8)
+    x = np.random.default_rng(1).standard_normal((2, 12, 8))
+    options = {"num_heads": 2, "kind": kind, "segment_lengths": [4, 12], "dilation_rates": [1, 3], "causal": True, "rope": True}
+    y, cache = nn.attention_forward(params, x, **options)
+    y_gpu, cache_gpu = nn.attention_forward(params, x, backend="cupy", **options)
+    assert isinstance(y_gpu, np.ndarray)  # only the attention runs on the GPU
+    np.testing.assert_allclose(y_gpu, y, **TOL64)
+    dy = np.random.default_rng(2).standard_normal(y.shape)
+    (dx, grads), (dx_gpu, grads_gpu) = (nn.attention_backward(params, c, dy) for c in (cache, cache_gpu))
+    np.testing.assert_allclose(dx_gpu, dx, **TOL64)
+    for name in grads:
+        np.testing.assert_allclose(grads_gpu[name], grads[name], err_msg=name, **TOL64)
