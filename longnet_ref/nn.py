@@ -286,7 +286,7 @@ def window_for(segment_lengths, dilation_rates) -> int:
     return math.ceil(sum(Fraction(b.segment_length, b.dilation**2) for b in branches))
 
 
-def _attention_pattern(kind, n, segment_lengths, dilation_rates, window):
+def _attention_pattern(kind, segment_lengths, dilation_rates, window):
     """The branches that realise ``kind``, or ``None`` for the dense oracle.
 
     A blocked window of length ``W`` is dilated attention with one branch ``(W, 1)``: each token
@@ -347,8 +347,10 @@ def _check_state(params, shapes, dtype=None):
     if extra:
         raise ValueError(f"params has unexpected keys {extra}")
     for name, shape in shapes.items():
-        if tuple(np.shape(params[name])) != shape:
-            raise ValueError(f"params[{name!r}] must have shape {shape}, got {tuple(np.shape(params[name]))}")
+        if not isinstance(params[name], np.ndarray):
+            raise InputTypeError(f"params[{name!r}] must be a numpy array, got {type(params[name]).__name__}")
+        if params[name].shape != shape:
+            raise ValueError(f"params[{name!r}] must have shape {shape}, got {params[name].shape}")
         if dtype is not None and params[name].dtype != dtype:
             raise InputTypeError(f"x has dtype {dtype} but params[{name!r}] has {params[name].dtype}; they must match")
 
@@ -382,7 +384,7 @@ def attention_forward(
     With ``backend="cupy"`` only the attention runs on the GPU; the projections stay NumPy.
     """
     batch, n, embed_dim, heads, head_dim = _check_attention_input(params, x, num_heads)
-    branches = _attention_pattern(kind, n, segment_lengths, dilation_rates, window)
+    branches = _attention_pattern(kind, segment_lengths, dilation_rates, window)
     causal, rope = check_flag(causal, "causal"), check_flag(rope, "rope")
     offsets = validate_offset_rule(offsets)
     if not isinstance(backend, str) or backend not in BACKENDS:
@@ -486,6 +488,23 @@ def init_linear(rng, in_features, out_features, *, dtype=np.float64, gain=1.0, z
     weight = rng.uniform(-bound, bound, (out_features, in_features))
     bias = np.zeros(out_features) if zero_bias else rng.uniform(-1, 1, out_features) / math.sqrt(in_features)
     return {"weight": weight.astype(dtype), "bias": bias.astype(dtype)}
+
+
+def init_embedding(rng, vocab_size, embed_dim, *, dtype=np.float64, std=0.02):
+    """``W ~ N(0, std^2)``, ``(V, E)`` (GPT-2's 0.02)."""
+    return {"weight": (std * rng.standard_normal((vocab_size, embed_dim))).astype(dtype)}
+
+
+def init_layernorm(embed_dim, *, dtype=np.float64):
+    """``g = 1``, ``b = 0``: the identity affine map."""
+    return {"weight": np.ones(embed_dim, dtype), "bias": np.zeros(embed_dim, dtype)}
+
+
+def init_mlp(rng, embed_dim, hidden_dim, *, dtype=np.float64):
+    """``fc1 (F, E)``, ``fc2 (E, F)``, both :func:`init_linear`."""
+    fc1 = init_linear(rng, embed_dim, hidden_dim, dtype=dtype)
+    fc2 = init_linear(rng, hidden_dim, embed_dim, dtype=dtype)
+    return {**_prefixed(fc1, "fc1"), **_prefixed(fc2, "fc2")}
 
 
 def init_attention(rng, embed_dim, *, dtype=np.float64):
