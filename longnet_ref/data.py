@@ -10,6 +10,9 @@ the last token is a query marker and the model must answer the passkey there:
   needs no position: a query that can *see* ``K`` can copy it;
 - ``p`` is uniform in ``[0, N * reach_fraction)``: the answer lies at least ``N (1 -
   reach_fraction) - 1`` tokens back, out of reach of any local window narrower than that;
+- ``span`` (default 1) writes the passkey ``span`` times in a row (``p .. p + span - 1``): with
+  ``span >= max r_i`` every residue class mod ``r`` holds a copy, so a dilated head reaches one
+  in a single layer (see ``docs/model.md``);
 - the loss counts the answer position only (``mask``), so chance is ``ln num_keys`` nats.
 
 The task is chosen to be easy for dense attention (one attention layer can solve it: put
@@ -49,9 +52,10 @@ class PasskeyTask:
     num_keys: int = 8
     num_fillers: int = 16
     reach_fraction: float = 0.25
+    span: int = 1
 
     def __post_init__(self):
-        for name in ("n", "num_keys", "num_fillers"):
+        for name in ("n", "num_keys", "num_fillers", "span"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -59,6 +63,8 @@ class PasskeyTask:
             raise ValueError(f"n must be at least 2 (a passkey and the query), got {self.n}")
         if not 0 < self.reach_fraction <= 1:
             raise ValueError(f"reach_fraction must lie in (0, 1], got {self.reach_fraction!r}")
+        if self.max_position + self.span > self.n - 1:
+            raise ValueError(f"span {self.span} does not fit before the query: n * reach_fraction + span must be < n")
 
     @property
     def vocab_size(self) -> int:
@@ -78,8 +84,9 @@ class PasskeyTask:
         first_filler = 1 + self.num_keys
         tokens = rng.integers(first_filler, self.vocab_size, size=(B, N))  # (B, N) filler
         keys = rng.integers(1, first_filler, size=B)  # (B,) the passkeys
-        where = rng.integers(0, self.max_position, size=B)  # (B,) their positions
-        tokens[np.arange(B), where] = keys
+        where = rng.integers(0, self.max_position, size=B)  # (B,) their (first) positions
+        for copy in range(self.span):
+            tokens[np.arange(B), where + copy] = keys
         tokens[:, -1] = QUERY
         targets = np.zeros((B, N), np.int64)
         targets[:, -1] = keys

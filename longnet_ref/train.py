@@ -259,6 +259,7 @@ def add_arguments(p) -> None:
     """The ``train`` subcommand's options (``cli.py`` registers the subparser)."""
     p.add_argument("--text", default=None, help="train next-byte prediction on this file (default: the passkey task)")
     p.add_argument("--n", type=int, default=256, help="context length N")
+    p.add_argument("--passkey-span", type=int, default=1, help="passkey task: write the key this many times in a row")
     p.add_argument("--attention", default="dilated", help="dilated | dense | window")
     p.add_argument("--segment-lengths", type=_int_list, default=[16, 32, 64, 128, 256], help="comma-separated w_i")
     p.add_argument("--dilation-rates", type=_int_list, default=[1, 2, 4, 8, 16], help="comma-separated r_i")
@@ -283,17 +284,17 @@ def add_arguments(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def make_task(text, n):
+def make_task(text, n, span=1):
     if text is not None:
         return TextTask.from_file(text, n)
-    return PasskeyTask(n)
+    return PasskeyTask(n, span=span)
 
 
 def run(args) -> int:
     """``longnet-ref train``: build (or resume) the state, fit, write the log, the plot and a checkpoint."""
     if args.n < 2:
         raise ValueError(f"--n must be at least 2, got {args.n}")
-    task = make_task(args.text, args.n)
+    task = make_task(args.text, args.n, args.passkey_span)
     if args.resume:
         state, meta = load_checkpoint(args.resume)
         if meta.get("task") != ("text" if args.text else "passkey") or meta.get("n") != args.n:
@@ -318,7 +319,7 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     c = state.config
-    title = (f"{'text' if args.text else 'passkey'} N={task.n}: {c.attention} "
+    title = (f"{'text' if args.text else 'passkey' + (f' span={args.passkey_span}' if args.passkey_span > 1 else '')} N={task.n}: {c.attention} "
              f"{'w=' + str(list(c.segment_lengths)) + ' r=' + str(list(c.dilation_rates)) if c.attention != 'dense' else ''}"
              f" L={c.n_layers} C={c.d_model} H={c.n_heads}")
     print(f"longnet-ref train: {title}; {state.train.steps} steps of {state.train.batch_size} x {task.n} tokens; "
@@ -326,7 +327,7 @@ def run(args) -> int:
     start = time.perf_counter()
     records = fit(state, task, eval_every=args.eval_every, eval_batch=eval_batch, progress=not args.quiet)
     seconds = time.perf_counter() - start
-    extra = {"task": "text" if args.text else "passkey", "n": task.n}
+    extra = {"task": "text" if args.text else "passkey", "n": task.n, "passkey_span": None if args.text else args.passkey_span}
     checkpoint = save_checkpoint(state, out / "checkpoint.npz", extra)
     log = {"title": title, "model": c.to_dict(), "train": dataclasses.asdict(state.train), **extra,
            "chance_loss": task.chance_loss, "seconds": seconds, "records": records}

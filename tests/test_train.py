@@ -130,6 +130,18 @@ def test_passkey_batches_hide_one_key_early_and_ask_for_it_at_the_end():
     assert task.chance_loss == pytest.approx(math.log(5))
 
 
+def test_a_passkey_span_writes_the_key_that_many_times_in_a_row():
+    task = PasskeyTask(64, num_keys=5, num_fillers=7, span=4)
+    batch = task.batch(50, np.random.default_rng(1))
+    is_key = (batch.tokens >= 1) & (batch.tokens <= 5)
+    assert (is_key.sum(1) == 4).all()
+    first = is_key.argmax(1)
+    for b in range(50):
+        assert (batch.tokens[b, first[b]:first[b] + 4] == batch.targets[b, -1]).all()
+    with pytest.raises(ValueError, match="span"):
+        PasskeyTask(8, span=7)
+
+
 def test_text_batches_are_windows_of_the_file_shifted_by_one(tmp_path):
     path = tmp_path / "t.txt"
     path.write_bytes(bytes(range(200)))
