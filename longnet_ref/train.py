@@ -269,7 +269,7 @@ def add_arguments(p) -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--no-rope", action="store_true", help="no rotary position embedding")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=None, help="total steps (default 300; with --resume: extend the run to this many)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=30)
@@ -280,6 +280,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=25, help="evaluate on a fixed held-out batch every k steps")
     p.add_argument("--resume", default=None, help="continue from this checkpoint (.npz)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="also write the checkpoint every k steps (0: only at the end)")
     p.add_argument("--out", default="train-out", help="directory for log.json, loss.png, checkpoint.npz/.json")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -295,10 +296,14 @@ def run(args) -> int:
     if args.n < 2:
         raise ValueError(f"--n must be at least 2, got {args.n}")
     task = make_task(args.text, args.n, args.passkey_span)
+    extra = {"task": "text" if args.text else "passkey", "n": task.n, "passkey_span": None if args.text else args.passkey_span}
     if args.resume:
         state, meta = load_checkpoint(args.resume)
-        if meta.get("task") != ("text" if args.text else "passkey") or meta.get("n") != args.n:
-            raise ValueError(f"--resume: the checkpoint was trained on task={meta.get('task')!r}, n={meta.get('n')}")
+        if any(meta.get(key) != value for key, value in extra.items()):
+            saved = {key: meta.get(key) for key in extra}
+            raise ValueError(f"--resume: the checkpoint was trained on {saved}, this run asks for {extra}")
+        if args.steps is not None and args.steps > state.train.steps:  # extend: the cosine stretches to the new end
+            state.train = dataclasses.replace(state.train, steps=args.steps)
     else:
         config = lm.LongNetConfig(
             vocab_size=task.vocab_size, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
@@ -306,8 +311,9 @@ def run(args) -> int:
             attention=args.attention, window=args.window, offsets=args.offsets, backend=args.backend,
             rope=not args.no_rope, dtype=args.dtype, seed=args.seed,
         )
+        steps = 300 if args.steps is None else args.steps
         train = TrainConfig(
-            steps=args.steps, batch_size=args.batch, lr=args.lr, min_lr=args.lr / 10, warmup=min(args.warmup, args.steps),
+            steps=steps, batch_size=args.batch, lr=args.lr, min_lr=args.lr / 10, warmup=min(args.warmup, steps),
             weight_decay=args.weight_decay, clip=args.clip, seed=args.seed,
         )
         state = TrainState.fresh(config, train)
@@ -324,10 +330,13 @@ def run(args) -> int:
              f" L={c.n_layers} C={c.d_model} H={c.n_heads}")
     print(f"longnet-ref train: {title}; {state.train.steps} steps of {state.train.batch_size} x {task.n} tokens; "
           f"chance loss {task.chance_loss:.3f}")
+    def save_now(record):
+        if args.checkpoint_every and record["step"] % args.checkpoint_every == 0:
+            save_checkpoint(state, out / "checkpoint.npz", extra)
+
     start = time.perf_counter()
-    records = fit(state, task, eval_every=args.eval_every, eval_batch=eval_batch, progress=not args.quiet)
+    records = fit(state, task, eval_every=args.eval_every, eval_batch=eval_batch, progress=not args.quiet, on_record=save_now)
     seconds = time.perf_counter() - start
-    extra = {"task": "text" if args.text else "passkey", "n": task.n, "passkey_span": None if args.text else args.passkey_span}
     checkpoint = save_checkpoint(state, out / "checkpoint.npz", extra)
     log = {"title": title, "model": c.to_dict(), "train": dataclasses.asdict(state.train), **extra,
            "chance_loss": task.chance_loss, "seconds": seconds, "records": records}

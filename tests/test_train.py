@@ -179,9 +179,13 @@ def test_train_command_writes_a_log_a_plot_and_a_checkpoint_that_resumes(tmp_pat
     assert (out / "loss.png").stat().st_size > 1000
     assert "loss" in capsys.readouterr().out
 
-    # resume with more steps: the checkpoint carries the state, the new --steps is ignored by design
     state, _ = load_checkpoint(out / "checkpoint.npz")
     assert state.step == 4
+    # --resume with a larger --steps extends the run from the checkpoint
+    assert main(["train", *SMALL, "--steps", "6", "--resume", str(out / "checkpoint.npz"), "--out", str(out)]) == 0
+    log = json.loads((out / "log.json").read_text())
+    assert [r["step"] for r in log["records"]] == [5, 6]
+    assert load_checkpoint(out / "checkpoint.npz")[0].step == 6
 
 
 def test_train_command_on_a_text_file(tmp_path):
@@ -199,6 +203,7 @@ def test_train_command_on_a_text_file(tmp_path):
         (["--attention", "sparse"], "attention must be one of"),
         (["--heads", "3"], "divisible by n_heads"),
         (["--n", "1"], "--n"),
+        (["--resume", "/nonexistent/checkpoint.npz"], "does not exist"),
     ],
 )
 def test_train_command_rejects_bad_input_with_one_line_and_no_traceback(tmp_path, capsys, extra, message):
