@@ -28,15 +28,16 @@ from longnet_ref.nn import window_for
 PASSKEY_N = 256
 BRANCHES = ["--segment-lengths", "16,32,64,128,256", "--dilation-rates", "1,2,4,8,16"]
 MODEL = ["--d-model", "64", "--layers", "2", "--heads", "16", "--backend", "numba"]
-PASSKEY = {kind: ["train", "--attention", kind, "--n", str(PASSKEY_N), *BRANCHES, *MODEL, "--steps", "300",
-                  "--batch", "16", "--eval-every", "25"] for kind in ("dilated", "window", "dense")}
+PASSKEY = {
+    f"passkey_{kind}_span{span}": ["train", "--attention", kind, "--passkey-span", str(span), "--n", str(PASSKEY_N),
+                                   *BRANCHES, *MODEL, "--steps", "300", "--batch", "16", "--eval-every", "25"]
+    for kind, span in (("dense", 1), ("dilated", 1), ("window", 1), ("dilated", 16), ("window", 16))
+}
 
 # The text experiment: the repository's own docs as a byte-level corpus.
-TEXT_N = 512
-TEXT = {kind: ["train", "--attention", kind, "--n", str(TEXT_N), "--segment-lengths", "32,64,128,256,512",
-               "--dilation-rates", "1,2,4,8,16", "--d-model", "64", "--layers", "2", "--heads", "16",
-               "--backend", "numba", "--steps", "200", "--batch", "8", "--lr", "3e-3", "--eval-every", "20"]
-        for kind in ("dense", "dilated")}
+TEXT_N = 256
+TEXT = {kind: ["train", "--attention", kind, "--n", str(TEXT_N), *BRANCHES, *MODEL, "--steps", "200", "--batch", "8",
+               "--eval-every", "20"] for kind in ("dense", "dilated")}
 CORPUS = "corpus.txt"
 
 
@@ -81,10 +82,14 @@ def _plt():
 def plot_passkey(logs: dict, path: Path) -> None:
     plt = _plt()
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(9, 3.6))
-    for kind, log in logs.items():
+    colours = {"dense": "C0", "dilated": "C1", "window": "C2"}
+    for log in logs.values():
+        kind, span = log["model"]["attention"], log.get("passkey_span") or 1
+        style = {"color": colours[kind], "ls": "-" if span == 1 else "--", "marker": "o" if span == 1 else "s", "ms": 3}
+        label = f"{kind}, span {span}"
         evals = [r for r in log["records"] if "eval_accuracy" in r]
-        ax_acc.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", ms=3, label=kind)
-        ax_loss.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", ms=3, label=kind)
+        ax_acc.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], label=label, **style)
+        ax_loss.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], label=label, **style)
     chance = next(iter(logs.values()))["chance_loss"]
     ax_acc.axhline(1 / round(2.718281828 ** chance), color="gray", ls=":", label="chance")
     ax_loss.axhline(chance, color="gray", ls=":", label="chance")
@@ -140,8 +145,8 @@ def main(argv=None) -> int:
         return 0
     if args.experiment == "passkey":
         if not args.plot_only:
-            run_all({f"passkey_{k}": v for k, v in PASSKEY.items()}, out)
-        plot_passkey({k: v for k, v in load(out, [f"passkey_{k}" for k in PASSKEY]).items()}, figures / "model_passkey.png")
+            run_all(PASSKEY, out)
+        plot_passkey(load(out, PASSKEY), figures / "model_passkey.png")
         print(f"wrote {figures / 'model_passkey.png'}")
     else:
         if not args.plot_only:
