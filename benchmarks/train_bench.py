@@ -36,15 +36,6 @@ from longnet_ref.train import AdamW, TrainConfig, clip_by_global_norm
 KINDS = ("dense", "dilated", "window")
 
 
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure(kind: str, n: int, args) -> dict:
     """Seconds of one training step and of its parts, and their ratios to the step."""
     config = lm.LongNetConfig(
@@ -89,12 +80,20 @@ def measure(kind: str, n: int, args) -> dict:
         optimizer.step(params, grads, 1e-4, tc)
 
     step()  # warm caches (and the first call's allocations) outside the timing
-    seconds = {"step": median_seconds(step, args.repeats)}
-    layer = median_seconds(attention_layer, args.repeats) * args.layers
-    seconds["projections"] = median_seconds(projections, args.repeats) * args.layers
-    seconds["attention"] = max(layer - seconds["projections"], 0.0)
-    seconds["mlp"] = median_seconds(mlp_layer, args.repeats) * args.layers
-    seconds["optimizer"] = median_seconds(optimiser, args.repeats)
+    # Interleaved: each repeat times the step and then every part, so a change in the machine's
+    # load during the run shifts all of them alike; the medians are taken per part.
+    parts = {"step": step, "layer": attention_layer, "projections": projections, "mlp": mlp_layer, "optimizer": optimiser}
+    samples = {name: [] for name in parts}
+    for _ in range(args.repeats):
+        for name, fn in parts.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(times) for name, times in samples.items()}
+    seconds = {"step": median["step"], "projections": median["projections"] * args.layers}
+    seconds["attention"] = max(median["layer"] * args.layers - seconds["projections"], 0.0)
+    seconds["mlp"] = median["mlp"] * args.layers
+    seconds["optimizer"] = median["optimizer"]
     seconds["other"] = max(seconds["step"] - sum(seconds[k] for k in ("attention", "projections", "mlp", "optimizer")), 0.0)
     tokens_per_step = args.batch * n
     return {
@@ -155,9 +154,14 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="numba")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--blas-threads", type=int, default=1,
+                   help="BLAS threads for the (small) projection/MLP GEMMs; the Numba attention kernels use their own")
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--plot", default=None, help="draw step time per token vs N here (PNG)")
     args = p.parse_args(argv)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(args.blas_threads, user_api="blas")
     if args.backend == "numba":
         from longnet_ref.backends.numba_cpu import warm_up
 
