@@ -282,6 +282,9 @@ def add_arguments(p) -> None:
     p.add_argument("--resume", default=None, help="continue from this checkpoint (.npz)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="also write the checkpoint every k steps (0: only at the end)")
     p.add_argument("--out", default="train-out", help="directory for log.json, loss.png, checkpoint.npz/.json")
+    p.add_argument("--blas-threads", type=int, default=1,
+                   help="BLAS threads (default 1: the GEMMs of a small model are too small to share, and spinning "
+                        "BLAS threads on a busy machine cost more than they give)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -317,6 +320,9 @@ def run(args) -> int:
             weight_decay=args.weight_decay, clip=args.clip, seed=args.seed,
         )
         state = TrainState.fresh(config, train)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(args.blas_threads, user_api="blas")
     if state.config.backend == "numba":
         from .backends.numba_cpu import warm_up
 
