@@ -322,7 +322,14 @@ def run(args) -> int:
         state = TrainState.fresh(config, train)
     from threadpoolctl import threadpool_limits
 
-    threadpool_limits(args.blas_threads, user_api="blas")
+    limits = threadpool_limits(args.blas_threads, user_api="blas")
+    try:
+        return _fit_and_report(args, task, state, extra)
+    finally:
+        limits.restore_original_limits()
+
+
+def _fit_and_report(args, task, state, extra) -> int:
     if state.config.backend == "numba":
         from .backends.numba_cpu import warm_up
 
