@@ -114,15 +114,19 @@ def plot_passkey(logs: dict, path: Path) -> None:
 
 
 def plot_text(logs: dict, path: Path) -> None:
+    """Training loss (thin) and the loss on a fixed evaluation batch (dots) per step."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for kind, log in logs.items():
+    colours = {"dense": "C0", "dilated": "C1", "window": "C2"}
+    for log in logs.values():
+        kind = log["model"]["attention"]
         steps = [r["step"] for r in log["records"]]
-        ax.plot(steps, [r["loss"] for r in log["records"]], lw=0.8, alpha=0.5, label=f"{kind} (train)")
+        ax.plot(steps, [r["loss"] for r in log["records"]], lw=0.7, alpha=0.45, color=colours[kind], label=f"{kind} (train batch)")
         evals = [r for r in log["records"] if "eval_loss" in r]
-        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", ms=3, label=f"{kind} (held-out)")
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", ms=3, color=colours[kind],
+                label=f"{kind} (fixed evaluation batch)")
     ax.set(xlabel="step", ylabel="next-byte loss [nats]")
-    ax.set_title(f"byte-level text (the repository's docs), N = {TEXT_N}", fontsize=9)
+    ax.set_title(f"byte-level text (the repository's README and docs), N = {TEXT_N}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
