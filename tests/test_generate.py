@@ -114,7 +114,7 @@ def test_generate_command_streams_a_continuation_of_a_trained_text_checkpoint(tm
     text = tmp_path / "t.txt"
     text.write_text("abcabcabcabc " * 30)
     small = ["--n", "16", "--steps", "3", "--batch", "2", "--d-model", "16", "--heads", "4", "--layers", "1",
-             "--segment-lengths", "4,8", "--dilation-rates", "1,2", "--quiet", "--dtype", "float64"]
+             "--segment-lengths", "4,8", "--dilation-rates", "1,2", "--quiet", "--dtype", "float64", "--backend", "numpy"]
     assert main(["train", *small, "--text", str(text), "--out", str(tmp_path / "run")]) == 0
     capsys.readouterr()
     code = main(["generate", "--checkpoint", str(tmp_path / "run" / "checkpoint.npz"), "--prompt", "abc",

@@ -166,7 +166,7 @@ def test_a_missing_empty_or_short_text_file_is_a_clear_error(tmp_path):
 # ---- the command line ------------------------------------------------------------------------------
 
 SMALL = ["--n", "16", "--steps", "4", "--batch", "2", "--d-model", "16", "--heads", "4", "--layers", "1",
-         "--segment-lengths", "4,8", "--dilation-rates", "1,2", "--eval-every", "2", "--quiet"]
+         "--segment-lengths", "4,8", "--dilation-rates", "1,2", "--eval-every", "2", "--backend", "numpy", "--quiet"]
 
 
 def test_train_command_writes_a_log_a_plot_and_a_checkpoint_that_resumes(tmp_path, capsys):
