@@ -80,7 +80,7 @@ class LongNetConfig:
         for name in ("causal", "rope"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        validate_branches(list(self.segment_lengths), list(self.dilation_rates))
+        validate_branches(self.segment_lengths, self.dilation_rates)
         validate_offset_rule(self.offsets)
         if self.window is not None:
             _check_positive_int(self.window, "window")

@@ -172,6 +172,7 @@ def test_overfits_a_tiny_fixed_batch():
         ({"n_layers": 1.5}, "n_layers"),
         ({"segment_lengths": (4, 8), "dilation_rates": (1,)}, "same length|as many|length"),
         ({"segment_lengths": (0,), "dilation_rates": (1,)}, "segment_lengths"),
+        ({"segment_lengths": 8, "dilation_rates": (1,)}, "segment_lengths"),
         ({"offsets": "blocks"}, "offsets"),
         ({"backend": "torch"}, "backend"),
         ({"dtype": "float16"}, "dtype"),
