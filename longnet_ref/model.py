@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import nn
+from .backends import BACKENDS
 from .config import validate_branches, validate_offset_rule
 
-ATTENTION_KINDS = ("dilated", "dense", "window")
-BACKENDS = ("numpy", "numba", "cupy")
+ATTENTION_KINDS = nn.ATTENTION_KINDS  # "dilated" | "dense" | "window"
 DTYPES = ("float32", "float64")
 
 
@@ -74,7 +74,7 @@ class LongNetConfig:
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+            raise ValueError(f"backend must be one of {tuple(BACKENDS)}, got {self.backend!r}")
         if str(self.dtype) not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         for name in ("causal", "rope"):
