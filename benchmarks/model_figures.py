@@ -38,6 +38,8 @@ PASSKEY = {  # run name -> longnet-ref arguments
        for kind, span in (("dense", 1), ("dilated", 1), ("window", 1), ("dilated", 16))},
     "passkey_h4_dilated_span4": ["train", "--attention", "dilated", "--passkey-span", "4", *COMMON, *NARROW, "--steps", "300"],
     "passkey_h4_dilated_span1": ["train", "--attention", "dilated", "--passkey-span", "1", *COMMON, *NARROW, "--steps", "600"],
+    "passkey_h4_l3_dilated_span1": ["train", "--attention", "dilated", "--passkey-span", "1", *COMMON, *NARROW,
+                                    "--layers", "3", "--steps", "600"],
 }
 
 # The text experiment: the repository's own docs as a byte-level corpus.
@@ -96,7 +98,10 @@ def plot_passkey(logs: dict, path: Path) -> None:
         ax = axes[1] if model["n_heads"] == 4 else axes[0]
         style = {"color": colours[kind], "ls": "-" if span == 1 else "--", "marker": "o" if span == 1 else "s", "ms": 3}
         evals = [r for r in log["records"] if "eval_accuracy" in r]
-        ax.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], label=f"{kind}, span {span}", **style)
+        if model["n_layers"] != 2:
+            style |= {"color": "C3", "marker": "^"}
+        label = f"{kind}, span {span}" + (f", {model['n_layers']} layers" if model["n_layers"] != 2 else "")
+        ax.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], label=label, **style)
         if name == "passkey_dense_span1":  # the reference in both panels
             axes[1].plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], color="C0", alpha=0.4,
                          label="dense, span 1 (16 heads)")
@@ -152,12 +157,14 @@ def main(argv=None) -> int:
     out, figures = Path(args.runs), Path(args.figures)
     figures.mkdir(parents=True, exist_ok=True)
     if args.experiment == "reach":
-        for span in (1, 16):
-            table, w = reach_table(span)
-            print(f"passkey span {span}: fraction of positions p < {PASSKEY_N // 4} with a route to the query at "
-                  f"{PASSKEY_N - 1} (window W = {w})")
-            for kind, row in table.items():
-                print(f"  {kind:8s}" + "".join(f"  {L} layer{'s' if L > 1 else ''}: {v:6.1%}" for L, v in row.items()))
+        geometries = [(16, (16, 32, 64, 128, 256), (1, 2, 4, 8, 16), (1, 16)), (4, (64, 128, 256), (1, 2, 4), (1, 4))]
+        print(f"| heads | w | r | span | kind | 1 layer | 2 layers | 3 layers |\n|{'---|' * 8}")
+        for heads, w, r, spans in geometries:
+            for span in spans:
+                table, window = reach_table(span, heads=heads, segment_lengths=w, dilation_rates=r)
+                for kind, row in table.items():
+                    name = f"window W={window}" if kind == "window" else kind
+                    print(f"| {heads} | {list(w)} | {list(r)} | {span} | {name} | " + " | ".join(f"{v:.1%}" for v in row.values()) + " |")
         return 0
     if args.experiment == "passkey":
         if not args.plot_only:
