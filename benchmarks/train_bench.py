@@ -175,8 +175,9 @@ def main(argv=None) -> int:
             print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(format_table(rows))
-    title = (f"L={args.layers} C={args.d_model} H={args.heads} B={args.batch} {args.dtype} {args.backend}; dilated "
-             f"w={args.segment_lengths} r={args.dilation_rates}; window W={nn.window_for(args.segment_lengths, args.dilation_rates)}")
+    title = (f"L={args.layers} C={args.d_model} H={args.heads} B={args.batch} {args.dtype} {args.backend}\n"
+             f"dilated w={args.segment_lengths} r={args.dilation_rates}; "
+             f"window W={nn.window_for(args.segment_lengths, args.dilation_rates)}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"title": title, "rows": rows}, indent=1))
