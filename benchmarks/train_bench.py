@@ -156,12 +156,18 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--blas-threads", type=int, default=1,
                    help="BLAS threads for the (small) projection/MLP GEMMs; the Numba attention kernels use their own")
+    p.add_argument("--numba-threads", type=int, default=None,
+                   help="threads of the Numba kernels (default: all cores; 1 gives steadier numbers on a busy machine)")
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--plot", default=None, help="draw step time per token vs N here (PNG)")
     args = p.parse_args(argv)
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(args.blas_threads, user_api="blas")
+    if args.numba_threads:
+        import numba
+
+        numba.set_num_threads(args.numba_threads)
     if args.backend == "numba":
         from longnet_ref.backends.numba_cpu import warm_up
 
@@ -175,7 +181,8 @@ def main(argv=None) -> int:
             print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(format_table(rows))
-    title = (f"L={args.layers} C={args.d_model} H={args.heads} B={args.batch} {args.dtype} {args.backend}\n"
+    threads = f", {args.numba_threads} Numba thread(s)" if args.numba_threads else ""
+    title = (f"L={args.layers} C={args.d_model} H={args.heads} B={args.batch} {args.dtype} {args.backend}{threads}\n"
              f"dilated w={args.segment_lengths} r={args.dilation_rates}; "
              f"window W={nn.window_for(args.segment_lengths, args.dilation_rates)}")
     if args.json:
