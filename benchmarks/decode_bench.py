@@ -42,7 +42,7 @@ FULL = {
     "positions": [2**10, 2**13, 2**16, 2**19, 2**20],
     "segment_lengths": [2048, 4096, 8192, 16384, 32768],
     "dilation_rates": [1, 2, 4, 8, 16],
-    "num_heads": 8, "head_dim": 64, "batch": 1, "steps": 16,
+    "num_heads": 8, "head_dim": 64, "batch": 1, "steps": 32,
 }
 QUICK = {
     "positions": [2**6, 2**9], "segment_lengths": [64, 128], "dilation_rates": [1, 2], "num_heads": 2, "head_dim": 16, "batch": 1, "steps": 4,
@@ -170,7 +170,7 @@ HEADER = (
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny configuration, seconds: a smoke run")
-    parser.add_argument("--steps", type=int, help="timed steps per position (default 16; 4 with --quick)")
+    parser.add_argument("--steps", type=int, help="timed steps per position (default 32; 4 with --quick)")
     parser.add_argument("--positions", type=lambda s: [int(x) for x in s.split(",")], help="comma-separated positions")
     parser.add_argument("--dense-max-position", type=int, default=2**20, help="skip dense beyond this position")
     parser.add_argument(

@@ -348,6 +348,9 @@ def test_prefill_checks_the_prompt_and_needs_an_empty_cache():
         cache.prefill(q, q, np.zeros((2, 6, 3, 4)))  # Dv = 4, the cache has Dv = 5
     with pytest.raises(ValueError, match="k"):
         cache.prefill(q, q[:, :5], np.zeros((2, 6, 3, 5)))
+    with pytest.raises(ValueError, match="backend"):
+        cache.prefill(q, q, np.zeros((2, 6, 3, 5)), backend="torch")
+    assert cache.position == 0
     cache.prefill(q, q, np.zeros((2, 6, 3, 5)))
     with pytest.raises(ValueError, match="reset"):
         cache.prefill(q, q, np.zeros((2, 6, 3, 5)))
