@@ -19,14 +19,14 @@ from pathlib import Path
 from mkdocs.exceptions import PluginError
 from mkdocs.structure.files import File
 
-from longnet_ref.figures import FIGURES
+from longnet_ref.figures import EXPERIMENT_FIGURES, FIGURES
 
 FENCE = re.compile(r"^```python\n(.*?)^```\n", re.DOTALL | re.MULTILINE)
 
 
 def on_pre_build(config, **kwargs):
     figures = Path(config["docs_dir"]) / "figures"
-    missing = [name for name in FIGURES if not (figures / name).is_file()]
+    missing = [name for name in (*FIGURES, *EXPERIMENT_FIGURES) if not (figures / name).is_file()]
     if missing:
         raise PluginError(f"missing figures {missing} in {figures}: run `longnet-ref pattern --output-dir {figures}`")
 

@@ -10,11 +10,13 @@ from .config import InputTypeError
 from .decode import DenseKVCache, DilatedKVCache
 from .dense import dense_attention, dense_attention_backward
 from .multiplicity import multiplicity
+from .nn import MultiheadDilatedAttention
 
 __all__ = [
     "DenseKVCache",
     "DilatedKVCache",
     "InputTypeError",
+    "MultiheadDilatedAttention",
     "dense_attention",
     "dense_attention_backward",
     "dilated_attention",

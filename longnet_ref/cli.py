@@ -278,7 +278,7 @@ def pattern(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longnet-ref", description=DESCRIPTION)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench,pattern}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench,pattern,train,generate}")
     with_defaults = dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     p = sub.add_parser("demo", help="forward + backward of dilated attention, checked against dense attention",
@@ -334,6 +334,18 @@ def _parser() -> argparse.ArgumentParser:
                        **with_defaults)
     p.add_argument("--output-dir", default=FIGURES_DIR, help="directory for the PNG files (created if missing)")
     p.set_defaults(func=pattern)
+
+    p = sub.add_parser("train", help="train a small LongNet language model (passkey task or --text FILE)")
+    from . import train
+
+    train.add_arguments(p)
+    p.set_defaults(func=train.run)
+    p = sub.add_parser("generate", help="continue a prompt with a trained checkpoint, token by token through KV caches")
+    from . import generate
+
+    generate.add_arguments(p)
+    p.set_defaults(func=generate.run)
+
     return parser
 
 

@@ -25,6 +25,15 @@ FIGURES = (
     "path_length.png", "distributed.png", "decode_cache.png",
 )
 
+# Figures of experiments (training runs, benchmarks): too slow for ``longnet-ref pattern``, so each
+# is drawn by the command beside it, from logs committed under ``benchmarks/results/``; the docs
+# build checks that they exist, like the figures above.
+EXPERIMENT_FIGURES = {
+    "model_passkey.png": "python benchmarks/model_figures.py passkey --plot-only --runs benchmarks/results/model-runs",
+    "model_text_loss.png": "python benchmarks/model_figures.py text --plot-only --runs benchmarks/results/model-runs",
+    "model_step_time.png": "python benchmarks/train_bench.py --numba-threads 1 --plot docs/figures/model_step_time.png",
+}
+
 # The paper's Figures 2-3 in miniature: N = 32, three geometric branches, four heads.
 N, HEADS, SEGMENT_LENGTHS, DILATION_RATES = 32, 4, (8, 16, 32), (1, 2, 4)
 

@@ -44,17 +44,30 @@ IMAGE = re.compile(r"^!\[[^\]]*\]\((figures/[^)]+)\)\n\n(.*)$", re.MULTILINE)
 
 
 def test_every_figure_on_a_page_is_drawn_by_the_library_and_has_a_caption_under_it():
-    from longnet_ref.figures import FIGURES
+    from longnet_ref.figures import EXPERIMENT_FIGURES, FIGURES
 
     shown = {page.name: IMAGE.findall(page.read_text()) for page in PAGES}
     images = sum((re.findall(r"^!\[", page.read_text(), re.MULTILINE) for page in PAGES), [])
     assert len(images) == sum(map(len, shown.values())) >= 7, "an image without a blank line and a caption"
     for page, figures in shown.items():
         for path, caption in figures:
-            assert path.removeprefix("figures/") in FIGURES, f"{page}: {path} is not drawn by longnet-ref pattern"
+            name = path.removeprefix("figures/")
+            assert name in FIGURES or name in EXPERIMENT_FIGURES, f"{page}: {path} is drawn by no command of the repo"
             assert caption.startswith("*Figure"), f"{page}: no caption under {path}"
     committed = {p.name for p in (DOCS / "figures").iterdir()}
-    assert committed == set(FIGURES), "docs/figures holds exactly the generated figures"
+    assert committed == set(FIGURES) | set(EXPERIMENT_FIGURES), "docs/figures holds exactly the generated figures"
+
+
+def test_the_model_figures_redraw_from_the_committed_training_logs(tmp_path):
+    """``EXPERIMENT_FIGURES``' passkey and text commands redraw from ``benchmarks/results`` alone."""
+    for experiment in ("passkey", "text"):
+        result = subprocess.run(
+            [sys.executable, "benchmarks/model_figures.py", experiment, "--plot-only",
+             "--runs", "benchmarks/results/model-runs", "--figures", str(tmp_path)],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert {p.name for p in tmp_path.iterdir()} == {"model_passkey.png", "model_text_loss.png"}
 
 
 @pytest.fixture(scope="module")

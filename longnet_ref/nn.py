@@ -1,0 +1,611 @@
+"""Layers with explicit forward and backward: LongNet's attention as a drop-in layer.
+
+The CS231n pattern: every layer is two plain functions,
+
+    y, cache = <name>_forward(params, x, ...)
+    dx, grads = <name>_backward(params, cache, dy)
+
+``params`` is a dict of arrays, ``grads`` a dict with the same keys (``{}`` for a layer without
+parameters, whose ``params`` may be ``None``); the cache holds exactly what the backward needs.
+Two layers read better with their natural signatures: ``rope_forward(x, positions)`` /
+``rope_backward(cache, dy) -> dx`` (no parameters) and ``cross_entropy_forward(logits, targets)``
+/ ``cross_entropy_backward(cache) -> dlogits`` (the end of the graph). Every backward is tested
+against central finite differences (``tests/test_nn.py``).
+
+Multi-head attention is one layer whose *kind* is a parameter: ``"dilated"`` (LongNet,
+``longnet_ref.dilated_attention`` and its exact backward), ``"dense"`` (softmax attention over
+all keys) or ``"window"`` (a blocked local window of the same per-token cost as a dilated
+configuration, :func:`window_for`). Its parameters carry torchscale's state-dict names
+(``q_proj.weight`` ...), and :class:`MultiheadDilatedAttention` wraps it as a module that loads a
+torchscale ``DilatedAttention`` state dict. Docs: ``docs/layer.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from fractions import Fraction
+
+import numpy as np
+
+from .attention import dilated_attention, dilated_attention_backward
+from .backends import BACKENDS
+from .config import InputTypeError, validate_branches, validate_offset_rule
+from .dense import dense_attention, dense_attention_backward
+from .validation import SUPPORTED_DTYPES, check_flag
+
+ATTENTION_KINDS = ("dilated", "dense", "window")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def _sub(params, prefix):
+    """The parameters of a sub-layer: ``{"fc1.weight": W}`` -> ``{"weight": W}``."""
+    return {name[len(prefix) + 1 :]: value for name, value in params.items() if name.startswith(prefix + ".")}
+
+
+def _prefixed(grads, prefix):
+    """The inverse of :func:`_sub`: ``{"weight": dW}`` -> ``{"fc1.weight": dW}``."""
+    return {f"{prefix}.{name}": value for name, value in grads.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear: y = x W^T + b
+# ---------------------------------------------------------------------------------------------
+
+
+def linear_forward(params, x):
+    """``y = x W^T + b`` over any leading dimensions.
+
+    ``params = {"weight": (out, in), "bias": (out,)}`` (``torch.nn.Linear``'s layout);
+    ``x (..., in) -> y (..., out)``.
+    """
+    y = x @ params["weight"].T + params["bias"]  # (..., out)
+    return y, x
+
+
+def linear_backward(params, cache, dy):
+    """``dx = dy W``, ``dW = sum dy^T x``, ``db = sum dy`` (sums over the leading dimensions)."""
+    x = cache  # (..., in)
+    weight = params["weight"]  # (out, in)
+    dx = dy @ weight  # (..., in)
+    dy2 = dy.reshape(-1, weight.shape[0])  # (M, out), M = prod(leading)
+    x2 = x.reshape(-1, weight.shape[1])  # (M, in)
+    return dx, {"weight": dy2.T @ x2, "bias": dy2.sum(axis=0)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding: y[b, n] = W[tokens[b, n]]
+# ---------------------------------------------------------------------------------------------
+
+
+def embedding_forward(params, tokens):
+    """``y[b, n] = W[tokens[b, n]]``: ``params = {"weight": (V, E)}``, int ``tokens (B, N) -> (B, N, E)``."""
+    tokens = np.asarray(tokens)
+    vocab = params["weight"].shape[0]
+    if tokens.dtype.kind not in "iu":
+        raise InputTypeError(f"tokens must be an integer array, got dtype {tokens.dtype}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+        raise ValueError(f"tokens must lie in [0, {vocab}), got values in [{tokens.min()}, {tokens.max()}]")
+    return params["weight"][tokens], tokens  # (B, N, E)
+
+
+def embedding_backward(params, cache, dy):
+    """``dW[v] = sum_{(b, n): tokens[b, n] = v} dy[b, n]``; tokens are integers, so ``dx = None``."""
+    tokens = cache  # (B, N)
+    weight = params["weight"]  # (V, E)
+    dweight = np.zeros_like(weight)
+    np.add.at(dweight, tokens.ravel(), dy.reshape(-1, weight.shape[1]))  # a token repeated adds up
+    return None, {"weight": dweight}
+
+
+# ---------------------------------------------------------------------------------------------
+# LayerNorm: y = g * (x - mu) / sqrt(var + eps) + b over the last axis
+# ---------------------------------------------------------------------------------------------
+
+LAYERNORM_EPS = 1e-5  # torch.nn.LayerNorm's default
+
+
+def layernorm_forward(params, x, eps=LAYERNORM_EPS):
+    """``xhat = (x - mean(x)) / sqrt(var(x) + eps)``, ``y = g * xhat + b`` over the last axis.
+
+    ``params = {"weight": g (E,), "bias": b (E,)}``, ``x (..., E) -> y (..., E)``; ``var`` is the
+    biased variance (divides by ``E``), as in ``torch.nn.LayerNorm``.
+    """
+    mu = x.mean(axis=-1, keepdims=True)  # (..., 1)
+    centred = x - mu  # (..., E)
+    rstd = 1.0 / np.sqrt((centred * centred).mean(axis=-1, keepdims=True) + eps)  # (..., 1)
+    xhat = centred * rstd  # (..., E)
+    return params["weight"] * xhat + params["bias"], (xhat, rstd)
+
+
+def layernorm_backward(params, cache, dy):
+    """With ``dxhat = dy * g``:
+
+        dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))   (means over the last axis)
+        dg = sum dy * xhat,   db = sum dy                                (sums over leading axes)
+    """
+    xhat, rstd = cache  # (..., E), (..., 1)
+    dxhat = dy * params["weight"]  # (..., E)
+    dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True) - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+    width = xhat.shape[-1]
+    return dx, {"weight": (dy * xhat).reshape(-1, width).sum(axis=0), "bias": dy.reshape(-1, width).sum(axis=0)}
+
+
+# ---------------------------------------------------------------------------------------------
+# GELU, tanh approximation (GPT-2's): y = x/2 (1 + tanh(c (x + 0.044715 x^3))), c = sqrt(2/pi)
+# ---------------------------------------------------------------------------------------------
+
+GELU_C = math.sqrt(2.0 / math.pi)
+GELU_CUBIC = 0.044715
+
+
+def gelu_forward(params, x):
+    """``y = x/2 (1 + tanh(u))``, ``u = c (x + 0.044715 x^3)``: the tanh approximation of GELU
+    (GPT-2, ``torch.nn.GELU(approximate="tanh")``), not the exact ``x Phi(x)``. ``params`` is unused."""
+    t = np.tanh(GELU_C * (x + GELU_CUBIC * x**3))
+    return 0.5 * x * (1.0 + t), (x, t)
+
+
+def gelu_backward(params, cache, dy):
+    """``dy/dx = (1 + t)/2 + x/2 (1 - t^2) c (1 + 3 * 0.044715 x^2)``, ``t = tanh(u)``."""
+    x, t = cache
+    slope = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_CUBIC * x * x)
+    return dy * slope, {}
+
+
+# ---------------------------------------------------------------------------------------------
+# MLP: y = fc2(gelu(fc1(x)))
+# ---------------------------------------------------------------------------------------------
+
+
+def mlp_forward(params, x):
+    """``y = fc2(gelu(fc1(x)))``; params ``fc1.weight (F, E)``, ``fc1.bias (F,)``,
+    ``fc2.weight (E, F)``, ``fc2.bias (E,)``; ``x (..., E) -> y (..., E)``."""
+    hidden, fc1_cache = linear_forward(_sub(params, "fc1"), x)  # (..., F)
+    activated, gelu_cache = gelu_forward(None, hidden)  # (..., F)
+    y, fc2_cache = linear_forward(_sub(params, "fc2"), activated)  # (..., E)
+    return y, (fc1_cache, gelu_cache, fc2_cache)
+
+
+def mlp_backward(params, cache, dy):
+    """The chain rule through the three layers, last first: fc2, GELU, fc1."""
+    fc1_cache, gelu_cache, fc2_cache = cache
+    dactivated, fc2_grads = linear_backward(_sub(params, "fc2"), fc2_cache, dy)  # (..., F)
+    dhidden, _ = gelu_backward(None, gelu_cache, dactivated)  # (..., F)
+    dx, fc1_grads = linear_backward(_sub(params, "fc1"), fc1_cache, dhidden)  # (..., E)
+    return dx, {**_prefixed(fc1_grads, "fc1"), **_prefixed(fc2_grads, "fc2")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding (RoPE, Su et al., arXiv 2104.09864)
+# ---------------------------------------------------------------------------------------------
+
+
+def rope_angles(positions, head_dim, base=10000.0):
+    """``theta[..., n, j] = positions[..., n] * base^(-2j / D)``, ``j = 0 .. D/2 - 1``: ``(..., N, D/2)``."""
+    inverse_frequency = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # (D/2,)
+    return np.asarray(positions, dtype=np.float64)[..., None] * inverse_frequency  # (..., N, D/2)
+
+
+def rope_forward(x, positions, base=10000.0):
+    """Rotate each pair ``(x[2j], x[2j+1])`` of every head by the angle ``theta_j(n)``:
+
+        y[2j]   = x[2j] cos theta - x[2j+1] sin theta
+        y[2j+1] = x[2j] sin theta + x[2j+1] cos theta
+
+    (the RoFormer paper's interleaved pairs). ``x (B, N, H, D)`` with ``D`` even;
+    ``positions``: integers ``(N,)`` or ``(B, N)``. Then ``q_m . k_n`` depends on ``m - n`` only.
+    """
+    head_dim = x.shape[-1]
+    if head_dim % 2:
+        raise ValueError(f"rope needs an even head dimension D, got D = {head_dim}")
+    positions = np.asarray(positions)
+    if positions.shape not in ((x.shape[1],), tuple(x.shape[:2])):
+        raise ValueError(f"positions must have shape (N,) or (B, N) = {tuple(x.shape[:2])}, got {positions.shape}")
+    theta = rope_angles(positions, head_dim, base)[..., None, :]  # (B or 1, N, 1, D/2)
+    cos, sin = np.cos(theta).astype(x.dtype), np.sin(theta).astype(x.dtype)
+    return _rotate_pairs(x, cos, sin), (cos, sin)
+
+
+def rope_backward(cache, dy):
+    """A rotation is orthogonal, so ``dx = R(theta)^T dy = R(-theta) dy``: the inverse rotation."""
+    cos, sin = cache
+    return _rotate_pairs(dy, cos, -sin)
+
+
+def _rotate_pairs(x, cos, sin):
+    even, odd = x[..., 0::2], x[..., 1::2]  # (B, N, H, D/2) each
+    y = np.empty_like(x)
+    y[..., 0::2] = even * cos - odd * sin
+    y[..., 1::2] = even * sin + odd * cos
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Softmax cross-entropy: loss = -mean_{unmasked (b, n)} log softmax(logits[b, n])[target]
+# ---------------------------------------------------------------------------------------------
+
+
+def cross_entropy_forward(logits, targets, mask=None):
+    """``loss = -(1/M) sum_{(b, n) in mask} log softmax(logits[b, n])[targets[b, n]]``, ``M = |mask|``.
+
+    ``logits (B, N, V)``, integer ``targets (B, N)``, optional bool ``mask (B, N)`` (``None`` =
+    every position). The log-softmax is the stable ``z - max z - log sum exp(z - max z)``.
+    """
+    logits = np.asarray(logits)
+    targets = np.asarray(targets)
+    vocab = logits.shape[-1]
+    if logits.ndim != 3:
+        raise ValueError(f"logits must be 3-D (B, N, V), got shape {logits.shape}")
+    if targets.shape != logits.shape[:2]:
+        raise ValueError(f"targets must have shape (B, N) = {logits.shape[:2]}, got {targets.shape}")
+    if targets.dtype.kind not in "iu":
+        raise InputTypeError(f"targets must be an integer array, got dtype {targets.dtype}")
+    if targets.size and (targets.min() < 0 or targets.max() >= vocab):
+        raise ValueError(f"targets must lie in [0, {vocab}), got values in [{targets.min()}, {targets.max()}]")
+    mask = np.ones(targets.shape, bool) if mask is None else np.asarray(mask)
+    if mask.shape != targets.shape or mask.dtype != bool:
+        raise ValueError(f"mask must be a bool array of shape (B, N) = {targets.shape}, got {mask.dtype} {mask.shape}")
+    count = int(mask.sum())
+    if count == 0:
+        raise ValueError("mask selects no target: the mean loss is undefined")
+    shifted = logits - logits.max(axis=-1, keepdims=True)  # (B, N, V), max 0: exp cannot overflow
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))  # (B, N, V)
+    picked = np.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]  # (B, N)
+    weights = mask / count  # (B, N): 1/M on the unmasked targets, 0 elsewhere
+    loss = -(weights * picked).sum()
+    return loss, (np.exp(log_probs), targets, weights.astype(logits.dtype))
+
+
+def cross_entropy_backward(cache, dloss=1.0):
+    """``dlogits[b, n] = dloss * w[b, n] * (softmax(logits[b, n]) - onehot(targets[b, n]))``, ``w = mask / M``."""
+    probs, targets, weights = cache
+    dlogits = probs * weights[..., None]  # (B, N, V)
+    np.put_along_axis(dlogits, targets[..., None], np.take_along_axis(dlogits, targets[..., None], -1) - weights[..., None], -1)
+    return dloss * dlogits
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-head attention of kind "dilated" | "dense" | "window"
+# ---------------------------------------------------------------------------------------------
+
+
+def window_for(segment_lengths, dilation_rates) -> int:
+    """The blocked window ``W`` of the same per-token cost as a dilated configuration:
+
+        W = ceil( sum_i w_i / r_i^2 )
+
+    Why ``w / r^2``: in branch ``i`` a head keeps ``w/r`` of the ``w`` rows of a segment and each
+    kept row attends the ``w/r`` kept keys, so the branch scores ``(w/r)^2`` pairs per ``w``
+    tokens, ``w/r^2`` per token per head (the paper's Eqs. 16-18; ``complexity.closed_form_flops``).
+    A blocked window of length ``W`` scores ``W`` pairs per token. (``sum_i ceil(w_i / r_i)``, the
+    number of keys one *covered* query sees, would be a more generous window: every row of a
+    window attends, while a dilated head covers only ``1/r_i`` of the rows of each branch.)
+    """
+    branches = validate_branches(segment_lengths, dilation_rates)
+    return math.ceil(sum(Fraction(b.segment_length, b.dilation**2) for b in branches))
+
+
+def _attention_pattern(kind, segment_lengths, dilation_rates, window):
+    """The branches that realise ``kind``, or ``None`` for the dense oracle.
+
+    A blocked window of length ``W`` is dilated attention with one branch ``(W, 1)``: each token
+    attends its own block of ``W`` (causally: its block's prefix); so it runs on every backend
+    and decodes with the same bounded KV cache. Dense is one branch ``(N, 1)``.
+    """
+    if not isinstance(kind, str) or kind not in ATTENTION_KINDS:
+        raise ValueError(f"kind must be one of {ATTENTION_KINDS}, got {kind!r}")
+    if kind == "dilated":
+        if segment_lengths is None or dilation_rates is None:
+            raise ValueError("kind='dilated' needs segment_lengths and dilation_rates (the branches), got None")
+        branches = validate_branches(segment_lengths, dilation_rates)
+        return [b.segment_length for b in branches], [b.dilation for b in branches]
+    if kind == "window":
+        if window is None:
+            if segment_lengths is None or dilation_rates is None:
+                raise ValueError("kind='window' needs window, or segment_lengths and dilation_rates to derive it")
+            window = window_for(segment_lengths, dilation_rates)
+        if isinstance(window, (bool, np.bool_)) or not isinstance(window, (int, np.integer)) or window <= 0:
+            raise ValueError(f"window must be a positive integer, got {window!r}")
+        return [int(window)], [1]
+    return None  # dense
+
+
+def _check_attention_input(params, x, num_heads):
+    """Validate ``x (B, N, E)`` and the projections; return ``(B, N, E, H, D)``."""
+    if not isinstance(x, np.ndarray):
+        raise InputTypeError(f"x must be a numpy array (B, N, E), got {type(x).__name__}")
+    if x.ndim != 3:
+        raise ValueError(f"x must be 3-D (B, N, E), got shape {x.shape}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise InputTypeError(f"x must be float32 or float64, got dtype {x.dtype}")
+    if isinstance(num_heads, (bool, np.bool_)) or not isinstance(num_heads, (int, np.integer)) or num_heads <= 0:
+        raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
+    batch, n, embed_dim = x.shape
+    if embed_dim % num_heads:
+        raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+    _check_state(params, attention_shapes(embed_dim), x.dtype)
+    return batch, n, embed_dim, num_heads, embed_dim // num_heads
+
+
+def attention_shapes(embed_dim):
+    """The parameter names and shapes, torchscale's state dict of ``DilatedAttention``."""
+    shapes = {}
+    for name in PROJECTIONS:
+        shapes[f"{name}.weight"] = (embed_dim, embed_dim)
+        shapes[f"{name}.bias"] = (embed_dim,)
+    return shapes
+
+
+def _check_state(params, shapes, dtype=None):
+    if not isinstance(params, Mapping):
+        raise InputTypeError(f"params must be a dict of arrays, got {type(params).__name__}")
+    missing = [name for name in shapes if name not in params]
+    extra = [name for name in params if name not in shapes]
+    if missing:
+        raise ValueError(f"params is missing {missing}")
+    if extra:
+        raise ValueError(f"params has unexpected keys {extra}")
+    for name, shape in shapes.items():
+        if not isinstance(params[name], np.ndarray):
+            raise InputTypeError(f"params[{name!r}] must be a numpy array, got {type(params[name]).__name__}")
+        if params[name].shape != shape:
+            raise ValueError(f"params[{name!r}] must have shape {shape}, got {params[name].shape}")
+        if dtype is not None and params[name].dtype != dtype:
+            raise InputTypeError(f"x has dtype {dtype} but params[{name!r}] has {params[name].dtype}; they must match")
+
+
+def attention_forward(
+    params,
+    x,
+    *,
+    num_heads,
+    kind,
+    segment_lengths=None,
+    dilation_rates=None,
+    window=None,
+    causal=False,
+    offsets="paper",
+    backend="numpy",
+    rope=False,
+    positions=None,
+):
+    """Multi-head self-attention of kind ``"dilated"``, ``"dense"`` or ``"window"``:
+
+        q, k, v = x Wq^T + bq, x Wk^T + bk, x Wv^T + bv       # (B, N, E) -> (B, N, H, E/H)
+        q, k    = rope(q), rope(k)                               # only if rope=True
+        o       = attention_kind(q, k, v), scale (E/H)^-1/2      # (B, N, H, E/H)
+        y       = o Wo^T + bo                                    # (B, N, E)
+
+    ``attention_kind`` is ``dilated_attention`` with the given branches (SPEC §2-4), softmax over
+    all keys (``dense``), or one branch ``(W, 1)`` (``window``; ``W = window`` or
+    :func:`window_for` of the branches). ``params``: ``{q,k,v,out}_proj.{weight (E, E), bias (E,)}``
+    in ``x``'s dtype. ``positions`` (``(N,)`` or ``(B, N)``, default ``0..N-1``) feed RoPE.
+    With ``backend="cupy"`` only the attention runs on the GPU; the projections stay NumPy.
+    """
+    batch, n, embed_dim, heads, head_dim = _check_attention_input(params, x, num_heads)
+    branches = _attention_pattern(kind, segment_lengths, dilation_rates, window)
+    causal, rope = check_flag(causal, "causal"), check_flag(rope, "rope")
+    offsets = validate_offset_rule(offsets)
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {tuple(BACKENDS)}, got {backend!r}")
+    if rope and head_dim % 2:
+        raise ValueError(f"rope needs an even head dimension E // num_heads, got {head_dim}")
+    if branches is None and backend != "numpy":
+        branches = [max(n, 1)], [1]  # dense on a fast backend: one full segment, no dilation
+
+    split = lambda t: t.reshape(batch, n, heads, head_dim)  # (B, N, E) -> (B, N, H, D)
+    q, q_cache = linear_forward(_sub(params, "q_proj"), x)  # (B, N, E)
+    k, k_cache = linear_forward(_sub(params, "k_proj"), x)
+    v, v_cache = linear_forward(_sub(params, "v_proj"), x)
+    q, k, v = split(q), split(k), split(v)  # (B, N, H, D)
+    rope_cache = None
+    if rope:
+        positions = np.arange(n) if positions is None else positions
+        q, q_rope = rope_forward(q, positions)  # (B, N, H, D)
+        k, k_rope = rope_forward(k, positions)
+        rope_cache = (q_rope, k_rope)
+
+    options = {"causal": causal, "offsets": offsets, "backend": backend}
+    o, lse = _attention_core(q, k, v, branches, options)  # (B, N, H, D), (B, N, H)
+    y, out_cache = linear_forward(_sub(params, "out_proj"), o.reshape(batch, n, embed_dim))  # (B, N, E)
+    cache = {
+        "projections": (q_cache, k_cache, v_cache, out_cache),
+        "qkv": (q, k, v),
+        "o": o,
+        "lse": lse,
+        "branches": branches,
+        "options": options,
+        "rope": rope_cache,
+    }
+    return y, cache
+
+
+def attention_backward(params, cache, dy):
+    """Backward of :func:`attention_forward`, last layer first:
+
+        do            = dy Wo,  dWo = sum dy^T o,  dbo = sum dy
+        dq, dk, dv    = exact attention backward (SPEC §5; FA2 with the stored LSE)
+        dq, dk        = rope^T(dq), rope^T(dk)          # the inverse rotation, if RoPE
+        dx            = dq Wq + dk Wk + dv Wv           # x feeds all three projections
+    """
+    q_cache, k_cache, v_cache, out_cache = cache["projections"]
+    q, k, v = cache["qkv"]
+    batch, n, heads, head_dim = q.shape
+    do, out_grads = linear_backward(_sub(params, "out_proj"), out_cache, dy)  # (B, N, E)
+    do = do.reshape(batch, n, heads, head_dim)  # (B, N, H, D)
+    dq, dk, dv = _attention_core_backward(do, q, k, v, cache["o"], cache["lse"], cache["branches"], cache["options"])
+    if cache["rope"] is not None:
+        q_rope, k_rope = cache["rope"]
+        dq, dk = rope_backward(q_rope, dq), rope_backward(k_rope, dk)
+    merge = lambda t: t.reshape(batch, n, heads * head_dim)  # (B, N, H, D) -> (B, N, E)
+    dx_q, q_grads = linear_backward(_sub(params, "q_proj"), q_cache, merge(dq))
+    dx_k, k_grads = linear_backward(_sub(params, "k_proj"), k_cache, merge(dk))
+    dx_v, v_grads = linear_backward(_sub(params, "v_proj"), v_cache, merge(dv))
+    grads = {}
+    for name, g in (("q_proj", q_grads), ("k_proj", k_grads), ("v_proj", v_grads), ("out_proj", out_grads)):
+        grads.update(_prefixed(g, name))
+    return dx_q + dx_k + dx_v, grads
+
+
+def _attention_core(q, k, v, branches, options):
+    """``(o, lse)`` of dense (``branches=None``) or dilated attention, on ``options["backend"]``."""
+    if branches is None:
+        return dense_attention(q, k, v, causal=options["causal"], return_lse=True)
+    q, k, v = (_to_backend(t, options["backend"]) for t in (q, k, v))
+    o, lse = dilated_attention(q, k, v, *branches, return_lse=True, **options)
+    return _to_numpy(o), _to_numpy(lse)
+
+
+def _attention_core_backward(do, q, k, v, o, lse, branches, options):
+    if branches is None:
+        return dense_attention_backward(do, q, k, v, o, lse, causal=options["causal"])
+    arrays = (_to_backend(t, options["backend"]) for t in (do, q, k, v, o, lse))
+    return tuple(_to_numpy(g) for g in dilated_attention_backward(*arrays, *branches, **options))
+
+
+def _to_backend(x, backend):
+    if backend != "cupy":
+        return x
+    import cupy
+
+    return cupy.asarray(x)
+
+
+def _to_numpy(x):
+    return x if isinstance(x, np.ndarray) else x.get()
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter initialisation (torchscale's MultiheadAttention.reset_parameters)
+# ---------------------------------------------------------------------------------------------
+
+
+def init_linear(rng, in_features, out_features, *, dtype=np.float64, gain=1.0, zero_bias=False):
+    """Xavier-uniform weight ``U(-a, a)``, ``a = gain sqrt(6 / (in + out))``; bias
+    ``U(-1/sqrt(in), 1/sqrt(in))`` (``torch.nn.Linear``'s default) or zero."""
+    bound = gain * math.sqrt(6.0 / (in_features + out_features))
+    weight = rng.uniform(-bound, bound, (out_features, in_features))
+    bias = np.zeros(out_features) if zero_bias else rng.uniform(-1, 1, out_features) / math.sqrt(in_features)
+    return {"weight": weight.astype(dtype), "bias": bias.astype(dtype)}
+
+
+def init_embedding(rng, vocab_size, embed_dim, *, dtype=np.float64, std=0.02):
+    """``W ~ N(0, std^2)``, ``(V, E)`` (GPT-2's 0.02)."""
+    return {"weight": (std * rng.standard_normal((vocab_size, embed_dim))).astype(dtype)}
+
+
+def init_layernorm(embed_dim, *, dtype=np.float64):
+    """``g = 1``, ``b = 0``: the identity affine map."""
+    return {"weight": np.ones(embed_dim, dtype), "bias": np.zeros(embed_dim, dtype)}
+
+
+def init_mlp(rng, embed_dim, hidden_dim, *, dtype=np.float64):
+    """``fc1 (F, E)``, ``fc2 (E, F)``, both :func:`init_linear`."""
+    fc1 = init_linear(rng, embed_dim, hidden_dim, dtype=dtype)
+    fc2 = init_linear(rng, hidden_dim, embed_dim, dtype=dtype)
+    return {**_prefixed(fc1, "fc1"), **_prefixed(fc2, "fc2")}
+
+
+def init_attention(rng, embed_dim, *, dtype=np.float64):
+    """torchscale's initialisation: q, k, v Xavier with gain ``1/sqrt(2)``, out Xavier, out bias 0."""
+    params = {}
+    for name in PROJECTIONS:
+        gain = 1.0 if name == "out_proj" else 1.0 / math.sqrt(2.0)
+        linear = init_linear(rng, embed_dim, embed_dim, dtype=dtype, gain=gain, zero_bias=name == "out_proj")
+        params.update(_prefixed(linear, name))
+    return params
+
+
+# ---------------------------------------------------------------------------------------------
+# The drop-in module
+# ---------------------------------------------------------------------------------------------
+
+
+class MultiheadDilatedAttention:
+    """LongNet's multi-head dilated attention with torchscale's parameter names.
+
+    A drop-in for ``torchscale.component.dilated_attention.DilatedAttention`` (self-attention,
+    no xPos, no sub-LN): ``load_state_dict`` takes its state dict (arrays, or anything with
+    ``__array__``, e.g. ``tensor.numpy()``), and with ``offsets="torchscale"`` the outputs agree
+    wherever SPEC §8 says torchscale is exact. ``backward`` is the exact gradient, including the
+    mixture weights that torchscale detaches.
+
+        layer = MultiheadDilatedAttention(64, 4, [8, 16], [1, 2], causal=True)
+        y, cache = layer.forward(x)            # x (B, N, 64) -> y (B, N, 64)
+        dx, grads = layer.backward(dy, cache)  # grads: the keys of layer.params
+    """
+
+    def __init__(
+        self,
+        embed_dim,
+        num_heads,
+        segment_lengths,
+        dilation_rates,
+        *,
+        causal=False,
+        offsets="paper",
+        backend="numpy",
+        dtype=np.float64,
+        seed=0,
+    ):
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        branches = validate_branches(segment_lengths, dilation_rates)
+        if np.dtype(dtype) not in SUPPORTED_DTYPES:
+            raise InputTypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {tuple(BACKENDS)}, got {backend!r}")
+        self.embed_dim, self.num_heads = int(embed_dim), int(num_heads)
+        self.segment_lengths = [b.segment_length for b in branches]
+        self.dilation_rates = [b.dilation for b in branches]
+        self.causal = check_flag(causal, "causal")
+        self.offsets = validate_offset_rule(offsets)
+        self.backend = backend
+        self.dtype = np.dtype(dtype)
+        self.params = init_attention(np.random.default_rng(seed), self.embed_dim, dtype=self.dtype)
+
+    def load_state_dict(self, state_dict):
+        """Copy ``state_dict``'s arrays into ``params``; a missing, extra or mis-shaped key raises
+        ``ValueError`` naming it. Values are converted to this layer's dtype."""
+        if not isinstance(state_dict, Mapping):
+            raise InputTypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
+        shapes = attention_shapes(self.embed_dim)
+        missing = sorted(set(shapes) - set(state_dict))
+        extra = sorted(set(state_dict) - set(shapes))
+        if missing:
+            raise ValueError(f"state_dict is missing key(s) {missing}")
+        if extra:
+            raise ValueError(f"state_dict has unexpected key(s) {extra}")
+        loaded = {}
+        for name, shape in shapes.items():
+            value = np.array(state_dict[name], dtype=self.dtype)  # a copy, whatever the source
+            if value.shape != shape:
+                raise ValueError(f"state_dict[{name!r}] must have shape {shape}, got {value.shape}")
+            loaded[name] = value
+        self.params = loaded
+
+    def state_dict(self):
+        """A copy of ``params``."""
+        return {name: value.copy() for name, value in self.params.items()}
+
+    def forward(self, x):
+        """``x (B, N, E) -> (y (B, N, E), cache)``: :func:`attention_forward` with ``kind="dilated"``."""
+        return attention_forward(
+            self.params,
+            x,
+            num_heads=self.num_heads,
+            kind="dilated",
+            segment_lengths=self.segment_lengths,
+            dilation_rates=self.dilation_rates,
+            causal=self.causal,
+            offsets=self.offsets,
+            backend=self.backend,
+        )
+
+    def backward(self, dy, cache):
+        """``(dx (B, N, E), grads)``, ``grads`` keyed like ``params``: the exact gradient."""
+        return attention_backward(self.params, cache, dy)

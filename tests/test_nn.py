@@ -1,0 +1,318 @@
+"""The layers of ``longnet_ref.nn``: every backward is the gradient of its forward.
+
+Each backward is compared with central finite differences in float64. For a loss
+``L = sum(y * dy)`` with a fixed random ``dy``, ``dL/dtheta`` must equal ``backward(dy)``.
+The small layers are checked coordinate by coordinate; attention (hundreds of parameters, a
+costlier forward) is checked along random directions ``u``: ``(L(theta + eps u) -
+L(theta - eps u)) / (2 eps) = <grad, u>``, which a wrong entry of the gradient violates for
+almost every ``u``.
+"""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.special import erf
+
+from longnet_ref import nn
+
+# float64, eps = 1e-6: truncation error O(eps^2 |f'''|) ~ 1e-11; cancellation O(u |L| / eps) with
+# |L| <= ~100 gives ~1e-8. 1e-6 (relative to the gradient, plus the same absolute) leaves a wide
+# margin, while a wrong term (a missing factor, a transposed weight) is O(0.1).
+EPS = 1e-6
+TOL = {"rtol": 1e-6, "atol": 1e-6}
+
+
+def central_differences(loss, x):
+    """``dL/dx`` by ``(L(x + eps e) - L(x - eps e)) / (2 eps)``, one coordinate at a time."""
+    grad = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        saved = x[index]
+        x[index] = saved + EPS
+        plus = loss()
+        x[index] = saved - EPS
+        minus = loss()
+        x[index] = saved
+        grad[index] = (plus - minus) / (2 * EPS)
+    return grad
+
+
+def check_all_coordinates(forward, backward, x, params, rng):
+    """Compare ``backward``'s ``dx`` and ``grads`` with central differences of ``sum(y * dy)``."""
+    y, cache = forward(params, x)
+    dy = rng.standard_normal(y.shape)
+    dx, grads = backward(params, cache, dy)
+    loss = lambda: float((forward(params, x)[0] * dy).sum())
+    np.testing.assert_allclose(dx, central_differences(loss, x), err_msg="dx", **TOL)
+    assert set(grads) == set(params or {})
+    for name in grads:
+        assert grads[name].shape == params[name].shape, name
+        np.testing.assert_allclose(grads[name], central_differences(loss, params[name]), err_msg=name, **TOL)
+
+
+def check_directions(loss, arrays, grads, rng, directions=2):
+    """``(L(a + eps u) - L(a - eps u)) / (2 eps) = <dL/da, u>`` for random ``u``, for every array."""
+    for name, a in arrays.items():
+        for _ in range(directions):
+            u = rng.standard_normal(a.shape)
+            saved = a.copy()
+            a += EPS * u
+            plus = loss()
+            a[...] = saved - EPS * u
+            minus = loss()
+            a[...] = saved
+            numeric = (plus - minus) / (2 * EPS)
+            analytic = float((grads[name] * u).sum())
+            assert abs(numeric - analytic) <= TOL["atol"] + TOL["rtol"] * abs(analytic), (name, numeric, analytic)
+
+
+leading_shapes = st.lists(st.integers(1, 3), min_size=1, max_size=2).map(tuple)
+
+
+@settings(max_examples=20, deadline=None)
+@given(leading_shapes, st.integers(1, 4), st.integers(1, 4), st.integers(0, 2**32 - 1))
+def test_linear_backward_is_the_gradient(leading, fan_in, fan_out, seed):
+    rng = np.random.default_rng(seed)
+    params = {"weight": rng.standard_normal((fan_out, fan_in)), "bias": rng.standard_normal(fan_out)}
+    check_all_coordinates(nn.linear_forward, nn.linear_backward, rng.standard_normal((*leading, fan_in)), params, rng)
+
+
+def test_linear_is_x_times_weight_transposed_plus_bias():
+    x = np.array([[1.0, 2.0]])  # (1, in=2)
+    params = {"weight": np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), "bias": np.array([0.5, 0.0, -1.0])}
+    np.testing.assert_array_equal(nn.linear_forward(params, x)[0], [[1.5, 2.0, 2.0]])
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 2), st.integers(1, 5), st.integers(1, 4), st.integers(1, 3), st.integers(0, 2**32 - 1))
+def test_embedding_backward_accumulates_repeated_tokens(batch, n, vocab, width, seed):
+    rng = np.random.default_rng(seed)
+    params = {"weight": rng.standard_normal((vocab, width))}
+    tokens = rng.integers(0, vocab, (batch, n))  # repeats are likely: vocab <= 4
+    y, cache = nn.embedding_forward(params, tokens)
+    np.testing.assert_array_equal(y, params["weight"][tokens])
+    dy = rng.standard_normal(y.shape)
+    dx, grads = nn.embedding_backward(params, cache, dy)
+    assert dx is None
+    loss = lambda: float((nn.embedding_forward(params, tokens)[0] * dy).sum())
+    np.testing.assert_allclose(grads["weight"], central_differences(loss, params["weight"]), **TOL)
+
+
+def test_embedding_rejects_out_of_range_and_float_tokens():
+    params = {"weight": np.zeros((3, 2))}
+    with pytest.raises(ValueError, match="tokens"):
+        nn.embedding_forward(params, np.array([[0, 3]]))
+    with pytest.raises(TypeError, match="tokens"):
+        nn.embedding_forward(params, np.array([[0.0, 1.0]]))
+
+
+@settings(max_examples=20, deadline=None)
+@given(leading_shapes, st.integers(2, 6), st.integers(0, 2**32 - 1))
+def test_layernorm_backward_is_the_gradient(leading, width, seed):
+    rng = np.random.default_rng(seed)
+    params = {"weight": rng.standard_normal(width), "bias": rng.standard_normal(width)}
+    check_all_coordinates(nn.layernorm_forward, nn.layernorm_backward, rng.standard_normal((*leading, width)), params, rng)
+
+
+def test_layernorm_output_has_zero_mean_and_unit_variance_before_the_affine():
+    x = np.random.default_rng(1).standard_normal((3, 8)) * 5 + 2
+    y, _ = nn.layernorm_forward({"weight": np.ones(8), "bias": np.zeros(8)}, x)
+    np.testing.assert_allclose(y.mean(axis=-1), 0, atol=1e-12)
+    # biased variance of xhat is var / (var + eps), eps = 1e-5
+    var = x.var(axis=-1)
+    np.testing.assert_allclose(y.var(axis=-1), var / (var + 1e-5), rtol=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(leading_shapes, st.integers(0, 2**32 - 1))
+def test_gelu_backward_is_the_gradient(leading, seed):
+    rng = np.random.default_rng(seed)
+    check_all_coordinates(nn.gelu_forward, nn.gelu_backward, 2 * rng.standard_normal(leading), None, rng)
+
+
+def test_gelu_is_the_tanh_approximation():
+    # torch.nn.functional.gelu(torch.tensor(1.0), approximate="tanh") = 0.8411920; the exact
+    # x Phi(x) is 0.8413447. The approximation differs from the exact GELU by < 1e-3 everywhere.
+    y, _ = nn.gelu_forward(None, np.array([1.0]))
+    np.testing.assert_allclose(y, [0.8411919906082768], rtol=1e-12)
+    x = np.linspace(-6, 6, 241)
+    exact = 0.5 * x * (1 + erf(x / math.sqrt(2)))
+    assert np.abs(nn.gelu_forward(None, x)[0] - exact).max() < 1e-3
+
+
+@settings(max_examples=15, deadline=None)
+@given(leading_shapes, st.integers(1, 3), st.integers(1, 4), st.integers(0, 2**32 - 1))
+def test_mlp_backward_is_the_gradient(leading, width, hidden, seed):
+    rng = np.random.default_rng(seed)
+    params = {
+        "fc1.weight": rng.standard_normal((hidden, width)),
+        "fc1.bias": rng.standard_normal(hidden),
+        "fc2.weight": rng.standard_normal((width, hidden)),
+        "fc2.bias": rng.standard_normal(width),
+    }
+    check_all_coordinates(nn.mlp_forward, nn.mlp_backward, rng.standard_normal((*leading, width)), params, rng)
+
+
+def rope_layer(per_batch_positions):
+    """RoPE as a parameter-free layer ``(params, x)`` for :func:`check_all_coordinates`."""
+
+    def forward(params, x):
+        positions = per_batch_positions if per_batch_positions is not None else np.arange(x.shape[1])
+        return nn.rope_forward(x, positions)
+
+    return forward, lambda params, cache, dy: (nn.rope_backward(cache, dy), {})
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 2), st.integers(1, 4), st.integers(1, 2), st.sampled_from([2, 4, 6]), st.booleans(), st.integers(0, 2**32 - 1))
+def test_rope_backward_is_the_gradient(batch, n, heads, head_dim, per_batch, seed):
+    rng = np.random.default_rng(seed)
+    positions = rng.integers(0, 50, (batch, n)) if per_batch else None
+    forward, backward = rope_layer(positions)
+    check_all_coordinates(forward, backward, rng.standard_normal((batch, n, heads, head_dim)), None, rng)
+
+
+def rotate_pair_by_pair(x, positions, base=10000.0):
+    """RoPE written out with an explicit 2x2 rotation matrix per pair (the RoFormer paper's form)."""
+    y = np.empty_like(x)
+    head_dim = x.shape[-1]
+    for n in range(x.shape[1]):
+        for j in range(head_dim // 2):
+            theta = positions[n] * base ** (-2 * j / head_dim)
+            rotation = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+            y[:, n, :, 2 * j : 2 * j + 2] = x[:, n, :, 2 * j : 2 * j + 2] @ rotation.T
+    return y
+
+
+def test_rope_rotates_each_pair_by_position_times_frequency():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 5, 3, 6))
+    positions = np.array([0, 1, 7, 30, 1000])
+    np.testing.assert_allclose(nn.rope_forward(x, positions)[0], rotate_pair_by_pair(x, positions), rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 100), st.integers(0, 100), st.integers(-50, 50), st.integers(0, 2**32 - 1))
+def test_rope_scores_depend_only_on_relative_position(m, n, shift, seed):
+    rng = np.random.default_rng(seed)
+    q, k = rng.standard_normal((2, 1, 1, 1, 8))
+    score = lambda pq, pk: float((nn.rope_forward(q, [pq])[0] * nn.rope_forward(k, [pk])[0]).sum())
+    shift = max(shift, -min(m, n))  # keep positions non-negative
+    # float64 rotations of O(1) vectors: the two dot products agree to ~1e-14
+    assert score(m, n) == pytest.approx(score(m + shift, n + shift), abs=1e-12)
+
+
+def test_rope_rejects_odd_head_dim_and_wrong_positions():
+    with pytest.raises(ValueError, match="even head dimension"):
+        nn.rope_forward(np.zeros((1, 2, 1, 3)), np.arange(2))
+    with pytest.raises(ValueError, match="positions"):
+        nn.rope_forward(np.zeros((1, 2, 1, 4)), np.arange(3))
+
+
+def naive_cross_entropy(logits, targets, mask):
+    """``-mean log(exp(z_t) / sum exp(z))`` term by term in Python floats (small logits only)."""
+    terms = []
+    for b, n in zip(*np.nonzero(mask)):
+        z = logits[b, n]
+        terms.append(-math.log(math.exp(z[targets[b, n]]) / sum(math.exp(v) for v in z)))
+    return sum(terms) / len(terms)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 2), st.integers(1, 4), st.integers(2, 5), st.booleans(), st.integers(0, 2**32 - 1))
+def test_cross_entropy_is_the_mean_over_unmasked_targets_and_its_backward_the_gradient(batch, n, vocab, masked, seed):
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((batch, n, vocab))
+    targets = rng.integers(0, vocab, (batch, n))
+    mask = rng.random((batch, n)) < 0.6 if masked else np.ones((batch, n), bool)
+    mask.flat[0] = True  # at least one target
+    loss, cache = nn.cross_entropy_forward(logits, targets, mask if masked else None)
+    # a few O(1) terms in float64 summed in different orders: agreement to ~1e-15
+    assert loss == pytest.approx(naive_cross_entropy(logits, targets, mask), rel=1e-12)
+    dlogits = nn.cross_entropy_backward(cache)
+    numeric = central_differences(lambda: float(nn.cross_entropy_forward(logits, targets, mask)[0]), logits)
+    np.testing.assert_allclose(dlogits, numeric, **TOL)
+    assert np.all(dlogits[~mask] == 0)
+
+
+def test_cross_entropy_is_stable_for_huge_logits():
+    logits = np.array([[[1e4, 0.0, -1e4]]])
+    loss, cache = nn.cross_entropy_forward(logits, np.array([[1]]))
+    assert loss == pytest.approx(1e4)  # -log softmax = 1e4 - 0 + log(1 + e^-1e4 + e^-2e4)
+    np.testing.assert_allclose(nn.cross_entropy_backward(cache), [[[1.0, -1.0, 0.0]]], atol=1e-300)
+
+
+def test_cross_entropy_rejects_bad_targets_and_an_empty_mask():
+    logits = np.zeros((1, 2, 3))
+    with pytest.raises(ValueError, match="targets"):
+        nn.cross_entropy_forward(logits, np.array([[0, 3]]))
+    with pytest.raises(ValueError, match="targets"):
+        nn.cross_entropy_forward(logits, np.array([0, 1]))
+    with pytest.raises(ValueError, match="mask"):
+        nn.cross_entropy_forward(logits, np.array([[0, 1]]), np.zeros((1, 2), bool))
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention of each kind
+# ---------------------------------------------------------------------------------------------
+
+
+@st.composite
+def attention_problems(draw):
+    heads = draw(st.integers(1, 3))
+    head_dim = draw(st.sampled_from([2, 4]))
+    n = draw(st.integers(1, 10))
+    branches = draw(st.integers(1, 3))
+    return {
+        "batch": draw(st.integers(1, 2)),
+        "n": n,
+        "embed_dim": heads * head_dim,
+        "num_heads": heads,
+        "kind": draw(st.sampled_from(nn.ATTENTION_KINDS)),
+        "segment_lengths": draw(st.lists(st.integers(1, n + 2), min_size=branches, max_size=branches)),
+        "dilation_rates": draw(st.lists(st.integers(1, 3), min_size=branches, max_size=branches)),
+        "causal": draw(st.booleans()),
+        "offsets": draw(st.sampled_from(["paper", "torchscale"])),
+        "rope": draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**32 - 1)),
+    }
+
+
+def random_attention_params(rng, embed_dim):
+    params = {}
+    for name in nn.PROJECTIONS:
+        params[f"{name}.weight"] = rng.standard_normal((embed_dim, embed_dim)) / math.sqrt(embed_dim)
+        params[f"{name}.bias"] = 0.5 * rng.standard_normal(embed_dim)
+    return params
+
+
+@settings(max_examples=40, deadline=None)
+@given(attention_problems())
+def test_attention_backward_is_the_gradient(problem):
+    rng = np.random.default_rng(problem["seed"])
+    params = random_attention_params(rng, problem["embed_dim"])
+    x = rng.standard_normal((problem["batch"], problem["n"], problem["embed_dim"]))
+    options = {key: problem[key] for key in ("num_heads", "kind", "segment_lengths", "dilation_rates", "causal", "offsets", "rope")}
+    y, cache = nn.attention_forward(params, x, **options)
+    dy = rng.standard_normal(y.shape)
+    dx, grads = nn.attention_backward(params, cache, dy)
+    assert set(grads) == set(params) and dx.shape == x.shape
+    loss = lambda: float((nn.attention_forward(params, x, **options)[0] * dy).sum())
+    check_directions(loss, {"x": x, **params}, {"x": dx, **grads}, rng)
+
+
+def test_initialisers_give_the_shapes_and_dtypes_the_layers_expect():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    mlp = nn.init_mlp(rng, 8, 32, dtype=np.float32)
+    norm = nn.init_layernorm(8, dtype=np.float32)
+    embedding = nn.init_embedding(rng, 11, 8, dtype=np.float32)
+    attention = nn.init_attention(rng, 8, dtype=np.float32)
+    assert {k: v.shape for k, v in mlp.items()} == {"fc1.weight": (32, 8), "fc1.bias": (32,), "fc2.weight": (8, 32), "fc2.bias": (8,)}
+    assert set(attention) == {f"{p}.{w}" for p in nn.PROJECTIONS for w in ("weight", "bias")}
+    assert not attention["out_proj.bias"].any()  # torchscale's reset_parameters zeroes it
+    for y in (nn.mlp_forward(mlp, x)[0], nn.layernorm_forward(norm, x)[0], nn.embedding_forward(embedding, np.zeros((2, 3), int))[0],
+              nn.attention_forward(attention, x, num_heads=2, kind="dense")[0]):
+        assert y.shape == (2, 3, 8) and y.dtype == np.float32
