@@ -1,6 +1,8 @@
 """longnet_ref: the reference implementation of LongNet's dilated attention (arXiv 2307.02486).
 
-The public contract of SPEC §6: the five functions below, re-exported and nothing else.
+The public contract of SPEC §6 (the five attention functions), the drop-in layer
+``MultiheadDilatedAttention``, the decoding caches ``DilatedKVCache`` / ``DenseKVCache`` and the
+``InputTypeError`` raised for a wrong type; re-exported, nothing else.
 The specification is ``docs/spec.md``; the documentation site is built from ``docs/`` with
 ``mkdocs serve`` (or ``mkdocs build --strict``), and starts at ``docs/overview.md``.
 """
