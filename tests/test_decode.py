@@ -287,6 +287,25 @@ def test_reset_empties_the_cache_and_a_stale_non_finite_value_never_reaches_the_
         assert_rows_equal(*cache.step(q[:, t], k[:, t], v[:, t]), expected_out[:, t], expected_lse[:, t], TOLERANCE[np.dtype(np.float64)])
 
 
+def test_a_non_finite_value_put_in_by_fill_never_reaches_the_next_segment():
+    """``fill`` leaves a NaN value row in the buffer; once its segment is over it must stay inert (SPEC §7).
+
+    The NaN is the last row of segment 0, so the steps of segment 1 write only rows before it:
+    it sits past the live count of every later step.
+    """
+    rng = np.random.default_rng(7)
+    n, prompt = 12, 8
+    q, k, v = (rng.standard_normal((1, n, 1, 4)) for _ in range(3))
+    v[0, prompt - 1, 0] = np.nan
+    with np.errstate(invalid="ignore"):  # the NaN row poisons its own segment, as expected
+        expected_out, expected_lse = dilated_attention(q, k, v, [8], [1], causal=True, return_lse=True)
+    assert np.isfinite(expected_out[:, prompt:]).all()  # the next segment does not attend it
+    cache = DilatedKVCache(1, 1, 4, 4, [8], [1])
+    cache.fill(k[:, :prompt], v[:, :prompt])
+    for t in range(prompt, n):  # float64 throughout, same reordering bound as TOLERANCE
+        assert_rows_equal(*cache.step(q[:, t], k[:, t], v[:, t]), expected_out[:, t], expected_lse[:, t], TOLERANCE[np.dtype(np.float64)])
+
+
 def test_dense_cache_prefill_longer_than_twice_its_initial_capacity():
     """A growable cache reserves a prompt of any length at once, not only one doubling (16 -> 32)."""
     rng = np.random.default_rng(6)
