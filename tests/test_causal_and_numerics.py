@@ -149,3 +149,28 @@ def test_a_nan_query_does_not_reach_the_gradient_of_a_later_key_under_causal(bac
     out, lse = dilated_attention(q, k, v, [2], [1], causal=True, return_lse=True, backend=backend)
     _, _, dv = dilated_attention_backward(dout, q, k, v, out, lse, [2], [1], causal=True, backend=backend)
     assert np.isnan(dv[0, 0, 0, 0]) and np.isfinite(dv[0, 1, 0, 0])
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_a_query_whose_every_score_is_minus_infinity_has_no_weight_and_no_gradient(backend):
+    """SPEC §4: a row whose logits are all ``-inf`` gets ``out = 0``, ``lse = -inf`` and gradient 0.
+
+    ``q = -inf`` against keys that are all positive makes every score of that row ``-inf``; its
+    ``lse = -inf`` must not turn ``P = exp(S - lse)`` into ``exp(-inf + inf) = NaN``. Expected
+    values from the loop oracle (chain rule, float64); ``dk`` is left out: the rule for a key
+    attended by an infinite query is not settled (the oracle gives a finite value, the backends NaN).
+    """
+    rng = np.random.default_rng(9)
+    q, v, dout = (rng.standard_normal((1, 12, 2, 3)) for _ in range(3))
+    k = np.abs(rng.standard_normal((1, 12, 2, 3))) + 0.5  # every q.k of the -inf row is -inf
+    q[0, 5, 0] = -np.inf
+    branches = ([4, 6], [1, 2])
+    with np.errstate(invalid="ignore"):  # inf arithmetic on the way is expected
+        out, lse = dilated_attention(q, k, v, *branches, return_lse=True, backend=backend)
+        dq, _, dv = dilated_attention_backward(dout, q, k, v, out, lse, *branches, backend=backend)
+        want_dq, _, want_dv = oracle.dilated_attention_gradients(dout, q, k, v, *branches)
+    assert lse[0, 5, 0] == -np.inf and (out[0, 5, 0] == 0).all()
+    # float64, sums of <= 12 O(1) terms: SUMMATION's float64 bound (1e-10) with margin.
+    np.testing.assert_allclose(dq, want_dq, rtol=1e-10, atol=1e-11)
+    np.testing.assert_allclose(dv, want_dv, rtol=1e-10, atol=1e-11)
+    assert (dq[0, 5, 0] == 0).all()

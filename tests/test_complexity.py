@@ -92,6 +92,22 @@ def test_path_length_stays_within_the_logarithmic_prediction():
         assert measured <= complexity.predicted_path_length(n, 64, 2) + 1, (n, measured)
 
 
+@pytest.mark.parametrize(
+    "n, w0, ratio, layers",
+    [
+        (1024, 4, 2, 8),  # N (a - 1) / w0 = 256 = 2^8
+        (81, 2, 3, 4),  # 81 * 2 / 2 = 81 = 3^4
+        (4096, 3, 4, 6),  # 4096 * 3 / 3 = 4096 = 4^6
+    ],
+)
+def test_predicted_path_length_is_eq_20(n, w0, ratio, layers):
+    """Paper Eq. 20, l = log_a(N (a - 1) / w_0), at points worked out by hand (a^l = N (a - 1) / w_0).
+
+    ``math.log(x, a)`` rounds twice (two logs and a division): 1e-12 relative is ample in float64.
+    """
+    assert complexity.predicted_path_length(n, w0, ratio) == pytest.approx(layers, rel=1e-12)
+
+
 def test_geometric_configuration_stops_at_the_first_segment_covering_n():
     assert complexity.geometric_configuration(1000, 64, 2) == ([64, 128, 256, 512, 1024], [1, 2, 4, 8, 16])
     assert complexity.geometric_configuration(64, 64, 4) == ([64], [1])

@@ -264,6 +264,61 @@ def test_a_non_finite_key_of_a_dropped_segment_never_reaches_later_rows():
         np.testing.assert_allclose(cache.step(q[:, t], k[:, t], v[:, t])[0], expected_out[:, t], rtol=1e-12, atol=1e-12)
 
 
+def test_reset_empties_the_cache_and_a_stale_non_finite_value_never_reaches_the_next_sequence():
+    """After ``reset`` the cache holds no row, and a NaN left in the buffers past the live count is inert.
+
+    The NaN is the last row of a segment, so a shorter second sequence never overwrites it: it
+    sits in the buffer beside every live row of that sequence (SPEC §7: it must not reach them).
+    """
+    rng = np.random.default_rng(5)
+    cache = DilatedKVCache(1, 1, 4, 4, [8], [1])
+    q, k, v = (rng.standard_normal((1, 8, 1, 4)) for _ in range(3))
+    v[0, 7, 0] = np.nan
+    with np.errstate(invalid="ignore"):
+        for t in range(8):
+            cache.step(q[:, t], k[:, t], v[:, t])
+    cache.reset()
+    assert cache.position == 0
+    assert all(len(rows) == 0 for branch in cache.held_positions() for rows in branch)
+    assert all((count == 0).all() for count in cache.count)
+    q, k, v = (rng.standard_normal((1, 4, 1, 4)) for _ in range(3))
+    expected_out, expected_lse = dilated_attention(q, k, v, [8], [1], causal=True, return_lse=True)
+    for t in range(4):  # float64 throughout, same reordering bound as TOLERANCE
+        assert_rows_equal(*cache.step(q[:, t], k[:, t], v[:, t]), expected_out[:, t], expected_lse[:, t], TOLERANCE[np.dtype(np.float64)])
+
+
+def test_a_non_finite_value_put_in_by_fill_never_reaches_the_next_segment():
+    """``fill`` leaves a NaN value row in the buffer; once its segment is over it must stay inert (SPEC §7).
+
+    The NaN is the last row of segment 0, so the steps of segment 1 write only rows before it:
+    it sits past the live count of every later step.
+    """
+    rng = np.random.default_rng(7)
+    n, prompt = 12, 8
+    q, k, v = (rng.standard_normal((1, n, 1, 4)) for _ in range(3))
+    v[0, prompt - 1, 0] = np.nan
+    with np.errstate(invalid="ignore"):  # the NaN row poisons its own segment, as expected
+        expected_out, expected_lse = dilated_attention(q, k, v, [8], [1], causal=True, return_lse=True)
+    assert np.isfinite(expected_out[:, prompt:]).all()  # the next segment does not attend it
+    cache = DilatedKVCache(1, 1, 4, 4, [8], [1])
+    cache.fill(k[:, :prompt], v[:, :prompt])
+    for t in range(prompt, n):  # float64 throughout, same reordering bound as TOLERANCE
+        assert_rows_equal(*cache.step(q[:, t], k[:, t], v[:, t]), expected_out[:, t], expected_lse[:, t], TOLERANCE[np.dtype(np.float64)])
+
+
+def test_dense_cache_prefill_longer_than_twice_its_initial_capacity():
+    """A growable cache reserves a prompt of any length at once, not only one doubling (16 -> 32)."""
+    rng = np.random.default_rng(6)
+    n, prompt = 45, 40
+    q, k, v = (rng.standard_normal((1, n, 2, 3)) for _ in range(3))
+    expected_out, expected_lse = dense_attention(q, k, v, causal=True, return_lse=True)
+    cache = DenseKVCache(1, 2, 3, 3)
+    assert cache.capacity < prompt / 2  # the case under test: one prefill past a single doubling
+    assert_rows_equal(*cache.prefill(q[:, :prompt], k[:, :prompt], v[:, :prompt]), expected_out[:, :prompt], expected_lse[:, :prompt], TOLERANCE[np.dtype(np.float64)])
+    for t in range(prompt, n):
+        assert_rows_equal(*cache.step(q[:, t], k[:, t], v[:, t]), expected_out[:, t], expected_lse[:, t], TOLERANCE[np.dtype(np.float64)])
+
+
 def test_heads_that_are_not_evenly_spaced_take_the_copying_path_with_the_same_result(monkeypatch):
     """Selected heads are read as a strided view when evenly spaced; the fancy-index fallback agrees."""
     from longnet_ref import decode
