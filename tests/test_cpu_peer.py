@@ -29,3 +29,14 @@ def test_the_peer_computes_the_same_dilated_attention_as_ours(causal):
     torchscale offsets (N = 4096, the paper's branches), and the flash operator equals SDPA."""
     torch = pytest.importorskip("torch")
     load_script().check_peer_matches_ours(torch, causal)
+
+
+def test_the_numba_page_shows_the_recorded_peer_table(monkeypatch, capsys):
+    """docs/numba.md's table is the one ``cpu_peer.py --show`` prints from the committed JSON (no
+    torch needed), so the page cannot drift from the measurement it quotes."""
+    monkeypatch.setitem(sys.modules, "torch", None)  # --show must not need torch
+    recorded = SCRIPT.parents[0] / "results" / "cpu_peer.json"
+    assert load_script().main(["--show", str(recorded)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    page = (SCRIPT.parents[1] / "docs" / "numba.md").read_text()
+    assert len(rows) == 10 and all(row in page for row in rows)
