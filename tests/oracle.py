@@ -150,3 +150,20 @@ def dilated_attention_gradients(dout, q, k, v, segment_lengths, dilation_rates, 
     """The exact gradient of :func:`dilated_attention` (SPEC §5)."""
     m = multiplicity(q.shape[1], q.shape[2], segment_lengths, dilation_rates, causal, offsets)
     return attention_gradients(dout, q, k, v, bias=multiplicity_bias(m), scale=scale, causal=causal)
+
+
+def central_differences(loss, x, eps):
+    """``d loss / d x`` by ``(loss(x + eps e) - loss(x - eps e)) / (2 eps)``, one element at a time.
+
+    ``loss`` takes no argument and reads ``x``, which is perturbed in place and restored.
+    """
+    grad = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        saved = x[index]
+        x[index] = saved + eps
+        plus = loss()
+        x[index] = saved - eps
+        minus = loss()
+        x[index] = saved
+        grad[index] = (plus - minus) / (2 * eps)
+    return grad

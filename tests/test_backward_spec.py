@@ -5,6 +5,7 @@ from hypothesis import given, settings
 
 from longnet_ref import dense_attention, dense_attention_backward, dilated_attention, dilated_attention_backward
 
+from .oracle import central_differences
 from .strategies import Problem, problems
 from .tolerances import FINITE_DIFFERENCE_STEP, FINITE_DIFFERENCES
 
@@ -26,20 +27,6 @@ def test_backward_equals_dense_backward_with_multiplicity_bias(problem):
     for name, grad, expected, x in zip("qkv", grads, dense_grads, (q, k, v)):
         assert grad.shape == x.shape and grad.dtype == x.dtype, name
         np.testing.assert_allclose(grad, expected, err_msg=f"d{name}", **problem.tolerance)
-
-
-def central_differences(loss, x, eps):
-    """d loss / d x by (loss(x + eps e) - loss(x - eps e)) / (2 eps), element by element."""
-    grad = np.zeros_like(x)
-    for index in np.ndindex(x.shape):
-        saved = x[index]
-        x[index] = saved + eps
-        plus = loss()
-        x[index] = saved - eps
-        minus = loss()
-        x[index] = saved
-        grad[index] = (plus - minus) / (2 * eps)
-    return grad
 
 
 @settings(max_examples=25, deadline=None)
