@@ -335,12 +335,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=FIGURES_DIR, help="directory for the PNG files (created if missing)")
     p.set_defaults(func=pattern)
 
-    p = sub.add_parser("train", help="train a small LongNet language model (passkey task or --text FILE)")
+    p = sub.add_parser("train", help="train a small LongNet language model (passkey task or --text FILE)", **with_defaults)
     from . import train
 
     train.add_arguments(p)
     p.set_defaults(func=train.run)
-    p = sub.add_parser("generate", help="continue a prompt with a trained checkpoint, token by token through KV caches")
+    p = sub.add_parser("generate", help="continue a prompt with a trained checkpoint, token by token through KV caches",
+                       **with_defaults)
     from . import generate
 
     generate.add_arguments(p)

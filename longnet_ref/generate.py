@@ -148,10 +148,10 @@ def generate(config, params, prompt_tokens, max_new_tokens, *, temperature=1.0, 
 def add_arguments(p) -> None:
     p.add_argument("--checkpoint", required=True, help="a checkpoint.npz written by longnet-ref train")
     p.add_argument("--prompt", required=True, help="text (byte-level models) or space-separated token ids")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate after the prompt")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature of the sampling (0: greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only (None: all of them)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
 
 
 def run(args) -> int:

@@ -248,37 +248,33 @@ def plot_log(records: list[dict], path, title: str, chance: float | None = None)
 # ``longnet-ref train``
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part]
-    except ValueError:
-        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def add_arguments(p) -> None:
     """The ``train`` subcommand's options (``cli.py`` registers the subparser)."""
+    from .cli import _int_list  # the CLI's one parser of "w1,w2,..." (imported here: cli imports this module)
+
     p.add_argument("--text", default=None, help="train next-byte prediction on this file (default: the passkey task)")
     p.add_argument("--n", type=int, default=256, help="context length N")
     p.add_argument("--passkey-span", type=int, default=4,
-                   help="passkey task: write the key this many times in a row (default 4 = max dilation: one hop)")
+                   help="passkey task: write the key this many times in a row (4 = the default max dilation: one hop)")
     p.add_argument("--attention", default="dilated", help="dilated | dense | window")
     p.add_argument("--segment-lengths", type=_int_list, default=[64, 128, 256], help="comma-separated w_i")
     p.add_argument("--dilation-rates", type=_int_list, default=[1, 2, 4], help="comma-separated r_i")
     p.add_argument("--window", type=int, default=None, help="window attention: keys per query (default: same cost as dilated)")
-    p.add_argument("--offsets", choices=["paper", "torchscale"], default="paper")
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--offsets", choices=["paper", "torchscale"], default="paper",
+                   help="head offsets: paper (h mod r) or torchscale (contiguous blocks of heads)")
+    p.add_argument("--d-model", type=int, default=64, help="model width C")
+    p.add_argument("--layers", type=int, default=2, help="number of Transformer blocks")
+    p.add_argument("--heads", type=int, default=4, help="attention heads per block")
     p.add_argument("--no-rope", action="store_true", help="no rotary position embedding")
     p.add_argument("--steps", type=int, default=None, help="total steps (default 300; with --resume: extend the run to this many)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--batch", type=int, default=16, help="sequences per step")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
+    p.add_argument("--warmup", type=int, default=30, help="linear warm-up steps before the cosine decay")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="decoupled weight decay on the projection and MLP matrices")
+    p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip")
     p.add_argument("--backend", default="numba", help="numba (default; compiles once, ~1-2 min) | numpy | cupy")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameter and activation dtype")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data")
     p.add_argument("--eval-every", type=int, default=25, help="evaluate on a fixed held-out batch every k steps")
     p.add_argument("--resume", default=None, help="continue from this checkpoint (.npz)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="also write the checkpoint every k steps (0: only at the end)")
