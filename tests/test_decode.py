@@ -21,20 +21,11 @@ from hypothesis import strategies as st
 from longnet_ref import DenseKVCache, DilatedKVCache, dense_attention, dilated_attention
 from tests import oracle
 from tests.strategies import problems
+from tests.tolerances import DECODE_STEP
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Step vs parallel forward: the same float operations per row, but the parallel forward forms the
-# scores of a whole segment with one matrix product while a step forms one row, so BLAS may sum
-# the D products in another order. A reordered dot product of length D <= 16 of unit normals
-# (|s| <= ~40 at most) differs by at most about D * u * |s|, and exp / normalise keep that size:
-# float64 (u = 1.1e-16): ~7e-14, so the 1e-12 holds with margin; float32 (u = 6e-8):
-# ~4e-5, so 5e-5 (observed: <= 1e-6 over 60 random problems). The outputs are convex
-# combinations of O(1) values, hence the same bound absolute and relative.
-TOLERANCE = {
-    np.dtype(np.float64): {"rtol": 1e-12, "atol": 1e-12},
-    np.dtype(np.float32): {"rtol": 5e-5, "atol": 5e-5},
-}
+TOLERANCE = DECODE_STEP  # tests/tolerances.py
 
 
 def new_cache(problem, **options):

@@ -18,14 +18,9 @@ from hypothesis import strategies as st
 from longnet_ref import dilated_attention, dilated_attention_backward
 
 from .strategies import Problem, problems
+from .tolerances import GPU
 
-# GPU against the NumPy reference: the same sums in other orders (cuBLAS tiles, kernel tiles).
-# float64: <= ~3000 terms at unit roundoff 1.1e-16 -> ~3e-13 relative; 1e-12 covers it.
-# float32: the same sums at 6e-8 -> ~2e-4 worst case on O(1) values, ~1e-6 typical.
-AGREEMENT = {
-    np.dtype(np.float64): {"rtol": 1e-12, "atol": 1e-12},
-    np.dtype(np.float32): {"rtol": 2e-4, "atol": 2e-5},
-}
+AGREEMENT = GPU  # tests/tolerances.py
 
 NO_DEVICE = {100: "cudaErrorNoDevice", 35: "cudaErrorInsufficientDriver"}  # CUDA runtime status codes
 

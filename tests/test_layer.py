@@ -21,10 +21,9 @@ from longnet_ref import MultiheadDilatedAttention, dense_attention, multiplicity
 from longnet_ref.complexity import attended_pairs
 
 from .test_nn import random_attention_params
+from .tolerances import LAYER_F64
 
-# float64 attention over <= ~30 keys and 3 branches, then O(E) projections: two computations
-# that sum in different orders agree to ~1e-14; 1e-10 leaves room and catches any real error.
-TOL64 = {"rtol": 1e-10, "atol": 1e-11}
+TOL64 = LAYER_F64  # tests/tolerances.py
 
 
 def project(params, name, x):

@@ -19,12 +19,9 @@ from scipy.special import erf
 from longnet_ref import nn
 
 from . import oracle
+from .tolerances import FINITE_DIFFERENCE_STEP, FINITE_DIFFERENCES
 
-# float64, eps = 1e-6: truncation error O(eps^2 |f'''|) ~ 1e-11; cancellation O(u |L| / eps) with
-# |L| <= ~100 gives ~1e-8. 1e-6 (relative to the gradient, plus the same absolute) leaves a wide
-# margin, while a wrong term (a missing factor, a transposed weight) is O(0.1).
-EPS = 1e-6
-TOL = {"rtol": 1e-6, "atol": 1e-6}
+EPS, TOL = FINITE_DIFFERENCE_STEP, FINITE_DIFFERENCES  # tests/tolerances.py
 
 
 def central_differences(loss, x):
