@@ -20,7 +20,7 @@ import cupy
 
 from longnet_ref.backends import cuda_kernels
 from longnet_ref.backends.cuda_kernels import Geometry
-from longnet_ref.config import validate_branches
+from longnet_ref.validation import validate_branches
 
 BRANCHES = validate_branches((2048, 4096, 8192, 16384), (1, 2, 4, 8))
 GEOMETRIES = [

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from longnet_ref import complexity, dilated_attention, dilated_attention_backward
-from longnet_ref.config import sparse_segments, validate_branches
+from longnet_ref.index_sets import sparse_segments
+from longnet_ref.validation import validate_branches
 
 PAPER = {"segment_lengths": (2048, 4096, 8192, 16384), "dilation_rates": (1, 2, 4, 8)}
 BATCH, HEADS, DIM = 1, 8, 64

@@ -8,7 +8,7 @@ The specification is ``docs/spec.md``; the documentation site is built from ``do
 """
 
 from .attention import dilated_attention, dilated_attention_backward
-from .config import InputTypeError
+from .validation import InputTypeError
 from .decode import DenseKVCache, DilatedKVCache
 from .dense import dense_attention, dense_attention_backward
 from .multiplicity import multiplicity

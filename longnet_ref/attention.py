@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from .backends import get_backend
-from .config import validate_branches, validate_offset_rule
+from .validation import validate_branches, validate_offset_rule
 from .validation import check_attention_inputs, check_flag, check_gradient_inputs, resolve_scale
 
 ArrayLike = Any  # a NumPy array, or a CuPy array with backend="cupy"

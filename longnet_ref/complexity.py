@@ -1,7 +1,7 @@
 """Cost and reach of dilated attention: exact counts, the paper's closed forms, path length.
 
 LongNet (arXiv 2307.02486) §2.4. Every count here is taken from the same index sets the
-implementation attends over (``config.sparse_segments``), so "the FLOPs we claim" and "the
+implementation attends over (``index_sets.sparse_segments``), so "the FLOPs we claim" and "the
 FLOPs we do" cannot drift apart.
 
 - One branch, ``N`` divisible by ``w`` and ``w`` by ``r`` (Eq. 16):
@@ -27,7 +27,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .config import sparse_segments, validate_branches, validate_offset_rule
+from .index_sets import sparse_segments
+from .validation import validate_branches, validate_offset_rule
 
 
 @dataclass(frozen=True)

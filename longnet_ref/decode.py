@@ -24,7 +24,7 @@ log-sum-exp exactly as the parallel forward does (``reference.mix_branches``, pa
 The contract is exactness: ``step`` at position ``t`` returns row ``t`` of
 ``dilated_attention(q, k, v, ..., causal=True)`` on the whole sequence.
 
-The index sets (which head selects which row) come from ``config.py`` only: ``head_offsets`` and
+The index sets (which head selects which row) come from ``index_sets.py`` only: ``head_offsets`` and
 the scalar rules ``segment_size`` / ``segment_position``.
 """
 
@@ -36,15 +36,8 @@ import numbers
 import numpy as np
 
 from .attention import dilated_attention
-from .config import (
-    InputTypeError,
-    _positive_int,
-    head_offsets,
-    segment_position,
-    segment_size,
-    validate_branches,
-    validate_offset_rule,
-)
+from .index_sets import head_offsets, segment_position, segment_size
+from .validation import InputTypeError, _positive_int, validate_branches, validate_offset_rule
 from .dense import dense_attention
 from .reference import attention_from_scores
 from .reference import mix_branches
@@ -162,7 +155,7 @@ class DilatedKVCache(_Cache):
         self.offsets = validate_offset_rule(offsets)
         self.segment_lengths = tuple(b.segment_length for b in self.branches)
         self.dilation_rates = tuple(b.dilation for b in self.branches)
-        # o_i(h): the offset of every head in every branch (SPEC §2), from config.py.
+        # o_i(h): the offset of every head in every branch (SPEC §2), from index_sets.py.
         self.head_offsets = tuple(
             tuple(int(o) for o in head_offsets(self.num_heads, b.dilation, self.offsets)) for b in self.branches
         )

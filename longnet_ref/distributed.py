@@ -51,7 +51,8 @@ from mpi4py import MPI
 from mpi4py.util.dtlib import from_numpy_dtype
 
 from .backends import get_backend
-from .config import InputTypeError, segment_position, segment_size, sparse_segments, validate_branches, validate_offset_rule
+from .index_sets import segment_position, segment_size, sparse_segments
+from .validation import InputTypeError, validate_branches, validate_offset_rule
 from .reference import attention_backward_from_scores, attention_from_scores, mix_branches
 from .validation import check_attention_inputs, check_flag, check_gradient_inputs, resolve_scale
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from . import complexity
-from .config import head_offsets, segment_rows, validate_branches
+from .index_sets import head_offsets, segment_rows
+from .validation import validate_branches
 from .multiplicity import multiplicity
 
 FIGURES = (
@@ -113,7 +114,7 @@ def selected_rows(path: str | Path, offsets: str = "paper") -> None:
     """Which rows each head keeps in each branch (SPEC §2): one strip per (branch, head).
 
     ``N = 32``, four heads, ``(w, r) = (8, 1), (16, 2), (32, 4)``; ``offsets`` is the rule of
-    ``config.head_offsets``.
+    ``index_sets.head_offsets``.
 
     Args:
         path: the PNG file to write.

@@ -29,7 +29,7 @@ import numpy as np
 
 from . import nn
 from .backends import BACKENDS
-from .config import validate_branches, validate_offset_rule
+from .validation import validate_branches, validate_offset_rule
 
 ATTENTION_KINDS = nn.ATTENTION_KINDS  # "dilated" | "dense" | "window"
 DTYPES = ("float32", "float64")

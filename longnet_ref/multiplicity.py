@@ -14,7 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .config import InputTypeError, segment_position, segment_size, sparse_segments, validate_branches, validate_offset_rule
+from .index_sets import segment_position, segment_size, sparse_segments
+from .validation import InputTypeError, validate_branches, validate_offset_rule
 from .validation import check_flag
 
 

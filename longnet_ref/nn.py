@@ -30,7 +30,7 @@ import numpy as np
 
 from .attention import dilated_attention, dilated_attention_backward
 from .backends import BACKENDS
-from .config import InputTypeError, validate_branches, validate_offset_rule
+from .validation import InputTypeError, validate_branches, validate_offset_rule
 from .dense import dense_attention, dense_attention_backward
 from .validation import SUPPORTED_DTYPES, check_flag
 

@@ -36,7 +36,7 @@ import math
 import numpy as np
 
 from .backends import array_namespace
-from .config import Branch, SparseSegments, sparse_segments
+from .index_sets import Branch, SparseSegments, sparse_segments
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of (T, T) score blocks alive at once: 1 GiB
 LIVE_SCORE_BLOCKS = 4  # the backward holds S, P, dP and dS of a chunk at once
@@ -145,7 +145,7 @@ def attended_product(weights, attended, rows):
 def gather_rows(x, positions, valid, heads):
     """Sparsify (paper Eq. 3-5): ``x (B, N, H, ...)`` -> ``(B, S, Hs, T, ...)``, padding zeroed.
 
-    ``positions, valid (S, T)`` as in ``config.segment_rows`` and ``heads (Hs,)``, all NumPy
+    ``positions, valid (S, T)`` as in ``index_sets.segment_rows`` and ``heads (Hs,)``, all NumPy
     (metadata). The rows are taken from ``x`` viewed as ``(B, N * H, C)`` at ``p * H + h``.
     Padded rows are set to 0 rather than read from anywhere, so a NaN or Inf elsewhere in the
     sequence cannot leak into a segment through them.

@@ -8,14 +8,23 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from .config import InputTypeError
+from .index_sets import OFFSET_RULES, Branch
 
 if TYPE_CHECKING:
     import cupy
+
+
+class InputTypeError(TypeError, ValueError):
+    """An argument of the wrong type (SPEC §7).
+
+    SPEC §7 asks for ``TypeError`` for a wrong type and lists several type problems (dtype,
+    non-integer ``w``) among its ``ValueError`` cases; like NumPy's ``AxisError`` this class is
+    both, so either ``except`` clause catches it.
+    """
 
 SUPPORTED_DTYPES = ("float32", "float64")
 """The dtypes every public function accepts (SPEC §1): float32 and float64."""
@@ -204,3 +213,65 @@ def resolve_scale(scale: float | None, head_dim: int) -> float:
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale!r}")
     return float(scale)
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise InputTypeError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def validate_branches(segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> tuple[Branch, ...]:
+    """Check ``segment_lengths`` and ``dilation_rates`` (SPEC §2, §7) and pair them as branches.
+
+    Branch ``i`` is ``(w_i, r_i) = (segment_lengths[i], dilation_rates[i])``.
+
+    Args:
+        segment_lengths: ``w_i`` of every branch: a non-empty sequence (list, tuple or 1-D
+            array) of positive integers.
+        dilation_rates: ``r_i`` of every branch: as many positive integers.
+
+    Returns:
+        One [`Branch`][longnet_ref.index_sets.Branch] per pair, in order, with plain ``int`` fields.
+
+    Raises:
+        InputTypeError: Either argument is not a sequence (a string counts as none), or an
+            element is not an integer (``bool`` included).
+        ValueError: Either sequence is empty, their lengths differ, or an element is ``<= 0``.
+    """
+    for name, seq in (("segment_lengths", segment_lengths), ("dilation_rates", dilation_rates)):
+        if isinstance(seq, (str, bytes)) or not isinstance(seq, (Sequence, np.ndarray)):
+            raise InputTypeError(f"{name} must be a sequence of positive integers, got {type(seq).__name__}")
+    if len(segment_lengths) == 0:
+        raise ValueError("segment_lengths must name at least one branch, got an empty list")
+    if len(dilation_rates) == 0:
+        raise ValueError("dilation_rates must name at least one branch, got an empty list")
+    if len(segment_lengths) != len(dilation_rates):
+        raise ValueError(
+            f"segment_lengths and dilation_rates must have the same length, "
+            f"got {len(segment_lengths)} and {len(dilation_rates)}"
+        )
+    return tuple(
+        Branch(_positive_int(w, f"segment_lengths[{i}]"), _positive_int(r, f"dilation_rates[{i}]"))
+        for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates))
+    )
+
+
+def validate_offset_rule(offsets: str) -> str:
+    """Check the head-offset rule ``offsets`` (SPEC §2, §7).
+
+    Args:
+        offsets: One of [`OFFSET_RULES`][longnet_ref.index_sets.OFFSET_RULES]: ``"paper"`` or
+            ``"torchscale"``.
+
+    Returns:
+        ``offsets``, unchanged.
+
+    Raises:
+        ValueError: ``offsets`` is not one of the rules (any other value or type).
+    """
+    if not isinstance(offsets, str) or offsets not in OFFSET_RULES:
+        raise ValueError(f"offsets must be one of {OFFSET_RULES}, got {offsets!r}")
+    return offsets

@@ -20,7 +20,7 @@ from scipy.special import logsumexp
 from longnet_ref import reference
 from longnet_ref.backends import cuda_kernels
 from longnet_ref.backends.cuda_kernels import Geometry
-from longnet_ref.config import validate_branches
+from longnet_ref.validation import validate_branches
 
 from .strategies import Problem, problems
 

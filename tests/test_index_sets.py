@@ -5,15 +5,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from longnet_ref.config import (
-    causal_key_count,
-    head_offsets,
-    segment_position,
-    segment_rows,
-    segment_size,
-    sparse_segments,
-    validate_branches,
-)
+from longnet_ref.index_sets import causal_key_count, head_offsets, segment_position, segment_rows, segment_size, sparse_segments
+from longnet_ref.validation import validate_branches
 
 
 def spec_positions(n, w, r, o):

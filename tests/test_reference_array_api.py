@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 import longnet_ref
 from longnet_ref import reference
-from longnet_ref.config import sparse_segments, validate_branches
+from longnet_ref.index_sets import sparse_segments
+from longnet_ref.validation import validate_branches
 
 from . import test_backward_spec, test_forward_spec
 from .strategies import problems

@@ -30,7 +30,7 @@ accumulated in float32 (``REAL``); ``out`` and ``lse`` are written in ``REAL``. 
 
 A thread skips the pairs its row does not attend, so a NaN reaches exactly the rows that attend
 it (SPEC §7). Head dimensions up to ``MAX_DIM``. The row rules (segment sizes, positions, the
-causal bound) are those of ``longnet_ref.config``, wrapped as device functions, not re-derived.
+causal bound) are those of ``longnet_ref.index_sets``, wrapped as device functions, not re-derived.
 Docs: ``docs/gpu.md``.
 """
 
@@ -52,17 +52,17 @@ if not hasattr(np, "row_stack"):
 from numba import config as numba_config
 from numba import cuda, float32, float64
 
-from .. import config
-from ..config import InputTypeError
+from .. import index_sets
+from ..validation import InputTypeError
 
 BLOCK = 128  # threads (query or key rows) per thread block
 CHUNK = 16  # keys (queries, in the keys pass) scored together: independent FMAs per thread
 MAX_DIM = 128  # largest D and Dv: rows live in registers
 
-# The scalar index rules of SPEC §2-3, written once in ``config.py``, as device functions.
-segment_size = cuda.jit(device=True)(config.segment_size)
-segment_position = cuda.jit(device=True)(config.segment_position)
-causal_key_count = cuda.jit(device=True)(config.causal_key_count)
+# The scalar index rules of SPEC §2-3, written once in ``index_sets.py``, as device functions.
+segment_size = cuda.jit(device=True)(index_sets.segment_size)
+segment_position = cuda.jit(device=True)(index_sets.segment_position)
+causal_key_count = cuda.jit(device=True)(index_sets.causal_key_count)
 
 # Placeholders for the constants that :func:`specialised` binds per (dtype, D, Dv); the
 # templates are never compiled with these values.
@@ -445,7 +445,7 @@ def check_dims(q, v):
 
 
 def _offsets(xp, heads, branch, rule):
-    return xp.asarray(config.head_offsets(heads, branch.dilation, rule).astype(np.int64))  # (H,)
+    return xp.asarray(index_sets.head_offsets(heads, branch.dilation, rule).astype(np.int64))  # (H,)
 
 
 def forward(xp, q, k, v, branches, causal, scale, offsets, geometry: Geometry = DEFAULT_GEOMETRY):

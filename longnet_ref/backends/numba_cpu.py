@@ -45,8 +45,8 @@ import scipy.linalg.cython_blas  # noqa: F401  (the BLAS the kernels call: loade
 from numba import njit, prange
 from threadpoolctl import threadpool_limits
 
-from .. import config
-from ..config import Branch, head_offsets
+from .. import index_sets
+from ..index_sets import Branch, head_offsets
 from .numba_exp import exp_shifted_block
 
 # Numba's ``np.dot`` calls SciPy's BLAS (``scipy.linalg.cython_blas``), which Numba would load
@@ -70,9 +70,9 @@ MIN_SEGMENT_ITEMS = 8
 
 
 # The index rules of SPEC §2-3, written once in ``config`` and compiled into the kernels.
-segment_size = njit(cache=True, inline="always")(config.segment_size)
-segment_position = njit(cache=True, inline="always")(config.segment_position)
-causal_key_count = njit(cache=True, inline="always")(config.causal_key_count)
+segment_size = njit(cache=True, inline="always")(index_sets.segment_size)
+segment_position = njit(cache=True, inline="always")(index_sets.segment_position)
+causal_key_count = njit(cache=True, inline="always")(index_sets.causal_key_count)
 
 
 @njit(cache=True, inline="always")

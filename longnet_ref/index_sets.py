@@ -16,30 +16,20 @@ Docs: ``docs/segments.md`` and ``docs/offsets.md``.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 
 OFFSET_RULES = ("paper", "torchscale")
-"""The accepted values of ``offsets``: the head-offset rules of [`head_offsets`][longnet_ref.config.head_offsets]."""
-
-
-class InputTypeError(TypeError, ValueError):
-    """An argument of the wrong type (SPEC §7).
-
-    SPEC §7 asks for ``TypeError`` for a wrong type and lists several type problems (dtype,
-    non-integer ``w``) among its ``ValueError`` cases; like NumPy's ``AxisError`` this class is
-    both, so either ``except`` clause catches it.
-    """
+"""The accepted values of ``offsets``: the head-offset rules of [`head_offsets`][longnet_ref.index_sets.head_offsets]."""
 
 
 @dataclass(frozen=True)
 class Branch:
     """One ``(w, r)`` branch of the mixture (paper Eq. 9; SPEC §2).
 
-    Built by [`validate_branches`][longnet_ref.config.validate_branches], which checks both
+    Built by [`validate_branches`][longnet_ref.validation.validate_branches], which checks both
     fields; constructing one directly checks nothing.
 
     Attributes:
@@ -49,68 +39,6 @@ class Branch:
 
     segment_length: int  # w
     dilation: int  # r
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise InputTypeError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def validate_branches(segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> tuple[Branch, ...]:
-    """Check ``segment_lengths`` and ``dilation_rates`` (SPEC §2, §7) and pair them as branches.
-
-    Branch ``i`` is ``(w_i, r_i) = (segment_lengths[i], dilation_rates[i])``.
-
-    Args:
-        segment_lengths: ``w_i`` of every branch: a non-empty sequence (list, tuple or 1-D
-            array) of positive integers.
-        dilation_rates: ``r_i`` of every branch: as many positive integers.
-
-    Returns:
-        One [`Branch`][longnet_ref.config.Branch] per pair, in order, with plain ``int`` fields.
-
-    Raises:
-        InputTypeError: Either argument is not a sequence (a string counts as none), or an
-            element is not an integer (``bool`` included).
-        ValueError: Either sequence is empty, their lengths differ, or an element is ``<= 0``.
-    """
-    for name, seq in (("segment_lengths", segment_lengths), ("dilation_rates", dilation_rates)):
-        if isinstance(seq, (str, bytes)) or not isinstance(seq, (Sequence, np.ndarray)):
-            raise InputTypeError(f"{name} must be a sequence of positive integers, got {type(seq).__name__}")
-    if len(segment_lengths) == 0:
-        raise ValueError("segment_lengths must name at least one branch, got an empty list")
-    if len(dilation_rates) == 0:
-        raise ValueError("dilation_rates must name at least one branch, got an empty list")
-    if len(segment_lengths) != len(dilation_rates):
-        raise ValueError(
-            f"segment_lengths and dilation_rates must have the same length, "
-            f"got {len(segment_lengths)} and {len(dilation_rates)}"
-        )
-    return tuple(
-        Branch(_positive_int(w, f"segment_lengths[{i}]"), _positive_int(r, f"dilation_rates[{i}]"))
-        for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates))
-    )
-
-
-def validate_offset_rule(offsets: str) -> str:
-    """Check the head-offset rule ``offsets`` (SPEC §2, §7).
-
-    Args:
-        offsets: One of [`OFFSET_RULES`][longnet_ref.config.OFFSET_RULES]: ``"paper"`` or
-            ``"torchscale"``.
-
-    Returns:
-        ``offsets``, unchanged.
-
-    Raises:
-        ValueError: ``offsets`` is not one of the rules (any other value or type).
-    """
-    if not isinstance(offsets, str) or offsets not in OFFSET_RULES:
-        raise ValueError(f"offsets must be one of {OFFSET_RULES}, got {offsets!r}")
-    return offsets
 
 
 def head_offsets(num_heads: int, dilation: int, rule: str = "paper") -> np.ndarray:
@@ -128,7 +56,7 @@ def head_offsets(num_heads: int, dilation: int, rule: str = "paper") -> np.ndarr
         ``o (H,)``, integer (``np.intp``): the offset of head ``h`` at index ``h``, in ``[0, r)``.
 
     Raises:
-        ValueError: ``rule`` is not one of [`OFFSET_RULES`][longnet_ref.config.OFFSET_RULES].
+        ValueError: ``rule`` is not one of [`OFFSET_RULES`][longnet_ref.index_sets.OFFSET_RULES].
     """
     h = np.arange(num_heads)  # (H,)
     if rule == "paper":
@@ -234,7 +162,7 @@ class SparseSegments:
     """All segments of one branch seen by the heads that share one offset (SPEC §2).
 
     ``positions`` and ``valid`` are the ``(S, T)`` table of
-    [`segment_rows`][longnet_ref.config.segment_rows]; ``heads`` the heads with this offset.
+    [`segment_rows`][longnet_ref.index_sets.segment_rows]; ``heads`` the heads with this offset.
     Within one ``SparseSegments`` every valid position occurs once, so a scatter by fancy
     indexing never writes the same row twice.
 
@@ -282,11 +210,11 @@ def sparse_segments(n: int, num_heads: int, branches: Sequence[Branch], offsets:
         n: ``N``, the sequence length.
         num_heads: ``H``, a positive ``int``.
         branches: The validated branches (from
-            [`validate_branches`][longnet_ref.config.validate_branches]).
+            [`validate_branches`][longnet_ref.validation.validate_branches]).
         offsets: The head-offset rule, ``"paper"`` or ``"torchscale"``.
 
     Returns:
-        An iterator of [`SparseSegments`][longnet_ref.config.SparseSegments], branch by branch
+        An iterator of [`SparseSegments`][longnet_ref.index_sets.SparseSegments], branch by branch
         and, within a branch, by increasing offset; offsets that select no row are skipped.
 
     Raises:
