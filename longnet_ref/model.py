@@ -169,15 +169,6 @@ def check_params(config: LongNetConfig, params: dict) -> None:
             raise TypeError(f"params[{name!r}] has dtype {params[name].dtype}, expected {config.dtype}")
 
 
-def _sub(params: dict, prefix: str) -> dict:
-    """The entries under ``prefix``, with it stripped: ``h.0.attn.q_proj.weight`` -> ``q_proj.weight``."""
-    return {name[len(prefix):]: value for name, value in params.items() if name.startswith(prefix)}
-
-
-def _prefixed(grads: dict, prefix: str) -> dict:
-    return {prefix + name: value for name, value in grads.items()}
-
-
 def attention_options(config: LongNetConfig) -> dict:
     """Keyword arguments of ``nn.attention_forward`` that the config fixes."""
     return {
@@ -202,24 +193,32 @@ def check_tokens(tokens, vocab_size: int, name: str = "tokens") -> np.ndarray:
 # forward and backward
 
 
-def forward(config: LongNetConfig, params: dict, tokens) -> tuple[np.ndarray, dict]:
-    """``logits = LN_f(x^L) E^T`` for ``tokens (B, N)``; returns ``(logits (B, N, V), cache)``."""
+def forward(config: LongNetConfig, params: dict, tokens, *, positions=None, kv_caches=None) -> tuple[np.ndarray, dict]:
+    """``logits = LN_f(x^L) E^T`` for ``tokens (B, N)``; returns ``(logits (B, N, V), cache)``.
+
+    ``positions (N,)`` of the tokens feed RoPE (default ``0 .. N-1``). For decoding,
+    ``kv_caches`` holds one KV cache per layer (``generate.new_caches``): each layer's attention
+    then reads and extends its cache (the tokens are a prompt, or one new token), and
+    ``positions`` default to the rows that follow the cached ones.
+    """
     tokens = check_tokens(tokens, config.vocab_size)
     attn = attention_options(config)
-    positions = np.arange(tokens.shape[1])
+    kv_caches = [None] * config.n_layers if kv_caches is None else kv_caches
+    if len(kv_caches) != config.n_layers:
+        raise ValueError(f"kv_caches must hold one cache per layer ({config.n_layers}), got {len(kv_caches)}")
     cache = {"blocks": []}
 
-    x, cache["wte"] = nn.embedding_forward(_sub(params, "wte."), tokens)  # (B, N, C)
-    for layer in range(config.n_layers):
-        p = _sub(params, f"h.{layer}.")
-        h, c_ln1 = nn.layernorm_forward(_sub(p, "ln_1."), x)
-        a, c_attn = nn.attention_forward(_sub(p, "attn."), h, positions=positions, **attn)
+    x, cache["wte"] = nn.embedding_forward(nn.subtree(params, "wte"), tokens)  # (B, N, C)
+    for layer, kv_cache in enumerate(kv_caches):
+        p = nn.subtree(params, f"h.{layer}")
+        h, c_ln1 = nn.layernorm_forward(nn.subtree(p, "ln_1"), x)
+        a, c_attn = nn.attention_forward(nn.subtree(p, "attn"), h, positions=positions, kv_cache=kv_cache, **attn)
         x = x + a  # x' = x + Attn(LN_1(x))
-        h, c_ln2 = nn.layernorm_forward(_sub(p, "ln_2."), x)
-        m, c_mlp = nn.mlp_forward(_sub(p, "mlp."), h)
+        h, c_ln2 = nn.layernorm_forward(nn.subtree(p, "ln_2"), x)
+        m, c_mlp = nn.mlp_forward(nn.subtree(p, "mlp"), h)
         x = x + m  # x = x' + MLP(LN_2(x'))
         cache["blocks"].append((c_ln1, c_attn, c_ln2, c_mlp))
-    h, cache["ln_f"] = nn.layernorm_forward(_sub(params, "ln_f."), x)  # (B, N, C)
+    h, cache["ln_f"] = nn.layernorm_forward(nn.subtree(params, "ln_f"), x)  # (B, N, C)
     logits = h @ params["wte.weight"].T  # (B, N, V) tied head: logits = h E^T
     cache["h"] = h
     return logits, cache
@@ -235,23 +234,23 @@ def backward(config: LongNetConfig, params: dict, cache: dict, dlogits) -> dict[
     C = config.d_model
     dh = dlogits @ params["wte.weight"]  # (B, N, C)
     d_wte_head = dlogits.reshape(-1, dlogits.shape[-1]).T @ cache["h"].reshape(-1, C)  # (V, C)
-    dx, g = nn.layernorm_backward(_sub(params, "ln_f."), cache["ln_f"], dh)
-    grads |= _prefixed(g, "ln_f.")
+    dx, g = nn.layernorm_backward(nn.subtree(params, "ln_f"), cache["ln_f"], dh)
+    grads |= nn.prefixed(g, "ln_f")
     for layer in reversed(range(config.n_layers)):
-        prefix = f"h.{layer}."
-        p = _sub(params, prefix)
+        prefix = f"h.{layer}"
+        p = nn.subtree(params, prefix)
         c_ln1, c_attn, c_ln2, c_mlp = cache["blocks"][layer]
-        dm, g = nn.mlp_backward(_sub(p, "mlp."), c_mlp, dx)
-        grads |= _prefixed(g, prefix + "mlp.")
-        dh, g = nn.layernorm_backward(_sub(p, "ln_2."), c_ln2, dm)
-        grads |= _prefixed(g, prefix + "ln_2.")
+        dm, g = nn.mlp_backward(nn.subtree(p, "mlp"), c_mlp, dx)
+        grads |= nn.prefixed(g, f"{prefix}.mlp")
+        dh, g = nn.layernorm_backward(nn.subtree(p, "ln_2"), c_ln2, dm)
+        grads |= nn.prefixed(g, f"{prefix}.ln_2")
         dx = dx + dh  # the residual carries dx past the MLP
-        da, g = nn.attention_backward(_sub(p, "attn."), c_attn, dx)
-        grads |= _prefixed(g, prefix + "attn.")
-        dh, g = nn.layernorm_backward(_sub(p, "ln_1."), c_ln1, da)
-        grads |= _prefixed(g, prefix + "ln_1.")
+        da, g = nn.attention_backward(nn.subtree(p, "attn"), c_attn, dx)
+        grads |= nn.prefixed(g, f"{prefix}.attn")
+        dh, g = nn.layernorm_backward(nn.subtree(p, "ln_1"), c_ln1, da)
+        grads |= nn.prefixed(g, f"{prefix}.ln_1")
         dx = dx + dh  # ... and past the attention
-    _, g = nn.embedding_backward(_sub(params, "wte."), cache["wte"], dx)
+    _, g = nn.embedding_backward(nn.subtree(params, "wte"), cache["wte"], dx)
     grads["wte.weight"] = g["weight"] + d_wte_head  # tied: the table is used twice
     return {name: grads[name] for name in params}  # the params' order
 

@@ -116,7 +116,8 @@ def test_bench_on_cupy_without_the_gpu_extra_names_the_extra(capsys, monkeypatch
 def test_missing_extras_are_named_with_the_install_command(capsys, monkeypatch, tmp_path):
     block_import(monkeypatch, "matplotlib", "matplotlib.pyplot")
     assert main(["pattern", "--output-dir", str(tmp_path)]) == 3
-    assert capsys.readouterr().err.strip() == 'longnet-ref pattern: error: this command needs matplotlib: pip install "longnet-ref[bench]"'
+    assert capsys.readouterr().err.strip() == ('longnet-ref pattern: error: this command needs matplotlib: '
+                                             'pip install "longnet-ref[bench]" (in a source checkout: pip install ".[bench]")')
     block_import(monkeypatch, "mpi4py")
     assert main(["bench", "--distributed"]) == 3
     assert 'pip install "longnet-ref[mpi]"' in capsys.readouterr().err
