@@ -135,6 +135,14 @@ def parameter_shapes(config: LongNetConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def parameter_count(config: LongNetConfig) -> int:
+    """The number of scalars of :func:`parameter_shapes`, counted without listing them:
+    ``V C`` (tied embedding) ``+ L (12 C^2 + 13 C)`` (per block: four ``C x C`` projections and
+    an MLP ``C -> 4C -> C`` with their biases, two LayerNorms) ``+ 2 C`` (the final LayerNorm)."""
+    C = config.d_model
+    return config.vocab_size * C + config.n_layers * (12 * C * C + 13 * C) + 2 * C
+
+
 def init_params(config: LongNetConfig) -> dict[str, np.ndarray]:
     """GPT-2 initialisation, deterministic from ``config.seed``.
 

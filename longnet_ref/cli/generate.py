@@ -79,12 +79,13 @@ def _continue_text(args, state) -> int:
     if not prompt_bytes:
         raise UsageError("--prompt must not be empty")
     config = state.config
-    if config.attention == "dense":  # the dense cache keeps every row: (keys, values) x layers x positions
-        rows = len(prompt_bytes) + options["max_new_tokens"]
-        itemsize = np.dtype(config.dtype).itemsize
-        refuse_if_too_big({"dense KV caches": 2 * 2 * config.n_layers * rows * config.d_model * itemsize},
-                          f"--max-new-tokens {options['max_new_tokens']} with a dense-attention model",
-                          "lower --max-new-tokens")
+    rows = len(prompt_bytes) + options["max_new_tokens"]
+    # generate() keeps every token drawn (a small array each, ~100 bytes, then one int64 array)
+    needed = {"the generated tokens": rows * (100 + 8)}
+    if config.attention == "dense":  # the dense cache keeps every row: (keys, values) x layers x positions,
+        itemsize = np.dtype(config.dtype).itemsize  # grown by doubling
+        needed["dense KV caches"] = 2 * 2 * config.n_layers * rows * config.d_model * itemsize
+    refuse_if_too_big(needed, f"--max-new-tokens {options['max_new_tokens']}", "lower --max-new-tokens")
     prompt = np.frombuffer(prompt_bytes, np.uint8).astype(np.int64)  # (T,)
     out = sys.stdout
     write = out.buffer.write if hasattr(out, "buffer") else (lambda data: out.write(data.decode("latin-1")))
@@ -106,7 +107,7 @@ def _continue_text(args, state) -> int:
 def _answer_passkey(args, state, extra: dict) -> int:
     given = [f"--{k.replace('_', '-')}" for k in SAMPLING if k in vars(args)]
     if given:
-        raise UsageError(f"{', '.join(given)} apply to text checkpoints only; a passkey checkpoint answers with its "
+        raise UsageError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to text checkpoints only; a passkey checkpoint answers with its "
                          "most likely key")
     n, span = extra.get("n"), extra.get("passkey_span")
     try:

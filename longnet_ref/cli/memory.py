@@ -8,7 +8,6 @@ so in a second instead of failing (or swapping) after minutes of work.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -77,10 +76,10 @@ def train_step_bytes(config, batch: int, n: int) -> dict[str, int]:
     layer before and after GELU); the logits, probabilities and their gradient ``(B, N, V)``;
     dense attention's ``(B, H, N, N)`` scores and probabilities.
     """
-    from ..model import parameter_shapes
+    from ..model import parameter_count
 
     itemsize = 4 if config.dtype == "float32" else 8
-    params = sum(math.prod(shape) for shape in parameter_shapes(config).values())
+    params = parameter_count(config)
     parts = {
         "params, gradients, AdamW moments": 4 * params * itemsize,
         "activations": batch * n * config.d_model * (25 * config.n_layers + 10) * itemsize,

@@ -31,12 +31,18 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.HelpFormatter):
     """Shows each option's default once, as ``(default: X)``.
 
     Not for an option whose help already says its default, a required option, a flag (off unless
-    given) or a default of ``None`` (the help says what leaving the option out means).
+    given) or a default of ``None`` (the help says what leaving the option out means). A
+    description of one paragraph is wrapped; one with line breaks (examples) is kept as written.
     """
+
+    def _fill_text(self, text, width, indent):
+        if "\n" in text.strip():
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
     def _get_help_string(self, action):
         text = action.help or ""

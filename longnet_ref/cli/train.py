@@ -128,8 +128,10 @@ def _task_of(given: dict, extra: dict | None, checkpoint: str | None):
         if kind == "passkey" and "text" in given:
             raise UsageError(f"--text conflicts with the checkpoint (--resume {checkpoint}), trained on the passkey task")
         text = given.get("text", extra.get("text")) if kind == "text" else None
-        if kind == "text" and text is None:
-            raise UsageError(f"--resume {checkpoint}: the checkpoint was trained on a text file; give it with --text FILE")
+        if kind == "text" and (text is None or ("text" not in given and not Path(text).is_file())):
+            where = f" ({text} is gone)" if text else ""
+            raise UsageError(f"--resume {checkpoint}: the checkpoint was trained on a text file{where}; "
+                             "give it with --text FILE")
         for option, saved in (("n", extra["n"]), ("passkey_span", extra.get("passkey_span"))):
             if option in given and saved is not None and given[option] != saved:
                 raise UsageError(f"--{option.replace('_', '-')} {given[option]} conflicts with the checkpoint's {saved} "
@@ -182,7 +184,7 @@ def _shown(value):
     return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
 
 
-def _fresh_state(given: dict, task) -> TrainState:
+def _fresh_configs(given: dict, task) -> tuple[lm.LongNetConfig, TrainConfig]:
     o = DEFAULTS | given
     config = lm.LongNetConfig(
         vocab_size=task.vocab_size, d_model=o["d_model"], n_layers=o["layers"], n_heads=o["heads"],
@@ -193,7 +195,7 @@ def _fresh_state(given: dict, task) -> TrainState:
     train = TrainConfig(steps=o["steps"], batch_size=o["batch"], lr=o["lr"], min_lr=o["lr"] / 10,
                         warmup=min(o["warmup"], o["steps"]), weight_decay=o["weight_decay"], clip=o["clip"],
                         seed=o["seed"])
-    return TrainState.fresh(config, train)
+    return config, train
 
 
 def _output_dir(args, extra: dict) -> Path:
@@ -228,14 +230,21 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--resume {args.resume}: the model's vocabulary ({state.config.vocab_size}) is not "
                              f"its task's ({task.vocab_size})")
         state = _resumed_state(given, state, args.resume)
+        config, train = state.config, state.train
     else:
         task, extra = _task_of(given, None, None)
-        state = _fresh_state(given, task)
-    out = _output_dir(args, extra)
-    size = max(state.train.batch_size, 1)
-    refuse_if_too_big(train_step_bytes(state.config, size, task.n),
-                      f"a training step of {size} x {task.n} tokens (--batch {size} --n {task.n})",
+        config, train = _fresh_configs(given, task)
+    # a step, and an evaluation (forwarded in slices of the training batch: train.evaluate)
+    parts = train_step_bytes(config, train.batch_size, task.n)
+    if args.eval_every:  # the held-out tokens, targets and mask (int64, int64, bool)
+        parts["held-out batch"] = EVAL_SEQUENCES[extra["task"]] * task.n * 17
+    refuse_if_too_big(parts,
+                      f"a training step of {train.batch_size} x {task.n} tokens (--batch {train.batch_size} --n {task.n}, "
+                      f"--d-model {config.d_model}, --layers {config.n_layers})",
                       "lower --n, --batch, --d-model or --layers")
+    out = _output_dir(args, extra)
+    if args.resume is None:
+        state = TrainState.fresh(config, train)
     from threadpoolctl import threadpool_limits
 
     limits = threadpool_limits(args.blas_threads, user_api="blas")
