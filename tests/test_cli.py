@@ -117,7 +117,7 @@ def test_missing_extras_are_named_with_the_install_command(capsys, monkeypatch, 
     block_import(monkeypatch, "matplotlib", "matplotlib.pyplot")
     assert main(["pattern", "--output-dir", str(tmp_path)]) == 3
     assert capsys.readouterr().err.strip() == ('longnet-ref pattern: error: this command needs matplotlib: '
-                                             'pip install "longnet-ref[bench]" (in a source checkout: pip install ".[bench]")')
+                                             'pip install "longnet-ref[bench]" (in a clone of the repository: pip install ".[bench]")')
     block_import(monkeypatch, "mpi4py")
     assert main(["bench", "--distributed"]) == 3
     assert 'pip install "longnet-ref[mpi]"' in capsys.readouterr().err

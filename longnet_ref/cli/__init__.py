@@ -15,6 +15,7 @@ import re
 import sys
 from typing import TYPE_CHECKING
 
+from ..backends import install_hint
 from ..bench.weak_scaling import MpiexecNotFound
 from . import bench, demo, generate, pattern, train
 from .options import (
@@ -54,18 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def install_hint(extra: str) -> str:
-    """How to install an optional extra, from PyPI and from a source checkout."""
-    return f'pip install "longnet-ref[{extra}]" (in a source checkout: pip install ".[{extra}]")'
-
-
 def _missing_extra(error: ImportError) -> str:
     module = (error.name or "").split(".")[0]
     extra = EXTRAS.get(module)
     text = _one_line(error)
     named = re.search(r"longnet-ref\[(\w+)\]", text)
     if named:  # the library's message names the extra: add the form that works in a clone
-        return text if "source checkout" in text else f'{text} (in a source checkout: pip install ".[{named.group(1)}]")'
+        return text if 'pip install ".[' in text else f'{text} (in a clone of the repository: pip install ".[{named.group(1)}]")'
     if extra is None:
         return f"a required module is missing: {error} (reinstall longnet-ref: pip install longnet-ref, or pip install . in a source checkout)"
     return f"this command needs {module}: {install_hint(extra)}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
+from ..backends import backend_names, backend_spec
 from ..bench import presets
 from .options import UsageError, check_output_dir, make_output_dir, non_negative_int, positive_int
 
@@ -59,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
         if ignored:
             verb = "does" if len(ignored) == 1 else "do"
             raise UsageError(f"{', '.join(ignored)} {verb} not apply to --distributed (weak scaling has its own configuration)")
-        if backend not in presets.DISTRIBUTED_BACKENDS:
-            raise UsageError(f"--distributed runs on the CPU: --backend must be one of {', '.join(presets.DISTRIBUTED_BACKENDS)}")
+        if not backend_spec(backend).distributed:
+            raise UsageError(f"--distributed runs on the CPU: --backend must be one of {', '.join(backend_names(distributed=True))}")
         import mpi4py  # noqa: F401  (fail early, naming the extra, before any mpiexec is launched)
 
         setup = replace(presets.WeakScaling(), backend=backend, repeats=repeats,
@@ -99,7 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     weak = presets.WeakScaling()
     p.add_argument("--preset", nargs="+", choices=list(presets.PRESETS),
                    help=f"configurations to run (default: {' '.join(presets.DEFAULT_PRESETS)})")
-    p.add_argument("--backend", choices=list(presets.BACKENDS),
+    p.add_argument("--backend", choices=backend_names(),
                    help=f"backend to time; cupy needs the gpu extra (default: {presets.DEFAULT_BACKEND})")
     p.add_argument("--repeats", type=positive_int, help=f"runs per measurement, median reported (default: {presets.DEFAULT_REPEATS})")
     p.add_argument("--max-n", type=positive_int, help=f"skip configurations longer than this (default: {presets.DEFAULT_MAX_N})")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import model as lm
-from ..backends import BACKENDS, get_backend
+from ..backends import backend_names, get_backend, install_hint
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import PasskeyTask, TextTask, read_text
 from ..train import TrainConfig, TrainState, fit
@@ -97,7 +97,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     option("--warmup", type=non_negative_int, help="linear warm-up steps before the cosine decay")
     option("--weight-decay", type=non_negative_float, help="decoupled weight decay on the projection and MLP matrices")
     option("--clip", type=non_negative_float, help="global gradient-norm clip (0: none)")
-    option("--backend", choices=list(BACKENDS),
+    option("--backend", choices=backend_names(),
            help="numba compiles once (~1-2 min, cached); cupy and cupy-fused need the gpu extra; "
                 "may differ from the checkpoint's with --resume")
     p.add_argument("--eval-every", type=non_negative_int, default=25,
@@ -328,8 +328,7 @@ def _fit_and_report(args, task, state: TrainState, extra: dict, out: Path) -> in
     try:
         written.append(plot_log(records, out / "loss.png", title, task.chance_loss))
     except ImportError:
-        print('no loss.png: drawing it needs matplotlib (pip install "longnet-ref[bench]", or ".[bench]" in a source '
-              "checkout); log.json holds every number")
+        print(f"no loss.png: drawing it needs matplotlib ({install_hint('bench')}); log.json holds every number")
     for path in (*written, checkpoint):
         print(f"wrote {path}")
     return 0
