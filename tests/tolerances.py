@@ -83,3 +83,9 @@ DECODE_STEP = {
 # over <= ~30 keys and 3 branches, then O(E) projections, summed in different orders agree to
 # ~1e-14; 1e-10 leaves room and still catches any real error.
 LAYER_F64 = dict(rtol=1e-10, atol=1e-11)
+
+# The first loss of a freshly initialised language model (weights N(0, 0.02^2), C = 16) against
+# ln V: its logits differ by ~0.02 |h| ~ 0.1, so the softmax is near uniform and the
+# cross-entropy is ln V within a few hundredths of a nat (measured: 0.03). A NaN, a zero, or the
+# loss of a trained model misses by more than 0.5.
+INITIAL_LOSS_NATS = 0.1
