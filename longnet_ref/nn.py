@@ -29,6 +29,7 @@ import numpy as np
 
 from .attention import dilated_attention, dilated_attention_backward
 from .backends import backend_spec, get_backend, to_backend_arrays, to_numpy
+from .decode import DenseKVCache, DilatedKVCache
 from .dense import dense_attention, dense_attention_backward
 from .validation import InputTypeError, check_array, check_choice, check_dtype, check_flag, check_int
 from .validation import check_state_dict, check_tokens, validate_branches, validate_offset_rule
@@ -428,8 +429,6 @@ def attention_backward(params, cache, dy):
 def _cached_attention(cache, q, k, v, kind, branches, causal):
     """Rows ``t .. t + N - 1`` of causal attention through a KV cache at position ``t``:
     ``cache.prefill`` for a prompt (``t = 0``), ``cache.step`` for one new row."""
-    from .decode import DenseKVCache, DilatedKVCache
-
     if not causal:
         raise ValueError("kv_cache needs causal=True (decoding is causal)")
     if kind == "dense":

@@ -84,12 +84,13 @@ def run(args: argparse.Namespace) -> int:
         shortest = min(c.n for c in candidates)
         raise UsageError(f"--max-n {options['max_n']} excludes every configuration of --preset {' '.join(options['preset'])}"
                          f" (the shortest has N = {shortest}); nothing was run or written")
+    make_output_dir(output_dir, "--output-dir")  # before the benchmark: its results must have somewhere to go
     results = benchmarks.run(
         configs, backend=backend, repeats=repeats, reference_max_n=options["reference_max_n"],
         dense_max_n=options["dense_max_n"], memory=options["memory"],
     )
     print(benchmarks.format_table(results))
-    for path in benchmarks.save(results, make_output_dir(output_dir, "--output-dir")):
+    for path in benchmarks.save(results, output_dir):
         print(f"wrote {path}")
     return 0
 

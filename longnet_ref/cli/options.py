@@ -148,6 +148,8 @@ def check_input_file(path, option: str) -> Path:
         raise UsageError(f"{option} {path}: does not exist")
     if path.is_dir():
         raise UsageError(f"{option} {path}: is a directory, not a file")
+    if not path.is_file():
+        raise UsageError(f"{option} {path}: is not a regular file")
     if not os.access(path, os.R_OK):
         raise UsageError(f"{option} {path}: not readable")
     return path

@@ -242,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
                       f"a training step of {train.batch_size} x {task.n} tokens (--batch {train.batch_size} --n {task.n}, "
                       f"--d-model {config.d_model}, --layers {config.n_layers})",
                       "lower --n, --batch, --d-model or --layers")
-    out = _output_dir(args, extra)
+    out = make_output_dir(_output_dir(args, extra), "--out")  # every check passed: now the file system
     if args.resume is None:
         state = TrainState.fresh(config, train)
     from threadpoolctl import threadpool_limits
@@ -299,7 +299,6 @@ def _fit_and_report(args, task, state: TrainState, extra: dict, out: Path) -> in
         print(f"numba kernels ready in {warm_up(np.dtype(state.config.dtype)):.1f} s", flush=True)
     held_out = np.random.default_rng(10_000 + state.train.seed)
     eval_batch = task.batch(EVAL_SEQUENCES[extra["task"]], held_out) if args.eval_every else None
-    make_output_dir(out, "--out")
     checkpoint = out / "checkpoint.npz"
     show, close = _progress(args, state)
 
