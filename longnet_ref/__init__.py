@@ -2,11 +2,13 @@
 
 The public contract of SPEC §6 (the five attention functions), the drop-in layer
 ``MultiheadDilatedAttention``, the decoding caches ``DilatedKVCache`` / ``DenseKVCache`` and the
-``InputTypeError`` raised for a wrong type; re-exported, nothing else.
+``InputTypeError`` raised for a wrong type, and the module ``complexity`` (exact pair and FLOP
+counts, the paper's closed forms) that the README lists with them; re-exported, nothing else.
 The specification is ``docs/spec.md``; the documentation site is built from ``docs/`` with
 ``mkdocs serve`` (or ``mkdocs build --strict``), and starts at ``docs/overview.md``.
 """
 
+from . import complexity
 from .attention import dilated_attention, dilated_attention_backward
 from .validation import InputTypeError
 from .decode import DenseKVCache, DilatedKVCache
@@ -19,6 +21,7 @@ __all__ = [
     "DilatedKVCache",
     "InputTypeError",
     "MultiheadDilatedAttention",
+    "complexity",
     "dense_attention",
     "dense_attention_backward",
     "dilated_attention",

@@ -417,3 +417,10 @@ def test_help_has_a_description_per_command_and_each_default_once(capsys):
     train_help = help_text(capsys, "train")
     assert "--attention {dilated,dense,window}" in train_help
     assert "--backend {" + ",".join(backends.BACKENDS) + "}" in train_help
+
+
+def test_every_module_the_readme_lists_in_the_api_is_an_attribute_of_the_package():
+    listed = {"complexity"}  # README, "The public API (all importable from longnet_ref)"
+    code = "import longnet_ref; print(sorted(m for m in %r if hasattr(longnet_ref, m)))" % sorted(listed)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == str(sorted(listed))
