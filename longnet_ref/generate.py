@@ -18,8 +18,6 @@ Docs: ``docs/model.md``.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from . import model as lm

@@ -11,7 +11,6 @@ import pytest
 from longnet_ref import backends, bench
 from longnet_ref import model as lm
 from longnet_ref.cli import main
-
 from tests.tolerances import SUMMATION
 
 ROOT = Path(__file__).resolve().parents[1]

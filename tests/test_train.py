@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 
 from longnet_ref import model as lm
+from longnet_ref.checkpoint import load_checkpoint, save_checkpoint
 from longnet_ref.cli import main
 from longnet_ref.data import QUERY, PasskeyTask, TextTask, read_text
-from longnet_ref.checkpoint import load_checkpoint, save_checkpoint
-from tests.tolerances import INITIAL_LOSS_NATS
 from longnet_ref.train import (
     AdamW,
     TrainConfig,
@@ -25,6 +24,7 @@ from longnet_ref.train import (
     learning_rate,
     train_step,
 )
+from tests.tolerances import INITIAL_LOSS_NATS
 
 # ---- schedule, clipping, AdamW ------------------------------------------------------------------
 

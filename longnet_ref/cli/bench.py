@@ -7,7 +7,13 @@ from dataclasses import replace
 
 from ..backends import backend_names, backend_spec
 from ..bench import presets
-from .options import UsageError, check_output_dir, make_output_dir, non_negative_int, positive_int
+from .options import (
+    UsageError,
+    check_output_dir,
+    make_output_dir,
+    non_negative_int,
+    positive_int,
+)
 
 HELP = "benchmarks: GFLOP/s vs this machine's GEMM rate, speed-ups vs numpy and dense"
 DESCRIPTION = ("Time dilated attention on preset configurations (or, with --distributed, MPI weak scaling) and write "

@@ -23,7 +23,13 @@ from ..checkpoint import load_checkpoint
 from ..data import PasskeyTask
 from ..generate import generate
 from .memory import refuse_if_too_big
-from .options import UsageError, check_input_file, non_negative_float, non_negative_int, positive_int
+from .options import (
+    UsageError,
+    check_input_file,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
 
 HELP = "continue a text prompt, or answer a passkey, with a trained checkpoint (KV-cached decoding)"
 DESCRIPTION = """\
