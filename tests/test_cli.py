@@ -423,3 +423,24 @@ def test_every_module_the_readme_lists_in_the_api_is_an_attribute_of_the_package
     code = "import longnet_ref; print(sorted(m for m in %r if hasattr(longnet_ref, m)))" % sorted(listed)
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.strip() == str(sorted(listed))
+
+
+@pytest.mark.parametrize("args", [
+    ["--n", "1", "--causal"],  # one row that attends itself: dq = dk = 0 exactly
+    ["--n", "8", "--heads", "3", "--segment-lengths", "4", "--dilation-rates", "2"],  # rows no branch covers: lse = -inf
+    ["--n", "64", "--segment-lengths", "16", "--dilation-rates", str(2**40)],  # r > w: one row per segment
+])
+def test_demo_passes_configurations_with_vanishing_gradients_and_uncovered_rows(capsys, args):
+    assert main(["demo", *args, "--backend", "numpy"]) == 0, capsys.readouterr().out
+    assert "OK: every error" in capsys.readouterr().out
+
+
+def test_the_demo_check_counts_a_one_sided_infinity_or_nan_as_an_error():
+    from longnet_ref.cli.demo import max_relative_error
+
+    oracle = np.array([-np.inf, 2.0, 0.5])
+    assert max_relative_error(oracle.copy(), oracle) == 0.0
+    assert max_relative_error(np.array([0.0, 2.0, 0.5]), oracle) == np.inf
+    assert np.isnan(max_relative_error(np.array([-np.inf, np.nan, 0.5]), oracle))
+    assert max_relative_error(np.array([-np.inf, 2.0, 0.6]), oracle) == abs(0.6 - 0.5) / 2.0  # relative above 1
+    assert max_relative_error(np.array([1e-3, 0.0]), np.array([1e-17, 0.0])) == abs(1e-3 - 1e-17)  # absolute below 1

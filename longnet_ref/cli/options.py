@@ -59,6 +59,10 @@ class HelpFormatter(argparse.HelpFormatter):
 # ---- option types: each names what it expects; argparse prefixes the option ---------------------
 
 
+LARGEST_INT = 2**63 - 1
+"""Integers must fit NumPy's int64 (sizes, counts and seeds are used as array indices and shapes)."""
+
+
 def _integer(text: str, what: str, minimum: int) -> int:
     try:
         value = int(text)
@@ -66,6 +70,8 @@ def _integer(text: str, what: str, minimum: int) -> int:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
     if value < minimum:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    if value > LARGEST_INT:
+        raise argparse.ArgumentTypeError(f"expected {what} below 2**63, got {text!r}")
     return value
 
 
