@@ -444,3 +444,12 @@ def test_the_demo_check_counts_a_one_sided_infinity_or_nan_as_an_error():
     assert np.isnan(max_relative_error(np.array([-np.inf, np.nan, 0.5]), oracle))
     assert max_relative_error(np.array([-np.inf, 2.0, 0.6]), oracle) == abs(0.6 - 0.5) / 2.0  # relative above 1
     assert max_relative_error(np.array([1e-3, 0.0]), np.array([1e-17, 0.0])) == abs(1e-3 - 1e-17)  # absolute below 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--window", "8"], "--window applies only with --attention window"),
+    (["--text", "README.md", "--passkey-span", "2"], "--passkey-span applies only to the passkey task"),
+])
+def test_an_option_the_run_would_ignore_is_refused(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(ROOT)
+    assert_refused(capsys, ["train", *args, "--out", str(tmp_path / "r")], message)

@@ -186,6 +186,13 @@ def _shown(value):
 
 def _fresh_configs(given: dict, task) -> tuple[lm.LongNetConfig, TrainConfig]:
     o = DEFAULTS | given
+    applies = {  # option -> (whether it is read in this run, when it is)
+        "window": (o["attention"] == "window", "with --attention window"),
+        "passkey_span": (o["text"] is None, "to the passkey task (without --text)"),
+    }
+    for option, (read, when) in applies.items():
+        if option in given and not read:
+            raise UsageError(f"--{option.replace('_', '-')} applies only {when}; leave it out")
     config = lm.LongNetConfig(
         vocab_size=task.vocab_size, d_model=o["d_model"], n_layers=o["layers"], n_heads=o["heads"],
         segment_lengths=tuple(o["segment_lengths"]), dilation_rates=tuple(o["dilation_rates"]),
