@@ -453,3 +453,15 @@ def test_the_demo_check_counts_a_one_sided_infinity_or_nan_as_an_error():
 def test_an_option_the_run_would_ignore_is_refused(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(ROOT)
     assert_refused(capsys, ["train", *args, "--out", str(tmp_path / "r")], message)
+
+
+@pytest.mark.parametrize("args", [["train", "--out", ""], ["pattern", "--output-dir", ""], ["bench", "--output-dir", ""],
+                                  ["train", "--text", ""], ["generate", "--checkpoint", "", "--prompt", "x"]])
+def test_an_empty_path_is_refused(capsys, args):
+    assert_refused(capsys, args, "must not be empty")
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("longnet-ref 0.")

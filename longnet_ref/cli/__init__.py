@@ -15,6 +15,7 @@ import re
 import sys
 from typing import TYPE_CHECKING
 
+from .. import __version__
 from ..backends import install_hint
 from ..bench.weak_scaling import MpiexecNotFound
 from . import bench, demo, generate, pattern, train
@@ -46,6 +47,7 @@ EXTRAS = {"cupy": "gpu", "numba_cuda": "gpu", "matplotlib": "bench", "tqdm": "be
 
 def _parser() -> argparse.ArgumentParser:
     parser = Parser(prog="longnet-ref", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"longnet-ref {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}", parser_class=Parser)
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.HELP, description=command.DESCRIPTION, formatter_class=HelpFormatter,

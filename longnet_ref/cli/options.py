@@ -127,6 +127,8 @@ def check_output_dir(path, option: str) -> Path:
     Raises:
         UsageError: ``path`` is an existing file, lies under a file, or is not writable.
     """
+    if not str(path):
+        raise UsageError(f"{option} must not be empty")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UsageError(f"{option} {path}: exists and is not a directory")
@@ -149,6 +151,8 @@ def make_output_dir(path: Path, option: str) -> Path:
 
 def check_input_file(path, option: str) -> Path:
     """``path`` is an existing, readable file (not a directory)."""
+    if not str(path):
+        raise UsageError(f"{option} must not be empty")
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{option} {path}: does not exist")
