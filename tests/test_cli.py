@@ -10,6 +10,7 @@ import pytest
 
 from longnet_ref import backends, bench
 from longnet_ref import model as lm
+from longnet_ref.checkpoint import load_checkpoint
 from longnet_ref.cli import main
 from tests.tolerances import SUMMATION
 
@@ -465,3 +466,12 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out.startswith("longnet-ref 0.")
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert_refused(capsys, ["train", *TINY, "--steps", "6", "--lr", "1e20", "--checkpoint-every", "1", "--out", str(out)],
+                   "are not finite at step", "training diverged", "--lr 1e+20")
+    state, _ = load_checkpoint(out / "checkpoint.npz")  # the last step whose parameters were finite
+    assert all(np.isfinite(p).all() for p in state.params.values())
+    assert not (out / "log.json").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
@@ -261,6 +262,10 @@ def run(args: argparse.Namespace) -> int:
         limits.restore_original_limits()
 
 
+class Diverged(ValueError):
+    """The training loss became NaN or infinite; ``main`` prints the message and exits with status 2."""
+
+
 def _title(state: TrainState, extra: dict) -> str:
     c = state.config
     span = extra.get("passkey_span") or 1
@@ -311,12 +316,18 @@ def _fit_and_report(args, task, state: TrainState, extra: dict, out: Path) -> in
 
     def on_record(record):
         show(record)
+        finite = math.isfinite(record["loss"]) and all(np.isfinite(p).all() for p in state.params.values())
+        if not finite:  # diverged: stop before a NaN checkpoint replaces a good one
+            raise Diverged(f"the loss or the parameters are not finite at step {record['step']} (loss {record['loss']}): training diverged "
+                           f"(--lr {state.train.lr:g}, --weight-decay {state.train.weight_decay:g}, --clip "
+                           f"{state.train.clip:g}; a smaller --lr helps); the last checkpoint written is kept")
         if args.checkpoint_every and record["step"] % args.checkpoint_every == 0:
             save_checkpoint(state, checkpoint, extra)
 
     start = time.perf_counter()
     try:
-        records = fit(state, task, eval_every=args.eval_every, eval_batch=eval_batch, on_record=on_record)
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is reported once, just above
+            records = fit(state, task, eval_every=args.eval_every, eval_batch=eval_batch, on_record=on_record)
     finally:
         close()
     seconds = time.perf_counter() - start
