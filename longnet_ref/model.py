@@ -202,18 +202,23 @@ def check_tokens(tokens, vocab_size: int, name: str = "tokens") -> np.ndarray:
 # forward and backward
 
 
-def forward(config: LongNetConfig, params: dict, tokens) -> tuple[np.ndarray, dict]:
-    """``logits = LN_f(x^L) E^T`` for ``tokens (B, N)``; returns ``(logits (B, N, V), cache)``."""
+def forward(config: LongNetConfig, params: dict, tokens, *, positions=None, attention_core=None) -> tuple[np.ndarray, dict]:
+    """``logits = LN_f(x^L) E^T`` for ``tokens (B, N)``; returns ``(logits (B, N, V), cache)``.
+
+    ``positions`` (``(N,)``, default ``0..N-1``) are the tokens' places in the sequence, for RoPE;
+    ``attention_core`` replaces the single-process attention (``nn.attention_forward``'s ``core``).
+    Both serve ``longnet_ref.parallel``, where ``tokens`` is one rank's chunk of the sequence.
+    """
     tokens = check_tokens(tokens, config.vocab_size)
     attn = attention_options(config)
-    positions = np.arange(tokens.shape[1])
+    positions = np.arange(tokens.shape[1]) if positions is None else positions
     cache = {"blocks": []}
 
     x, cache["wte"] = nn.embedding_forward(_sub(params, "wte."), tokens)  # (B, N, C)
     for layer in range(config.n_layers):
         p = _sub(params, f"h.{layer}.")
         h, c_ln1 = nn.layernorm_forward(_sub(p, "ln_1."), x)
-        a, c_attn = nn.attention_forward(_sub(p, "attn."), h, positions=positions, **attn)
+        a, c_attn = nn.attention_forward(_sub(p, "attn."), h, positions=positions, core=attention_core, **attn)
         x = x + a  # x' = x + Attn(LN_1(x))
         h, c_ln2 = nn.layernorm_forward(_sub(p, "ln_2."), x)
         m, c_mlp = nn.mlp_forward(_sub(p, "mlp."), h)

@@ -226,11 +226,13 @@ def _rotate_pairs(x, cos, sin):
 # ---------------------------------------------------------------------------------------------
 
 
-def cross_entropy_forward(logits, targets, mask=None):
+def cross_entropy_forward(logits, targets, mask=None, count=None):
     """``loss = -(1/M) sum_{(b, n) in mask} log softmax(logits[b, n])[targets[b, n]]``, ``M = |mask|``.
 
     ``logits (B, N, V)``, integer ``targets (B, N)``, optional bool ``mask (B, N)`` (``None`` =
     every position). The log-softmax is the stable ``z - max z - log sum exp(z - max z)``.
+    ``count`` overrides ``M`` (default ``|mask|``): a rank of ``longnet_ref.parallel`` holds part
+    of the sequence and divides by the targets of *all* ranks, so the ranks' losses add up.
     """
     logits = np.asarray(logits)
     targets = np.asarray(targets)
@@ -246,9 +248,12 @@ def cross_entropy_forward(logits, targets, mask=None):
     mask = np.ones(targets.shape, bool) if mask is None else np.asarray(mask)
     if mask.shape != targets.shape or mask.dtype != bool:
         raise ValueError(f"mask must be a bool array of shape (B, N) = {targets.shape}, got {mask.dtype} {mask.shape}")
-    count = int(mask.sum())
-    if count == 0:
-        raise ValueError("mask selects no target: the mean loss is undefined")
+    if count is None:
+        count = int(mask.sum())
+        if count == 0:
+            raise ValueError("mask selects no target: the mean loss is undefined")
+    elif isinstance(count, (bool, np.bool_)) or not isinstance(count, (int, np.integer)) or count < max(int(mask.sum()), 1):
+        raise ValueError(f"count must be an integer >= 1 and >= the mask's {int(mask.sum())} targets, got {count!r}")
     shifted = logits - logits.max(axis=-1, keepdims=True)  # (B, N, V), max 0: exp cannot overflow
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))  # (B, N, V)
     picked = np.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]  # (B, N)
@@ -369,6 +374,7 @@ def attention_forward(
     backend="numpy",
     rope=False,
     positions=None,
+    core=None,
 ):
     """Multi-head self-attention of kind ``"dilated"``, ``"dense"`` or ``"window"``:
 
@@ -382,6 +388,10 @@ def attention_forward(
     :func:`window_for` of the branches). ``params``: ``{q,k,v,out}_proj.{weight (E, E), bias (E,)}``
     in ``x``'s dtype. ``positions`` (``(N,)`` or ``(B, N)``, default ``0..N-1``) feed RoPE.
     With ``backend="cupy"`` only the attention runs on the GPU; the projections stay NumPy.
+    ``core``, if given, computes ``attention_kind`` in place of the single-process functions: an
+    object with ``forward(q, k, v, branches, options) -> (o, lse)`` and ``backward(do, q, k, v,
+    o, lse, branches, options) -> (dq, dk, dv)`` (``longnet_ref.parallel``'s sequence-parallel
+    attention, where ``x`` is one rank's chunk and ``positions`` its global positions).
     """
     batch, n, embed_dim, heads, head_dim = _check_attention_input(params, x, num_heads)
     branches = _attention_pattern(kind, segment_lengths, dilation_rates, window)
@@ -407,7 +417,7 @@ def attention_forward(
         rope_cache = (q_rope, k_rope)
 
     options = {"causal": causal, "offsets": offsets, "backend": backend}
-    o, lse = _attention_core(q, k, v, branches, options)  # (B, N, H, D), (B, N, H)
+    o, lse = (core.forward if core is not None else _attention_core)(q, k, v, branches, options)  # (B, N, H, D), (B, N, H)
     y, out_cache = linear_forward(_sub(params, "out_proj"), o.reshape(batch, n, embed_dim))  # (B, N, E)
     cache = {
         "projections": (q_cache, k_cache, v_cache, out_cache),
@@ -417,6 +427,7 @@ def attention_forward(
         "branches": branches,
         "options": options,
         "rope": rope_cache,
+        "core": core,
     }
     return y, cache
 
@@ -434,7 +445,8 @@ def attention_backward(params, cache, dy):
     batch, n, heads, head_dim = q.shape
     do, out_grads = linear_backward(_sub(params, "out_proj"), out_cache, dy)  # (B, N, E)
     do = do.reshape(batch, n, heads, head_dim)  # (B, N, H, D)
-    dq, dk, dv = _attention_core_backward(do, q, k, v, cache["o"], cache["lse"], cache["branches"], cache["options"])
+    core_backward = _attention_core_backward if cache.get("core") is None else cache["core"].backward
+    dq, dk, dv = core_backward(do, q, k, v, cache["o"], cache["lse"], cache["branches"], cache["options"])
     if cache["rope"] is not None:
         q_rope, k_rope = cache["rope"]
         dq, dk = rope_backward(q_rope, dq), rope_backward(k_rope, dk)
