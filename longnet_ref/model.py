@@ -219,10 +219,10 @@ def forward(config: LongNetConfig, params: dict, tokens, *, positions=None, atte
         p = _sub(params, f"h.{layer}.")
         h, c_ln1 = nn.layernorm_forward(_sub(p, "ln_1."), x)
         a, c_attn = nn.attention_forward(_sub(p, "attn."), h, positions=positions, core=attention_core, **attn)
-        x = x + a  # x' = x + Attn(LN_1(x))
+        x += a  # x' = x + Attn(LN_1(x)), in place: x is no layer's cache (the LayerNorms keep xhat)
         h, c_ln2 = nn.layernorm_forward(_sub(p, "ln_2."), x)
         m, c_mlp = nn.mlp_forward(_sub(p, "mlp."), h)
-        x = x + m  # x = x' + MLP(LN_2(x'))
+        x += m  # x = x' + MLP(LN_2(x'))
         cache["blocks"].append((c_ln1, c_attn, c_ln2, c_mlp))
     h, cache["ln_f"] = nn.layernorm_forward(_sub(params, "ln_f."), x)  # (B, N, C)
     logits = h @ params["wte.weight"].T  # (B, N, V) tied head: logits = h E^T
@@ -250,12 +250,12 @@ def backward(config: LongNetConfig, params: dict, cache: dict, dlogits) -> dict[
         grads |= _prefixed(g, prefix + "mlp.")
         dh, g = nn.layernorm_backward(_sub(p, "ln_2."), c_ln2, dm)
         grads |= _prefixed(g, prefix + "ln_2.")
-        dx = dx + dh  # the residual carries dx past the MLP
+        dx += dh  # the residual carries dx past the MLP (dx is this function's own array)
         da, g = nn.attention_backward(_sub(p, "attn."), c_attn, dx)
         grads |= _prefixed(g, prefix + "attn.")
         dh, g = nn.layernorm_backward(_sub(p, "ln_1."), c_ln1, da)
         grads |= _prefixed(g, prefix + "ln_1.")
-        dx = dx + dh  # ... and past the attention
+        dx += dh  # ... and past the attention
     _, g = nn.embedding_backward(_sub(params, "wte."), cache["wte"], dx)
     grads["wte.weight"] = g["weight"] + d_wte_head  # tied: the table is used twice
     return {name: grads[name] for name in params}  # the params' order

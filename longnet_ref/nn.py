@@ -48,6 +48,17 @@ def _prefixed(grads, prefix):
     return {f"{prefix}.{name}": value for name, value in grads.items()}
 
 
+ROW_BLOCK = 1024
+"""Rows per block of the row-wise layers (LayerNorm, MLP, cross-entropy): a block's temporaries
+(``ROW_BLOCK x 4E`` floats for the MLP) stay in the CPU caches whatever ``N``, so the cost per
+token of these layers does not grow with the sequence (issue 19, section 3)."""
+
+
+def _row_blocks(rows):
+    """``slice``s of at most ``ROW_BLOCK`` consecutive rows covering ``range(rows)``."""
+    return [slice(start, min(start + ROW_BLOCK, rows)) for start in range(0, rows, ROW_BLOCK)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Linear: y = x W^T + b
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +105,12 @@ def embedding_backward(params, cache, dy):
     tokens = cache  # (B, N)
     weight = params["weight"]  # (V, E)
     dweight = np.zeros_like(weight)
-    np.add.at(dweight, tokens.ravel(), dy.reshape(-1, weight.shape[1]))  # a token repeated adds up
+    ids = tokens.ravel()  # (M,)
+    order = np.argsort(ids, kind="stable")  # equal tokens next to each other
+    sorted_ids = ids[order]
+    starts = np.flatnonzero(np.concatenate([[True], sorted_ids[1:] != sorted_ids[:-1]])) if ids.size else ids[:0]
+    # a token repeated adds up: one sum per run of equal ids (np.add.at would scatter row by row)
+    dweight[sorted_ids[starts]] = np.add.reduceat(dy.reshape(-1, weight.shape[1])[order], starts, axis=0) if ids.size else 0
     return None, {"weight": dweight}
 
 
@@ -109,13 +125,21 @@ def layernorm_forward(params, x, eps=LAYERNORM_EPS):
     """``xhat = (x - mean(x)) / sqrt(var(x) + eps)``, ``y = g * xhat + b`` over the last axis.
 
     ``params = {"weight": g (E,), "bias": b (E,)}``, ``x (..., E) -> y (..., E)``; ``var`` is the
-    biased variance (divides by ``E``), as in ``torch.nn.LayerNorm``.
+    biased variance (divides by ``E``), as in ``torch.nn.LayerNorm``. Computed over blocks of
+    ``ROW_BLOCK`` rows into preallocated outputs (the temporaries stay in cache).
     """
-    mu = x.mean(axis=-1, keepdims=True)  # (..., 1)
-    centred = x - mu  # (..., E)
-    rstd = 1.0 / np.sqrt((centred * centred).mean(axis=-1, keepdims=True) + eps)  # (..., 1)
-    xhat = centred * rstd  # (..., E)
-    return params["weight"] * xhat + params["bias"], (xhat, rstd)
+    width = x.shape[-1]
+    x2 = x.reshape(-1, width)  # (M, E)
+    dtype = np.result_type(x, params["weight"])
+    xhat, y = np.empty(x2.shape, dtype), np.empty(x2.shape, dtype)  # (M, E)
+    rstd = np.empty((x2.shape[0], 1), dtype)  # (M, 1)
+    for rows in _row_blocks(x2.shape[0]):
+        centred = x2[rows] - x2[rows].mean(axis=-1, keepdims=True)  # (rows, E)
+        rstd[rows] = 1.0 / np.sqrt((centred * centred).mean(axis=-1, keepdims=True) + eps)
+        np.multiply(centred, rstd[rows], out=xhat[rows])
+        np.multiply(xhat[rows], params["weight"], out=y[rows])
+        y[rows] += params["bias"]
+    return y.reshape(x.shape), (xhat.reshape(x.shape), rstd.reshape(x.shape[:-1] + (1,)))
 
 
 def layernorm_backward(params, cache, dy):
@@ -123,12 +147,22 @@ def layernorm_backward(params, cache, dy):
 
         dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))   (means over the last axis)
         dg = sum dy * xhat,   db = sum dy                                (sums over leading axes)
+
+    Over blocks of ``ROW_BLOCK`` rows; ``dg``, ``db`` accumulate the blocks' sums.
     """
     xhat, rstd = cache  # (..., E), (..., 1)
-    dxhat = dy * params["weight"]  # (..., E)
-    dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True) - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
     width = xhat.shape[-1]
-    return dx, {"weight": (dy * xhat).reshape(-1, width).sum(axis=0), "bias": dy.reshape(-1, width).sum(axis=0)}
+    xhat2, rstd2, dy2 = xhat.reshape(-1, width), rstd.reshape(-1, 1), dy.reshape(-1, width)  # (M, E), (M, 1), (M, E)
+    dtype = np.result_type(dy, xhat)
+    dx = np.empty(dy2.shape, dtype)
+    dweight, dbias = np.zeros(width, dtype), np.zeros(width, dtype)
+    for rows in _row_blocks(dy2.shape[0]):
+        dxhat = dy2[rows] * params["weight"]  # (rows, E)
+        dweight += (dy2[rows] * xhat2[rows]).sum(axis=0)
+        dbias += dy2[rows].sum(axis=0)
+        correction = dxhat.mean(axis=-1, keepdims=True) + xhat2[rows] * (dxhat * xhat2[rows]).mean(axis=-1, keepdims=True)
+        np.multiply(rstd2[rows], dxhat - correction, out=dx[rows])
+    return dx.reshape(dy.shape), {"weight": dweight, "bias": dbias}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +176,7 @@ GELU_CUBIC = 0.044715
 def gelu_forward(params, x):
     """``y = x/2 (1 + tanh(u))``, ``u = c (x + 0.044715 x^3)``: the tanh approximation of GELU
     (GPT-2, ``torch.nn.GELU(approximate="tanh")``), not the exact ``x Phi(x)``. ``params`` is unused."""
-    t = np.tanh(GELU_C * (x + GELU_CUBIC * x**3))
+    t = np.tanh(GELU_C * (x + GELU_CUBIC * (x * x * x)))  # x * x * x: two multiplies, not a pow call
     return 0.5 * x * (1.0 + t), (x, t)
 
 
@@ -160,20 +194,41 @@ def gelu_backward(params, cache, dy):
 
 def mlp_forward(params, x):
     """``y = fc2(gelu(fc1(x)))``; params ``fc1.weight (F, E)``, ``fc1.bias (F,)``,
-    ``fc2.weight (E, F)``, ``fc2.bias (E,)``; ``x (..., E) -> y (..., E)``."""
-    hidden, fc1_cache = linear_forward(_sub(params, "fc1"), x)  # (..., F)
-    activated, gelu_cache = gelu_forward(None, hidden)  # (..., F)
-    y, fc2_cache = linear_forward(_sub(params, "fc2"), activated)  # (..., E)
-    return y, (fc1_cache, gelu_cache, fc2_cache)
+    ``fc2.weight (E, F)``, ``fc2.bias (E,)``; ``x (..., E) -> y (..., E)``.
+
+    Over blocks of ``ROW_BLOCK`` rows: a block's ``gelu`` temporaries stay in cache. The cache
+    keeps ``x`` and ``fc1(x)``; the backward recomputes ``gelu`` block by block (one ``tanh``
+    per hidden unit) instead of storing two more ``(..., F)`` arrays.
+    """
+    fc1, fc2 = _sub(params, "fc1"), _sub(params, "fc2")
+    width = x.shape[-1]
+    x2 = x.reshape(-1, width)  # (M, E)
+    dtype = np.result_type(x, fc1["weight"])
+    hidden = np.empty((x2.shape[0], fc1["weight"].shape[0]), dtype)  # (M, F) fc1(x)
+    y = np.empty((x2.shape[0], fc2["weight"].shape[0]), dtype)  # (M, E)
+    for rows in _row_blocks(x2.shape[0]):
+        hidden[rows], _ = linear_forward(fc1, x2[rows])
+        activated, _ = gelu_forward(None, hidden[rows])  # (rows, F)
+        y[rows], _ = linear_forward(fc2, activated)
+    return y.reshape(x.shape[:-1] + (y.shape[1],)), (x2, hidden)
 
 
 def mlp_backward(params, cache, dy):
-    """The chain rule through the three layers, last first: fc2, GELU, fc1."""
-    fc1_cache, gelu_cache, fc2_cache = cache
-    dactivated, fc2_grads = linear_backward(_sub(params, "fc2"), fc2_cache, dy)  # (..., F)
-    dhidden, _ = gelu_backward(None, gelu_cache, dactivated)  # (..., F)
-    dx, fc1_grads = linear_backward(_sub(params, "fc1"), fc1_cache, dhidden)  # (..., E)
-    return dx, {**_prefixed(fc1_grads, "fc1"), **_prefixed(fc2_grads, "fc2")}
+    """The chain rule through the three layers, last first: fc2, GELU, fc1; block by block, the
+    weight gradients summed over the blocks."""
+    x2, hidden = cache  # (M, E), (M, F)
+    fc1, fc2 = _sub(params, "fc1"), _sub(params, "fc2")
+    dy2 = dy.reshape(-1, dy.shape[-1])  # (M, E)
+    dx = np.empty(x2.shape, np.result_type(dy, x2))
+    grads = {name: np.zeros_like(value) for name, value in params.items()}
+    for rows in _row_blocks(dy2.shape[0]):
+        activated, gelu_cache = gelu_forward(None, hidden[rows])  # recomputed: (rows, F)
+        dactivated, fc2_grads = linear_backward(fc2, activated, dy2[rows])  # (rows, F)
+        dhidden, _ = gelu_backward(None, gelu_cache, dactivated)
+        dx[rows], fc1_grads = linear_backward(fc1, x2[rows], dhidden)  # (rows, E)
+        for name, g in {**_prefixed(fc1_grads, "fc1"), **_prefixed(fc2_grads, "fc2")}.items():
+            grads[name] += g
+    return dx.reshape(dy.shape[:-1] + (x2.shape[1],)), grads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,12 +309,18 @@ def cross_entropy_forward(logits, targets, mask=None, count=None):
             raise ValueError("mask selects no target: the mean loss is undefined")
     elif isinstance(count, (bool, np.bool_)) or not isinstance(count, (int, np.integer)) or count < max(int(mask.sum()), 1):
         raise ValueError(f"count must be an integer >= 1 and >= the mask's {int(mask.sum())} targets, got {count!r}")
-    shifted = logits - logits.max(axis=-1, keepdims=True)  # (B, N, V), max 0: exp cannot overflow
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))  # (B, N, V)
-    picked = np.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]  # (B, N)
+    flat_logits, flat_targets = logits.reshape(-1, vocab), targets.reshape(-1)  # (M, V), (M,)
+    probs = np.empty(flat_logits.shape, np.result_type(logits.dtype, np.float32))  # (M, V) softmax
+    picked = np.empty(flat_targets.shape, probs.dtype)  # (M,) log softmax at the target
+    for rows in _row_blocks(flat_targets.size):  # a block's temporaries stay in cache
+        shifted = flat_logits[rows] - flat_logits[rows].max(axis=-1, keepdims=True)  # max 0: exp cannot overflow
+        exp = np.exp(shifted, out=probs[rows])  # (rows, V)
+        total = exp.sum(axis=-1, keepdims=True)  # (rows, 1)
+        exp /= total
+        picked[rows] = np.take_along_axis(shifted, flat_targets[rows, None], axis=-1)[:, 0] - np.log(total[:, 0])
     weights = mask / count  # (B, N): 1/M on the unmasked targets, 0 elsewhere
-    loss = -(weights * picked).sum()
-    return loss, (np.exp(log_probs), targets, weights.astype(logits.dtype))
+    loss = -(weights * picked.reshape(targets.shape)).sum()
+    return loss, (probs.reshape(logits.shape), targets, weights.astype(probs.dtype))
 
 
 def cross_entropy_backward(cache, dloss=1.0):
