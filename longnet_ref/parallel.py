@@ -36,7 +36,9 @@ from mpi4py import MPI
 from . import distributed
 from . import model as lm
 from . import nn
-from .distributed import DISTRIBUTED_BACKENDS, CommunicationStats
+from .backends import backend_names, backend_spec
+from .distributed import CommunicationStats
+from .validation import check_tokens
 
 __all__ = ["ParallelStats", "SequenceParallelAttention", "chunk", "loss_and_grads"]
 
@@ -135,11 +137,11 @@ def _validate(config, params, tokens, targets, mask, comm):
             raise TypeError(f"config must be a LongNetConfig, got {type(config).__name__}")
         if config.attention == "dense":
             raise ValueError("attention 'dense' is not sequence-parallel (every rank would need all N keys): use 'dilated' or 'window'")
-        if config.backend not in DISTRIBUTED_BACKENDS:
-            raise ValueError(f"backend must be one of {DISTRIBUTED_BACKENDS} for sequence-parallel training, got {config.backend!r}")
+        if not backend_spec(config.backend).distributed:
+            raise ValueError(f"backend must be one of {backend_names(distributed=True)} for sequence-parallel training, got {config.backend!r}")
         lm.check_params(config, params)
-        local_tokens = lm.check_tokens(tokens, config.vocab_size)
-        local_targets = lm.check_tokens(targets, config.vocab_size, "targets")
+        local_tokens = check_tokens(tokens, config.vocab_size)
+        local_targets = check_tokens(targets, config.vocab_size, "targets")
         if local_targets.shape != local_tokens.shape:
             raise ValueError(f"targets must have the tokens' shape {local_tokens.shape}, got {local_targets.shape}")
         local_mask = np.ones(local_tokens.shape, bool) if mask is None else np.asarray(mask)
