@@ -1,7 +1,7 @@
 """Sequence-parallel training of the LongNet LM over MPI: the loss and its exact gradients (paper §3.1).
 
 The sequence of ``N`` tokens is split into ``P`` contiguous chunks of ``L = N / P``, rank ``p``
-holding global positions ``[p L, (p + 1) L)`` (the layout of :mod:`longnet_ref.distributed`).
+holding global positions ``[p L, (p + 1) L)`` (the layout of ``longnet_ref.distributed``).
 Parameters are replicated. One step, on every rank:
 
     x^0      = E[t_chunk]                            (B, L, C)  local: a row needs only its token
@@ -45,11 +45,11 @@ __all__ = ["ParallelStats", "SequenceParallelAttention", "chunk", "loss_and_grad
 
 @dataclass
 class ParallelStats:
-    """Bytes this rank moved in one call of :func:`loss_and_grads`.
+    """Bytes this rank moved in one call of [`loss_and_grads`][longnet_ref.parallel.loss_and_grads].
 
     Attributes:
         attention: The attention exchange, forward and backward of every layer (one record per
-            collective, :class:`~longnet_ref.distributed.CommunicationStats`).
+            collective, a [`CommunicationStats`][longnet_ref.distributed.CommunicationStats]).
         allreduce_bytes: The size of the one all-reduced buffer (every gradient and the loss).
             What goes on the wire is the MPI library's choice: a ring or Rabenseifner all-reduce
             sends and receives ``2 (P - 1) / P`` times it per rank.
@@ -61,7 +61,7 @@ class ParallelStats:
 
 @dataclass
 class SequenceParallelAttention:
-    """The ``core`` of :func:`longnet_ref.nn.attention_forward`: attention over every rank's chunk.
+    """The ``core`` of ``nn.attention_forward``: attention over every rank's chunk.
 
     ``forward(q, k, v, branches, options)`` is
     [`distributed.dilated_attention`][longnet_ref.distributed.dilated_attention] on this rank's
@@ -205,18 +205,18 @@ def loss_and_grads(config: lm.LongNetConfig, params: dict, tokens, targets, mask
         grads = sum_{ranks p} dloss_p / dtheta                     (identical on every rank)
 
     Collective: every rank of ``comm`` calls it with its own chunk. The result equals
-    [`model.loss_and_grads`][longnet_ref.model.loss_and_grads] on the whole sequence.
+    ``model.loss_and_grads`` on the whole sequence (to rounding: ``docs/parallel.md``).
 
     Args:
         config: The model; ``attention`` ``"dilated"`` or ``"window"`` (``"dense"`` needs every
             key on every rank and is refused), ``backend`` ``"numpy"`` or ``"numba"``.
         params: The parameters, replicated: the same on every rank.
         tokens: ``(B, L)`` integer: this rank's chunk, global positions ``[p L, (p + 1) L)``
-            (:func:`chunk` cuts it from the whole ``(B, N)``).
+            ([`chunk`][longnet_ref.parallel.chunk] cuts it from the whole ``(B, N)``).
         targets: ``(B, L)`` integer: the chunk's next tokens.
         mask: ``(B, L)`` bool or ``None`` (every target): which targets count.
         comm: The mpi4py intra-communicator of the ``P`` ranks.
-        return_stats: Also return this rank's :class:`ParallelStats`.
+        return_stats: Also return this rank's [`ParallelStats`][longnet_ref.parallel.ParallelStats].
 
     Returns:
         ``(loss, grads)``: the float mean over all ranks' unmasked targets and the gradient dict
