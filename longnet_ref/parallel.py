@@ -40,7 +40,7 @@ from .backends import backend_names, backend_spec
 from .distributed import CommunicationStats
 from .validation import check_tokens
 
-__all__ = ["ParallelStats", "SequenceParallelAttention", "chunk", "loss_and_grads"]
+__all__ = ["ParallelStats", "SequenceParallelAttention", "chunk", "evaluate", "loss_and_grads"]
 
 
 @dataclass
@@ -234,3 +234,28 @@ def loss_and_grads(config: lm.LongNetConfig, params: dict, tokens, targets, mask
     stats = ParallelStats()
     loss, grads = distributed._abort_on_error(comm, lambda: _step(config, params, tokens, targets, mask, count, comm, stats))
     return (loss, grads, stats) if return_stats else (loss, grads)
+
+
+def evaluate(config: lm.LongNetConfig, params: dict, tokens, targets, mask=None, *, comm: MPI.Comm) -> tuple[float, float]:
+    """Mean loss and accuracy over all ranks' unmasked targets, forward only (held-out evaluation).
+
+        loss     = (1/M) sum_p sum_{mask_p} -log softmax(logits)[target]
+        accuracy = (1/M) sum_p sum_{mask_p} [argmax logits = target]
+
+    Collective, with the arguments of [`loss_and_grads`][longnet_ref.parallel.loss_and_grads].
+
+    Returns:
+        ``(loss, accuracy)``, the same floats on every rank.
+    """
+    tokens, targets, mask, count = _validate(config, params, tokens, targets, mask, comm)
+
+    def sums():
+        length = tokens.shape[1]
+        positions = comm.Get_rank() * length + np.arange(length)
+        logits, _ = lm.forward(config, params, tokens, positions=positions, attention_core=SequenceParallelAttention(comm))
+        loss, _ = nn.cross_entropy_forward(logits, targets, mask, count=count)  # my share of the mean
+        hits = float((logits.argmax(-1) == targets)[mask].sum())
+        return comm.allreduce(np.array([float(loss), hits]), op=MPI.SUM)  # the ranks' shares, summed
+
+    loss, hits = distributed._abort_on_error(comm, sums)
+    return float(loss), float(hits / count)

@@ -131,10 +131,21 @@ class TrainState:
         return cls(config, train, params, AdamW.zeros_like(params), np.random.default_rng(train.seed))
 
 
-def train_step(state: TrainState, task) -> dict:
-    """Draw a batch, compute the loss and gradients, clip, update. Returns the step's record."""
+def train_step(state: TrainState, task, *, comm=None) -> dict:
+    """Draw a batch, compute the loss and gradients, clip, update. Returns the step's record.
+
+    With an MPI ``comm``, sequence-parallel: every rank draws the same batch from its copy of the
+    (replicated) state, keeps its chunk of every sequence and calls ``parallel.loss_and_grads``,
+    whose gradients are identical on every rank, so the updated states stay identical.
+    """
     batch = task.batch(state.train.batch_size, state.rng)
-    loss, grads = lm.loss_and_grads(state.config, state.params, batch.tokens, batch.targets, batch.mask)
+    if comm is None:
+        loss, grads = lm.loss_and_grads(state.config, state.params, batch.tokens, batch.targets, batch.mask)
+    else:
+        from . import parallel  # imports mpi4py: only when asked for
+
+        chunks = (parallel.chunk(x, comm) for x in (batch.tokens, batch.targets, batch.mask))
+        loss, grads = parallel.loss_and_grads(state.config, state.params, *chunks, comm=comm)
     grads, norm = clip_by_global_norm(grads, state.train.clip)
     lr = learning_rate(state.step + 1, state.train)
     state.optimizer.step(state.params, grads, lr, state.train)
@@ -185,7 +196,14 @@ def load_checkpoint(path) -> tuple[TrainState, dict]:
 # the loop
 
 
-def evaluate(state: TrainState, task, batch) -> dict:
+def evaluate(state: TrainState, task, batch, *, comm=None) -> dict:
+    """Held-out loss and accuracy of ``batch`` (with ``comm``: sequence-parallel, ``parallel.evaluate``)."""
+    if comm is not None:
+        from . import parallel
+
+        chunks = (parallel.chunk(x, comm) for x in (batch.tokens, batch.targets, batch.mask))
+        loss, hits = parallel.evaluate(state.config, state.params, *chunks, comm=comm)
+        return {"eval_loss": loss, "eval_accuracy": hits}
     logits, _ = lm.forward(state.config, state.params, batch.tokens)
     from . import nn
 
@@ -193,8 +211,11 @@ def evaluate(state: TrainState, task, batch) -> dict:
     return {"eval_loss": float(loss), "eval_accuracy": accuracy(logits, batch)}
 
 
-def fit(state: TrainState, task, *, eval_every=0, eval_batch=None, progress=True, on_record=None) -> list[dict]:
-    """Train until ``state.train.steps``; a record per step (loss, lr, grad norm, tokens/s, eval)."""
+def fit(state: TrainState, task, *, eval_every=0, eval_batch=None, progress=True, on_record=None, comm=None) -> list[dict]:
+    """Train until ``state.train.steps``; a record per step (loss, lr, grad norm, tokens/s, eval).
+
+    ``comm``: an MPI communicator to train sequence-parallel over its ranks (:func:`train_step`).
+    """
     from tqdm import tqdm
 
     records = []
@@ -202,11 +223,11 @@ def fit(state: TrainState, task, *, eval_every=0, eval_batch=None, progress=True
     bar = tqdm(total=state.train.steps, initial=state.step, disable=not progress, unit="step", dynamic_ncols=True)
     while state.step < state.train.steps:
         start = time.perf_counter()
-        record = train_step(state, task)
+        record = train_step(state, task, comm=comm)
         record["seconds"] = time.perf_counter() - start
         record["tokens_per_s"] = tokens_per_step / record["seconds"]
         if eval_batch is not None and eval_every and (state.step % eval_every == 0 or state.step == state.train.steps):
-            record |= evaluate(state, task, eval_batch)
+            record |= evaluate(state, task, eval_batch, comm=comm)
         records.append(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")

@@ -150,3 +150,54 @@ def test_parameters_that_differ_between_ranks_are_refused():
     tokens = np.zeros((1, 8), np.int64)
     with pytest.raises(ValueError, match="same parameters"):
         parallel.loss_and_grads(config, params, tokens, tokens, comm=COMM)
+
+
+def test_a_checkpoint_written_at_p_ranks_resumes_at_p_and_in_one_process():
+    """Two sequence-parallel steps, a checkpoint (rank 0 writes it), two more steps: the run that
+    never stopped. Resumed from the checkpoint at the same P it continues bit-identically; resumed
+    in one process without MPI it continues to rounding (the sums are grouped by rank)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from longnet_ref.data import TextTask
+    from longnet_ref.train import TrainConfig, TrainState, load_checkpoint, save_checkpoint, train_step
+
+    config = lm.LongNetConfig(vocab_size=256, d_model=8, n_layers=2, n_heads=2, segment_lengths=(4, 32), dilation_rates=(1, 2))
+    task = TextTask(np.random.default_rng(5).integers(0, 256, 4096).astype(np.uint8), 8 * SIZE)
+    folder = Path(COMM.bcast(tempfile.mkdtemp() if RANK == 0 else None))
+    checkpoint = folder / "checkpoint.npz"
+    state = TrainState.fresh(config, TrainConfig(steps=4, batch_size=2, warmup=1))
+    for _ in range(2):
+        train_step(state, task, comm=COMM)
+    if RANK == 0:
+        save_checkpoint(state, checkpoint)
+    COMM.Barrier()
+    losses = [train_step(state, task, comm=COMM)["loss"] for _ in range(2)]  # the run that never stopped
+    same_p, _ = load_checkpoint(checkpoint)
+    same_p_losses = [train_step(same_p, task, comm=COMM)["loss"] for _ in range(2)]
+    one_process, _ = load_checkpoint(checkpoint)
+    one_process_losses = [train_step(one_process, task)["loss"] for _ in range(2)]  # no MPI
+    COMM.Barrier()
+    if RANK == 0:
+        shutil.rmtree(folder)
+    assert same_p.step == one_process.step == state.step == 4
+    assert same_p_losses == losses
+    for name, value in state.params.items():
+        np.testing.assert_array_equal(same_p.params[name], value, err_msg=name)
+        assert relative_error(one_process.params[name], value) <= PARALLEL_MODEL[np.dtype("float64")], name
+    assert one_process_losses == pytest.approx(losses, rel=PARALLEL_MODEL[np.dtype("float64")])
+
+
+def test_the_held_out_evaluation_matches_one_process():
+    from longnet_ref import nn
+
+    config = lm.LongNetConfig(vocab_size=VOCAB, d_model=8, n_layers=1, n_heads=2, segment_lengths=(4, 16), dilation_rates=(1, 2))
+    params = lm.init_params(config)
+    tokens, targets, mask = whole_problem(2, 8 * SIZE, 4, masked=True)
+    mask[0, 0] = True
+    loss, accuracy = parallel.evaluate(config, params, *(parallel.chunk(x, COMM) for x in (tokens, targets, mask)), comm=COMM)
+    logits, _ = lm.forward(config, params, tokens)
+    whole_loss, _ = nn.cross_entropy_forward(logits, targets, mask)
+    assert loss == pytest.approx(float(whole_loss), rel=PARALLEL_MODEL[np.dtype("float64")])
+    assert accuracy == ((logits.argmax(-1) == targets)[mask]).mean()
