@@ -68,7 +68,7 @@ def reach_table(span=1, n=PASSKEY_N, heads=16, segment_lengths=(16, 32, 64, 128,
 
 def run_all(runs: dict, out: Path, extra=()) -> None:
     for name, argv in runs.items():
-        argv = [*argv, *extra, "--out", str(out / name), "--quiet"]
+        argv = [*argv, *extra, "--out", str(out / name), "--overwrite", "--quiet"]
         print("longnet-ref " + " ".join(argv), flush=True)
         if longnet_ref(argv) != 0:
             raise SystemExit(f"run {name} failed")

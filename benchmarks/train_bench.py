@@ -56,8 +56,8 @@ def measure(kind: str, n: int, args) -> dict:
         optimizer.step(params, grads, 1e-4, tc)
 
     x = rng.standard_normal((args.batch, n, args.d_model)).astype(args.dtype)  # (B, N, C)
-    attn = lm._sub(params, "h.0.attn.")
-    mlp = lm._sub(params, "h.0.mlp.")
+    attn = nn.subtree(params, "h.0.attn")
+    mlp = nn.subtree(params, "h.0.mlp")
     options = lm.attention_options(config)
 
     def attention_layer():
@@ -66,7 +66,7 @@ def measure(kind: str, n: int, args) -> dict:
 
     def projections():
         for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            sub = lm._sub(attn, name + ".")
+            sub = nn.subtree(attn, name)
             y, cache = nn.linear_forward(sub, x)
             nn.linear_backward(sub, cache, y)
 

@@ -79,11 +79,27 @@ class PasskeyTask:
         """The passkey lies in ``[0, max_position)``, at least ``n - max_position`` tokens before the query."""
         return max(1, min(self.n - 1, int(self.n * self.reach_fraction)))
 
-    def batch(self, batch_size: int, rng: np.random.Generator) -> Batch:
+    @staticmethod
+    def shortest(span: int = 1, reach_fraction: float = 0.25) -> int:
+        """The smallest ``n`` whose sequences hold ``span`` copies of the key before the query."""
+        n = 2
+        while max(1, min(n - 1, int(n * reach_fraction))) + span > n - 1:
+            n += 1
+        return n
+
+    def batch(self, batch_size: int, rng: np.random.Generator, keys=None) -> Batch:
+        """``batch_size`` sequences drawn from ``rng``; ``keys (B,)`` in ``1 .. num_keys`` fixes their
+        passkeys (the draws from ``rng`` are the same either way)."""
         B, N = batch_size, self.n
         first_filler = 1 + self.num_keys
         tokens = rng.integers(first_filler, self.vocab_size, size=(B, N))  # (B, N) filler
-        keys = rng.integers(1, first_filler, size=B)  # (B,) the passkeys
+        drawn = rng.integers(1, first_filler, size=B)  # (B,) the passkeys
+        if keys is None:
+            keys = drawn
+        else:
+            keys = np.broadcast_to(np.asarray(keys), (B,))
+            if not np.issubdtype(keys.dtype, np.integer) or keys.min() < 1 or keys.max() > self.num_keys:
+                raise ValueError(f"keys must be integers in [1, {self.num_keys}], got {keys.tolist()}")
         where = rng.integers(0, self.max_position, size=B)  # (B,) their (first) positions
         for copy in range(self.span):
             tokens[np.arange(B), where + copy] = keys
@@ -128,7 +144,7 @@ class TextTask:
         check_int(self.n, "n", minimum=1)
         if self.data.size < self.n + 1:
             raise ValueError(
-                f"the text has {self.data.size} bytes, fewer than n + 1 = {self.n + 1}: use a longer file or a smaller --n"
+                f"the text has {self.data.size} bytes, fewer than n + 1 = {self.n + 1}: use a longer text or a smaller n"
             )
 
     @property

@@ -1,5 +1,6 @@
 """Generation with the LongNet LM: prefill the prompt, then one token at a time through KV caches.
 
+The decoder runs the model's own :func:`longnet_ref.model.forward` with a cache per layer.
 Each layer's attention keeps a cache (:mod:`longnet_ref.decode`): ``DilatedKVCache`` for
 ``"dilated"`` (bounded: ``sum_i ceil(w_i / r_i)`` rows per head whatever the position),
 ``DilatedKVCache`` with the one branch ``(W, 1)`` for ``"window"`` (the blocked window *is* that
@@ -17,7 +18,7 @@ Docs: ``docs/model.md``.
 
 from __future__ import annotations
 
-import sys
+import math
 
 import numpy as np
 
@@ -43,20 +44,6 @@ def new_caches(config: lm.LongNetConfig, batch: int) -> list:
             for _ in range(config.n_layers)]
 
 
-def _attend(config, attn_params, h, positions, cache, prefill: bool):
-    """Projections, RoPE at ``positions``, the cache's prefill (``T`` rows) or step (one row), ``out_proj``."""
-    B, T, C = h.shape
-    split = lambda t: t.reshape(B, T, config.n_heads, config.head_dim)  # (B, T, C) -> (B, T, H, D)
-    q, k, v = (split(nn.linear_forward(lm._sub(attn_params, f"{p}_proj."), h)[0]) for p in "qkv")
-    if config.rope:
-        q, k = nn.rope_forward(q, positions)[0], nn.rope_forward(k, positions)[0]
-    if prefill:
-        o, _ = cache.prefill(q, k, v)  # (B, T, H, D)
-    else:
-        o = cache.step(q[:, 0], k[:, 0], v[:, 0])[0][:, None]  # (B, 1, H, D)
-    return nn.linear_forward(lm._sub(attn_params, "out_proj."), o.reshape(B, T, C))[0]
-
-
 class Decoder:
     """The model's state while generating: its caches and the next position."""
 
@@ -66,19 +53,12 @@ class Decoder:
         self.caches = new_caches(config, batch)
         self.position = 0
 
-    def _run(self, tokens, prefill: bool):
-        c, p = self.config, self.params
-        positions = self.position + np.arange(tokens.shape[1])
-        x, _ = nn.embedding_forward(lm._sub(p, "wte."), tokens)  # (B, T, C)
-        for layer, cache in enumerate(self.caches):
-            block = lm._sub(p, f"h.{layer}.")
-            h, _ = nn.layernorm_forward(lm._sub(block, "ln_1."), x)
-            x = x + _attend(c, lm._sub(block, "attn."), h, positions, cache, prefill)
-            h, _ = nn.layernorm_forward(lm._sub(block, "ln_2."), x)
-            x = x + nn.mlp_forward(lm._sub(block, "mlp."), h)[0]
-        h, _ = nn.layernorm_forward(lm._sub(p, "ln_f."), x)
+    def _run(self, tokens) -> np.ndarray:
+        """``model.forward`` of ``tokens (B, T)`` at the next ``T`` positions, through the caches."""
+        positions = self.position + np.arange(tokens.shape[1])  # (T,) absolute positions for RoPE
+        logits, _ = lm.forward(self.config, self.params, tokens, positions=positions, kv_caches=self.caches)
         self.position += tokens.shape[1]
-        return h @ p["wte.weight"].T  # (B, T, V)
+        return logits  # (B, T, V)
 
     def prefill(self, tokens) -> np.ndarray:
         """Logits ``(B, T, V)`` of a prompt ``(B, T)`` (the parallel causal forward), caches left at ``T``."""
@@ -87,12 +67,12 @@ class Decoder:
             raise ValueError(f"prompt_tokens must have shape ({self.batch}, T >= 1), got {tokens.shape}")
         if self.position != 0:
             raise ValueError("prefill needs a fresh Decoder")
-        return self._run(tokens, prefill=True)
+        return self._run(tokens)
 
     def step(self, token) -> np.ndarray:
         """Logits ``(B, V)`` of the next position, given its input ``token (B,)``."""
         token = check_tokens(np.asarray(token).reshape(self.batch, 1), self.config.vocab_size, "token")
-        return self._run(token, prefill=False)[:, 0]
+        return self._run(token)[:, 0]
 
 
 def sample(logits, rng: np.random.Generator, temperature: float = 1.0, top_k: int | None = None) -> np.ndarray:
@@ -144,49 +124,3 @@ def generate(config, params, prompt_tokens, max_new_tokens, *, temperature=1.0, 
             logits = decoder.step(token)
     tokens = np.concatenate(out, axis=1)
     return tokens[0] if one_d else tokens
-
-
-# ----------------------------------------------------------------------------------------------
-# ``longnet-ref generate``
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--checkpoint", required=True, help="a checkpoint.npz written by longnet-ref train")
-    p.add_argument("--prompt", required=True, help="text (byte-level models) or space-separated token ids")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate after the prompt")
-    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature of the sampling (0: greedy)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only (None: all of them)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
-
-
-def run(args) -> int:
-    """``longnet-ref generate``: stream the continuation of ``--prompt`` to stdout."""
-    from .train import load_checkpoint
-
-    state, meta = load_checkpoint(args.checkpoint)
-    config = state.config
-    text = config.vocab_size == 256 and meta.get("task", "text") == "text"
-    if text:
-        prompt = np.frombuffer(args.prompt.encode("utf-8"), np.uint8).astype(np.int64)
-    else:
-        try:
-            prompt = np.array([int(t) for t in args.prompt.split()], np.int64)
-        except ValueError:
-            raise ValueError(f"--prompt must be space-separated token ids for this (non-text) model, got {args.prompt!r}") from None
-    if prompt.size == 0:
-        raise ValueError("--prompt must not be empty")
-    out = sys.stdout
-
-    def emit(token):
-        if text:
-            out.buffer.write(bytes([int(token[0])])) if hasattr(out, "buffer") else out.write(chr(int(token[0])))
-        else:
-            out.write(f" {int(token[0])}")
-        out.flush()
-
-    out.write(args.prompt)
-    out.flush()
-    generate(config, state.params, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-             seed=args.seed, on_token=emit)
-    out.write("\n")
-    return 0

@@ -121,6 +121,14 @@ def parameter_shapes(config: LongNetConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def parameter_count(config: LongNetConfig) -> int:
+    """The number of scalars of :func:`parameter_shapes`, counted without listing them:
+    ``V C`` (tied embedding) ``+ L (12 C^2 + 13 C)`` (per block: four ``C x C`` projections and
+    an MLP ``C -> 4C -> C`` with their biases, two LayerNorms) ``+ 2 C`` (the final LayerNorm)."""
+    C = config.d_model
+    return config.vocab_size * C + config.n_layers * (12 * C * C + 13 * C) + 2 * C
+
+
 def init_params(config: LongNetConfig) -> dict[str, np.ndarray]:
     """GPT-2 initialisation, deterministic from ``config.seed``.
 
@@ -152,15 +160,6 @@ def check_params(config: LongNetConfig, params: dict) -> None:
     check_state_dict(params, parameter_shapes(config), config.dtype, name="params")
 
 
-def _sub(params: dict, prefix: str) -> dict:
-    """The entries under ``prefix``, with it stripped: ``h.0.attn.q_proj.weight`` -> ``q_proj.weight``."""
-    return {name[len(prefix):]: value for name, value in params.items() if name.startswith(prefix)}
-
-
-def _prefixed(grads: dict, prefix: str) -> dict:
-    return {prefix + name: value for name, value in grads.items()}
-
-
 def attention_options(config: LongNetConfig) -> dict:
     """Keyword arguments of ``nn.attention_forward`` that the config fixes."""
     return {
@@ -174,32 +173,37 @@ def attention_options(config: LongNetConfig) -> dict:
 # forward and backward
 
 
-def forward(config: LongNetConfig, params: dict, tokens, *, positions=None, attention_core=None) -> tuple[np.ndarray, dict]:
+def forward(config: LongNetConfig, params: dict, tokens, *, positions=None, kv_caches=None, attention_core=None) -> tuple[np.ndarray, dict]:
     """``logits = LN_f(x^L) E^T`` for ``tokens (B, N)``; returns ``(logits (B, N, V), cache)``.
 
-    ``positions`` (``(N,)``, default ``0..N-1``) are the tokens' places in the sequence, for RoPE;
-    ``attention_core`` replaces the single-process attention (``nn.attention_forward``'s ``core``).
-    Both serve ``longnet_ref.parallel``, where ``tokens`` is one rank's chunk of the sequence.
+    ``positions (N,)`` of the tokens feed RoPE (default ``0 .. N-1``). For decoding,
+    ``kv_caches`` holds one KV cache per layer (``generate.new_caches``): each layer's attention
+    then reads and extends its cache (the tokens are a prompt, or one new token), and
+    ``positions`` default to the rows that follow the cached ones.
+    ``attention_core`` replaces the single-process attention (``nn.attention_forward``'s ``core``):
+    ``longnet_ref.parallel`` passes it, with ``tokens`` one rank's chunk and ``positions`` its global ones.
     """
     if not isinstance(config, LongNetConfig):
         raise InputTypeError(f"config must be a LongNetConfig, got {type(config).__name__}")
     tokens = check_tokens(tokens, config.vocab_size)
     get_backend(config.backend)  # a GPU backend without CuPy fails here, before the first layer
     attn = attention_options(config)
-    positions = np.arange(tokens.shape[1]) if positions is None else positions
+    kv_caches = [None] * config.n_layers if kv_caches is None else kv_caches
+    if len(kv_caches) != config.n_layers:
+        raise ValueError(f"kv_caches must hold one cache per layer ({config.n_layers}), got {len(kv_caches)}")
     cache = {"blocks": []}
 
-    x, cache["wte"] = nn.embedding_forward(_sub(params, "wte."), tokens)  # (B, N, C)
-    for layer in range(config.n_layers):
-        p = _sub(params, f"h.{layer}.")
-        h, c_ln1 = nn.layernorm_forward(_sub(p, "ln_1."), x)
-        a, c_attn = nn.attention_forward(_sub(p, "attn."), h, positions=positions, core=attention_core, **attn)
+    x, cache["wte"] = nn.embedding_forward(nn.subtree(params, "wte"), tokens)  # (B, N, C)
+    for layer, kv_cache in enumerate(kv_caches):
+        p = nn.subtree(params, f"h.{layer}")
+        h, c_ln1 = nn.layernorm_forward(nn.subtree(p, "ln_1"), x)
+        a, c_attn = nn.attention_forward(nn.subtree(p, "attn"), h, positions=positions, kv_cache=kv_cache, core=attention_core, **attn)
         x += a  # x' = x + Attn(LN_1(x)), in place: x is no layer's cache (the LayerNorms keep xhat)
-        h, c_ln2 = nn.layernorm_forward(_sub(p, "ln_2."), x)
-        m, c_mlp = nn.mlp_forward(_sub(p, "mlp."), h)
+        h, c_ln2 = nn.layernorm_forward(nn.subtree(p, "ln_2"), x)
+        m, c_mlp = nn.mlp_forward(nn.subtree(p, "mlp"), h)
         x += m  # x = x' + MLP(LN_2(x'))
         cache["blocks"].append((c_ln1, c_attn, c_ln2, c_mlp))
-    h, cache["ln_f"] = nn.layernorm_forward(_sub(params, "ln_f."), x)  # (B, N, C)
+    h, cache["ln_f"] = nn.layernorm_forward(nn.subtree(params, "ln_f"), x)  # (B, N, C)
     logits = h @ params["wte.weight"].T  # (B, N, V) tied head: logits = h E^T
     cache["h"] = h
     return logits, cache
@@ -215,23 +219,23 @@ def backward(config: LongNetConfig, params: dict, cache: dict, dlogits) -> dict[
     C = config.d_model
     dh = dlogits @ params["wte.weight"]  # (B, N, C)
     d_wte_head = dlogits.reshape(-1, dlogits.shape[-1]).T @ cache["h"].reshape(-1, C)  # (V, C)
-    dx, g = nn.layernorm_backward(_sub(params, "ln_f."), cache["ln_f"], dh)
-    grads |= _prefixed(g, "ln_f.")
+    dx, g = nn.layernorm_backward(nn.subtree(params, "ln_f"), cache["ln_f"], dh)
+    grads |= nn.prefixed(g, "ln_f")
     for layer in reversed(range(config.n_layers)):
-        prefix = f"h.{layer}."
-        p = _sub(params, prefix)
+        prefix = f"h.{layer}"
+        p = nn.subtree(params, prefix)
         c_ln1, c_attn, c_ln2, c_mlp = cache["blocks"][layer]
-        dm, g = nn.mlp_backward(_sub(p, "mlp."), c_mlp, dx)
-        grads |= _prefixed(g, prefix + "mlp.")
-        dh, g = nn.layernorm_backward(_sub(p, "ln_2."), c_ln2, dm)
-        grads |= _prefixed(g, prefix + "ln_2.")
+        dm, g = nn.mlp_backward(nn.subtree(p, "mlp"), c_mlp, dx)
+        grads |= nn.prefixed(g, f"{prefix}.mlp")
+        dh, g = nn.layernorm_backward(nn.subtree(p, "ln_2"), c_ln2, dm)
+        grads |= nn.prefixed(g, f"{prefix}.ln_2")
         dx += dh  # the residual carries dx past the MLP (dx is this function's own array)
-        da, g = nn.attention_backward(_sub(p, "attn."), c_attn, dx)
-        grads |= _prefixed(g, prefix + "attn.")
-        dh, g = nn.layernorm_backward(_sub(p, "ln_1."), c_ln1, da)
-        grads |= _prefixed(g, prefix + "ln_1.")
+        da, g = nn.attention_backward(nn.subtree(p, "attn"), c_attn, dx)
+        grads |= nn.prefixed(g, f"{prefix}.attn")
+        dh, g = nn.layernorm_backward(nn.subtree(p, "ln_1"), c_ln1, da)
+        grads |= nn.prefixed(g, f"{prefix}.ln_1")
         dx += dh  # ... and past the attention
-    _, g = nn.embedding_backward(_sub(params, "wte."), cache["wte"], dx)
+    _, g = nn.embedding_backward(nn.subtree(params, "wte"), cache["wte"], dx)
     grads["wte.weight"] = g["weight"] + d_wte_head  # tied: the table is used twice
     return {name: grads[name] for name in params}  # the params' order
 

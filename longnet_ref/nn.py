@@ -37,13 +37,15 @@ ATTENTION_KINDS = ("dilated", "dense", "window")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
-def _sub(params, prefix):
-    """The parameters of a sub-layer: ``{"fc1.weight": W}`` -> ``{"weight": W}``."""
-    return {name[len(prefix) + 1 :]: value for name, value in params.items() if name.startswith(prefix + ".")}
+def subtree(params, prefix):
+    """The parameters under a dotted name, with it stripped: ``subtree(p, "h.0.mlp")`` maps
+    ``"h.0.mlp.fc1.weight"`` to ``"fc1.weight"``. How a model hands each layer its own dict."""
+    start = prefix + "."
+    return {name[len(start):]: value for name, value in params.items() if name.startswith(start)}
 
 
-def _prefixed(grads, prefix):
-    """The inverse of :func:`_sub`: ``{"weight": dW}`` -> ``{"fc1.weight": dW}``."""
+def prefixed(grads, prefix):
+    """The inverse of :func:`subtree`: ``prefixed({"weight": dW}, "fc1")`` is ``{"fc1.weight": dW}``."""
     return {f"{prefix}.{name}": value for name, value in grads.items()}
 
 
@@ -194,7 +196,7 @@ def mlp_forward(params, x):
     keeps ``x`` and ``fc1(x)``; the backward recomputes ``gelu`` block by block (one ``tanh``
     per hidden unit) instead of storing two more ``(..., F)`` arrays.
     """
-    fc1, fc2 = _sub(params, "fc1"), _sub(params, "fc2")
+    fc1, fc2 = subtree(params, "fc1"), subtree(params, "fc2")
     width = x.shape[-1]
     x2 = x.reshape(-1, width)  # (M, E)
     dtype = np.result_type(x, fc1["weight"])
@@ -211,7 +213,7 @@ def mlp_backward(params, cache, dy):
     """The chain rule through the three layers, last first: fc2, GELU, fc1; block by block, the
     weight gradients summed over the blocks."""
     x2, hidden = cache  # (M, E), (M, F)
-    fc1, fc2 = _sub(params, "fc1"), _sub(params, "fc2")
+    fc1, fc2 = subtree(params, "fc1"), subtree(params, "fc2")
     dy2 = dy.reshape(-1, dy.shape[-1])  # (M, E)
     dx = np.empty(x2.shape, np.result_type(dy, x2))
     grads = {name: np.zeros_like(value) for name, value in params.items()}
@@ -220,7 +222,7 @@ def mlp_backward(params, cache, dy):
         dactivated, fc2_grads = linear_backward(fc2, activated, dy2[rows])  # (rows, F)
         dhidden, _ = gelu_backward(None, gelu_cache, dactivated)
         dx[rows], fc1_grads = linear_backward(fc1, x2[rows], dhidden)  # (rows, E)
-        for name, g in {**_prefixed(fc1_grads, "fc1"), **_prefixed(fc2_grads, "fc2")}.items():
+        for name, g in {**prefixed(fc1_grads, "fc1"), **prefixed(fc2_grads, "fc2")}.items():
             grads[name] += g
     return dx.reshape(dy.shape[:-1] + (x2.shape[1],)), grads
 
@@ -398,6 +400,7 @@ def attention_forward(
     backend="numpy",
     rope=False,
     positions=None,
+    kv_cache=None,
     core=None,
 ):
     """Multi-head self-attention of kind ``"dilated"``, ``"dense"`` or ``"window"``:
@@ -413,6 +416,14 @@ def attention_forward(
     in ``x``'s dtype. ``positions`` (``(N,)`` or ``(B, N)``, default ``0..N-1``) feed RoPE.
     With a GPU backend (``"cupy"``, ``"cupy-fused"``) only the attention runs on the GPU, on CuPy
     copies of ``q, k, v`` (the registry's ``arrays``); the projections stay NumPy.
+
+    ``kv_cache`` (a :class:`~longnet_ref.decode.DilatedKVCache` of the kind's branches, or a
+    :class:`~longnet_ref.decode.DenseKVCache` for ``"dense"``; causal only) makes ``x`` the rows
+    ``t .. t + N - 1`` after the ``t = kv_cache.position`` rows it holds: a prompt at ``t = 0``
+    (the cache's prefill: the parallel causal forward, then the cache keeps what later rows need)
+    or one new row (its step). ``positions`` then default to ``t .. t + N - 1``. Decoding only:
+    the returned cache does not support :func:`attention_backward`.
+
     ``core``, if given, computes ``attention_kind`` in place of the single-process functions: an
     object with ``forward(q, k, v, branches, options) -> (o, lse)`` and ``backward(do, q, k, v,
     o, lse, branches, options) -> (dq, dk, dv)`` (``longnet_ref.parallel``'s sequence-parallel
@@ -429,20 +440,26 @@ def attention_forward(
         branches = [max(n, 1)], [1]  # dense on a fast backend: one full segment, no dilation
 
     split = lambda t: t.reshape(batch, n, heads, head_dim)  # (B, N, E) -> (B, N, H, D)
-    q, q_cache = linear_forward(_sub(params, "q_proj"), x)  # (B, N, E)
-    k, k_cache = linear_forward(_sub(params, "k_proj"), x)
-    v, v_cache = linear_forward(_sub(params, "v_proj"), x)
+    q, q_cache = linear_forward(subtree(params, "q_proj"), x)  # (B, N, E)
+    k, k_cache = linear_forward(subtree(params, "k_proj"), x)
+    v, v_cache = linear_forward(subtree(params, "v_proj"), x)
     q, k, v = split(q), split(k), split(v)  # (B, N, H, D)
     rope_cache = None
+    if positions is None:
+        positions = np.arange(n) + (0 if kv_cache is None else kv_cache.position)
     if rope:
-        positions = np.arange(n) if positions is None else positions
         q, q_rope = rope_forward(q, positions)  # (B, N, H, D)
         k, k_rope = rope_forward(k, positions)
         rope_cache = (q_rope, k_rope)
 
     options = {"causal": causal, "offsets": offsets, "backend": backend}
-    o, lse = (core.forward if core is not None else _attention_core)(q, k, v, branches, options)  # (B, N, H, D), (B, N, H)
-    y, out_cache = linear_forward(_sub(params, "out_proj"), o.reshape(batch, n, embed_dim))  # (B, N, E)
+    if core is not None:  # sequence-parallel: longnet_ref.parallel
+        o, lse = core.forward(q, k, v, branches, options)  # (B, N, H, D), (B, N, H)
+    elif kv_cache is None:
+        o, lse = _attention_core(q, k, v, branches, options)  # (B, N, H, D), (B, N, H)
+    else:
+        o, lse = _cached_attention(kv_cache, q, k, v, kind, branches, causal)  # rows t .. t + N - 1
+    y, out_cache = linear_forward(subtree(params, "out_proj"), o.reshape(batch, n, embed_dim))  # (B, N, E)
     cache = {
         "projections": (q_cache, k_cache, v_cache, out_cache),
         "qkv": (q, k, v),
@@ -467,7 +484,7 @@ def attention_backward(params, cache, dy):
     q_cache, k_cache, v_cache, out_cache = cache["projections"]
     q, k, v = cache["qkv"]
     batch, n, heads, head_dim = q.shape
-    do, out_grads = linear_backward(_sub(params, "out_proj"), out_cache, dy)  # (B, N, E)
+    do, out_grads = linear_backward(subtree(params, "out_proj"), out_cache, dy)  # (B, N, E)
     do = do.reshape(batch, n, heads, head_dim)  # (B, N, H, D)
     core_backward = _attention_core_backward if cache.get("core") is None else cache["core"].backward
     dq, dk, dv = core_backward(do, q, k, v, cache["o"], cache["lse"], cache["branches"], cache["options"])
@@ -475,13 +492,35 @@ def attention_backward(params, cache, dy):
         q_rope, k_rope = cache["rope"]
         dq, dk = rope_backward(q_rope, dq), rope_backward(k_rope, dk)
     merge = lambda t: t.reshape(batch, n, heads * head_dim)  # (B, N, H, D) -> (B, N, E)
-    dx_q, q_grads = linear_backward(_sub(params, "q_proj"), q_cache, merge(dq))
-    dx_k, k_grads = linear_backward(_sub(params, "k_proj"), k_cache, merge(dk))
-    dx_v, v_grads = linear_backward(_sub(params, "v_proj"), v_cache, merge(dv))
+    dx_q, q_grads = linear_backward(subtree(params, "q_proj"), q_cache, merge(dq))
+    dx_k, k_grads = linear_backward(subtree(params, "k_proj"), k_cache, merge(dk))
+    dx_v, v_grads = linear_backward(subtree(params, "v_proj"), v_cache, merge(dv))
     grads = {}
     for name, g in (("q_proj", q_grads), ("k_proj", k_grads), ("v_proj", v_grads), ("out_proj", out_grads)):
-        grads.update(_prefixed(g, name))
+        grads.update(prefixed(g, name))
     return dx_q + dx_k + dx_v, grads
+
+
+def _cached_attention(cache, q, k, v, kind, branches, causal):
+    """Rows ``t .. t + N - 1`` of causal attention through a KV cache at position ``t``:
+    ``cache.prefill`` for a prompt (``t = 0``), ``cache.step`` for one new row."""
+    from .decode import DenseKVCache, DilatedKVCache
+
+    if not causal:
+        raise ValueError("kv_cache needs causal=True (decoding is causal)")
+    if kind == "dense":
+        matches = isinstance(cache, DenseKVCache)
+    else:  # dilated, or window = one branch (W, 1): the cache must hold these branches
+        matches = isinstance(cache, DilatedKVCache) and (list(cache.segment_lengths), list(cache.dilation_rates)) == (
+            list(branches[0]), list(branches[1]))
+    if not matches:
+        raise ValueError(f"kv_cache must be the cache of this {kind} attention, got {type(cache).__name__}")
+    if cache.position == 0:
+        return cache.prefill(q, k, v)  # (B, N, H, D), (B, N, H)
+    if q.shape[1] != 1:
+        raise ValueError(f"a kv_cache at position {cache.position} takes one new row at a time, got {q.shape[1]}")
+    o, lse = cache.step(q[:, 0], k[:, 0], v[:, 0])  # (B, H, D), (B, H)
+    return o[:, None], lse[:, None]
 
 
 def _attention_core(q, k, v, branches, options):
@@ -528,7 +567,7 @@ def init_mlp(rng, embed_dim, hidden_dim, *, dtype=np.float64):
     """``fc1 (F, E)``, ``fc2 (E, F)``, both :func:`init_linear`."""
     fc1 = init_linear(rng, embed_dim, hidden_dim, dtype=dtype)
     fc2 = init_linear(rng, hidden_dim, embed_dim, dtype=dtype)
-    return {**_prefixed(fc1, "fc1"), **_prefixed(fc2, "fc2")}
+    return {**prefixed(fc1, "fc1"), **prefixed(fc2, "fc2")}
 
 
 def init_attention(rng, embed_dim, *, dtype=np.float64):
@@ -537,7 +576,7 @@ def init_attention(rng, embed_dim, *, dtype=np.float64):
     for name in PROJECTIONS:
         gain = 1.0 if name == "out_proj" else 1.0 / math.sqrt(2.0)
         linear = init_linear(rng, embed_dim, embed_dim, dtype=dtype, gain=gain, zero_bias=name == "out_proj")
-        params.update(_prefixed(linear, name))
+        params.update(prefixed(linear, name))
     return params
 
 

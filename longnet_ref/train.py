@@ -15,22 +15,20 @@ biases, LayerNorm gains and the (tied) embedding, as in nanoGPT/GPT-2 practice.
 
 Everything is deterministic from the seed: the data generator's state is saved with the
 parameters and the optimiser's moments, so a resumed run repeats the uninterrupted one bit for
-bit. Docs: ``docs/model.md``.
+bit (checkpoints: :mod:`longnet_ref.checkpoint`). Docs: ``docs/model.md``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from . import model as lm
-from .data import PasskeyTask, TextTask, accuracy
+from . import nn
+from .data import Batch, accuracy
 from .validation import check_int, check_real
 
 # ----------------------------------------------------------------------------------------------
@@ -113,7 +111,7 @@ class AdamW:
 
 
 # ----------------------------------------------------------------------------------------------
-# the training state and checkpoints
+# the training state
 
 
 @dataclass
@@ -153,231 +151,57 @@ def train_step(state: TrainState, task, *, comm=None) -> dict:
     return {"step": state.step, "loss": loss, "lr": lr, "grad_norm": norm}
 
 
-def _json_path(path: Path) -> Path:
-    return path.with_suffix(".json")
-
-
-def save_checkpoint(state: TrainState, path, extra: dict | None = None) -> Path:
-    """``path`` (``.npz``): params and AdamW moments; ``path`` with ``.json``: configs, step, RNG state."""
-    path = Path(path).with_suffix(".npz")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {f"param/{k}": v for k, v in state.params.items()}
-    arrays |= {f"adam_m/{k}": v for k, v in state.optimizer.m.items()}
-    arrays |= {f"adam_v/{k}": v for k, v in state.optimizer.v.items()}
-    np.savez(path, **arrays)
-    meta = {
-        "model": state.config.to_dict(), "train": dataclasses.asdict(state.train), "step": state.step,
-        "adam_t": state.optimizer.t, "rng": state.rng.bit_generator.state, **(extra or {}),
-    }
-    _json_path(path).write_text(json.dumps(meta, indent=1))
-    return path
-
-
-def load_checkpoint(path) -> tuple[TrainState, dict]:
-    """The state saved by :func:`save_checkpoint` (and the JSON's other entries)."""
-    path = Path(path)
-    npz, meta_path = path.with_suffix(".npz"), _json_path(path)
-    for p in (npz, meta_path):
-        if not p.is_file():
-            raise ValueError(f"checkpoint file {str(p)!r} does not exist")
-    meta = json.loads(meta_path.read_text())
-    config = lm.LongNetConfig.from_dict(meta["model"])
-    with np.load(npz) as f:
-        take = lambda kind: {k.split("/", 1)[1]: f[k] for k in f.files if k.startswith(kind + "/")}
-        params, m, v = take("param"), take("adam_m"), take("adam_v")
-    lm.check_params(config, params)
-    rng = np.random.default_rng()
-    rng.bit_generator.state = meta["rng"]
-    state = TrainState(config, TrainConfig(**meta["train"]), params, AdamW(m, v, meta["adam_t"]), rng, meta["step"])
-    return state, meta
-
-
 # ----------------------------------------------------------------------------------------------
 # the loop
 
 
-def evaluate(state: TrainState, task, batch, *, comm=None) -> dict:
-    """Held-out loss and accuracy of ``batch`` (with ``comm``: sequence-parallel, ``parallel.evaluate``)."""
-    if comm is not None:
-        from . import parallel
+def evaluate(state: TrainState, batch, *, comm=None) -> dict:
+    """Held-out loss and accuracy of ``batch``, forwarded in slices of at most the training batch size.
 
-        chunks = (parallel.chunk(x, comm) for x in (batch.tokens, batch.targets, batch.mask))
-        loss, hits = parallel.evaluate(state.config, state.params, *chunks, comm=comm)
-        return {"eval_loss": loss, "eval_accuracy": hits}
-    logits, _ = lm.forward(state.config, state.params, batch.tokens)
-    from . import nn
+    Slicing bounds the memory of an evaluation by that of a training step's forward (a held-out
+    batch of 64 sequences of 16K tokens forwarded at once needs 4x a step of 16); the mean is
+    over every masked position of the whole batch, as if it were forwarded at once. With an MPI
+    ``comm`` each slice is forwarded sequence-parallel (``parallel.evaluate``): every rank holds
+    the whole batch and keeps its chunk.
+    """
+    size, total, loss_sum, hits = state.train.batch_size, 0, 0.0, 0.0
+    for start in range(0, batch.tokens.shape[0], size):
+        part = Batch(*(x[start:start + size] for x in (batch.tokens, batch.targets, batch.mask)))
+        count = int(part.mask.sum())
+        if count == 0:
+            continue
+        if comm is None:
+            logits, _ = lm.forward(state.config, state.params, part.tokens)
+            loss, _ = nn.cross_entropy_forward(logits, part.targets, part.mask)
+            correct = accuracy(logits, part)
+        else:
+            from . import parallel  # imports mpi4py: only when asked for
 
-    loss, _ = nn.cross_entropy_forward(logits, batch.targets, batch.mask)
-    return {"eval_loss": float(loss), "eval_accuracy": accuracy(logits, batch)}
+            chunks = (parallel.chunk(x, comm) for x in (part.tokens, part.targets, part.mask))
+            loss, correct = parallel.evaluate(state.config, state.params, *chunks, comm=comm)
+        loss_sum += float(loss) * count
+        hits += correct * count
+        total += count
+    return {"eval_loss": loss_sum / total, "eval_accuracy": hits / total} if total else {}
 
 
-def fit(state: TrainState, task, *, eval_every=0, eval_batch=None, progress=True, on_record=None, comm=None) -> list[dict]:
+def fit(state: TrainState, task, *, eval_every=0, eval_batch=None, on_record=None, comm=None) -> list[dict]:
     """Train until ``state.train.steps``; a record per step (loss, lr, grad norm, tokens/s, eval).
 
+    Every ``eval_every`` steps (and at the last) the record also holds :func:`evaluate` of
+    ``eval_batch``. ``on_record(record)`` is called after each step (progress, checkpoints).
     ``comm``: an MPI communicator to train sequence-parallel over its ranks (:func:`train_step`).
     """
-    from tqdm import tqdm
-
     records = []
     tokens_per_step = state.train.batch_size * task.n
-    bar = tqdm(total=state.train.steps, initial=state.step, disable=not progress, unit="step", dynamic_ncols=True)
     while state.step < state.train.steps:
         start = time.perf_counter()
         record = train_step(state, task, comm=comm)
         record["seconds"] = time.perf_counter() - start
         record["tokens_per_s"] = tokens_per_step / record["seconds"]
         if eval_batch is not None and eval_every and (state.step % eval_every == 0 or state.step == state.train.steps):
-            record |= evaluate(state, task, eval_batch, comm=comm)
+            record |= evaluate(state, eval_batch, comm=comm)
         records.append(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if on_record is not None:
             on_record(record)
-    bar.close()
     return records
-
-
-def plot_log(records: list[dict], path, title: str, chance: float | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in records]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(steps, [r["loss"] for r in records], lw=0.8, alpha=0.6, label="train loss")
-    evals = [r for r in records if "eval_loss" in r]
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", ms=3, label="eval loss")
-    if chance is not None:
-        ax.axhline(chance, color="gray", ls=":", label=f"chance ({chance:.2f})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy [nats]")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
-
-
-# ----------------------------------------------------------------------------------------------
-# ``longnet-ref train``
-
-
-def add_arguments(p) -> None:
-    """The ``train`` subcommand's options (``cli.py`` registers the subparser)."""
-    from .cli import _int_list  # the CLI's one parser of "w1,w2,..." (imported here: cli imports this module)
-
-    p.add_argument("--text", default=None, help="train next-byte prediction on this file (default: the passkey task)")
-    p.add_argument("--n", type=int, default=256, help="context length N")
-    p.add_argument("--passkey-span", type=int, default=4,
-                   help="passkey task: write the key this many times in a row (4 = the default max dilation: one hop)")
-    p.add_argument("--attention", default="dilated", help="dilated | dense | window")
-    p.add_argument("--segment-lengths", type=_int_list, default=[64, 128, 256], help="comma-separated w_i")
-    p.add_argument("--dilation-rates", type=_int_list, default=[1, 2, 4], help="comma-separated r_i")
-    p.add_argument("--window", type=int, default=None, help="window attention: keys per query (default: same cost as dilated)")
-    p.add_argument("--offsets", choices=["paper", "torchscale"], default="paper",
-                   help="head offsets: paper (h mod r) or torchscale (contiguous blocks of heads)")
-    p.add_argument("--d-model", type=int, default=64, help="model width C")
-    p.add_argument("--layers", type=int, default=2, help="number of Transformer blocks")
-    p.add_argument("--heads", type=int, default=4, help="attention heads per block")
-    p.add_argument("--no-rope", action="store_true", help="no rotary position embedding")
-    p.add_argument("--steps", type=int, default=None, help="total steps (default 300; with --resume: extend the run to this many)")
-    p.add_argument("--batch", type=int, default=16, help="sequences per step")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
-    p.add_argument("--warmup", type=int, default=30, help="linear warm-up steps before the cosine decay")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="decoupled weight decay on the projection and MLP matrices")
-    p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip")
-    p.add_argument("--backend", default="numba", help="numba (default; compiles once, ~1-2 min) | numpy | cupy")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameter and activation dtype")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data")
-    p.add_argument("--eval-every", type=int, default=25, help="evaluate on a fixed held-out batch every k steps")
-    p.add_argument("--resume", default=None, help="continue from this checkpoint (.npz)")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="also write the checkpoint every k steps (0: only at the end)")
-    p.add_argument("--out", default="train-out", help="directory for log.json, loss.png, checkpoint.npz/.json")
-    p.add_argument("--blas-threads", type=int, default=1,
-                   help="BLAS threads (default 1: the GEMMs of a small model are too small to share, and spinning "
-                        "BLAS threads on a busy machine cost more than they give)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def make_task(text, n, span=1):
-    if text is not None:
-        return TextTask.from_file(text, n)
-    return PasskeyTask(n, span=span)
-
-
-def run(args) -> int:
-    """``longnet-ref train``: build (or resume) the state, fit, write the log, the plot and a checkpoint."""
-    if args.n < 2:
-        raise ValueError(f"--n must be at least 2, got {args.n}")
-    task = make_task(args.text, args.n, args.passkey_span)
-    extra = {"task": "text" if args.text else "passkey", "n": task.n, "passkey_span": None if args.text else args.passkey_span}
-    if args.resume:
-        state, meta = load_checkpoint(args.resume)
-        if any(meta.get(key) != value for key, value in extra.items()):
-            saved = {key: meta.get(key) for key in extra}
-            raise ValueError(f"--resume: the checkpoint was trained on {saved}, this run asks for {extra}")
-        if args.steps is not None and args.steps > state.train.steps:  # extend: the cosine stretches to the new end
-            state.train = dataclasses.replace(state.train, steps=args.steps)
-    else:
-        config = lm.LongNetConfig(
-            vocab_size=task.vocab_size, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-            segment_lengths=tuple(args.segment_lengths), dilation_rates=tuple(args.dilation_rates),
-            attention=args.attention, window=args.window, offsets=args.offsets, backend=args.backend,
-            rope=not args.no_rope, dtype=args.dtype, seed=args.seed,
-        )
-        steps = 300 if args.steps is None else args.steps
-        train = TrainConfig(
-            steps=steps, batch_size=args.batch, lr=args.lr, min_lr=args.lr / 10, warmup=min(args.warmup, steps),
-            weight_decay=args.weight_decay, clip=args.clip, seed=args.seed,
-        )
-        state = TrainState.fresh(config, train)
-    from threadpoolctl import threadpool_limits
-
-    limits = threadpool_limits(args.blas_threads, user_api="blas")
-    try:
-        return _fit_and_report(args, task, state, extra)
-    finally:
-        limits.restore_original_limits()
-
-
-def _fit_and_report(args, task, state, extra) -> int:
-    if state.config.backend == "numba":
-        from .backends.numba_cpu import warm_up
-
-        print(f"numba kernels ready in {warm_up(np.dtype(state.config.dtype)):.1f} s")
-    eval_batch = task.batch(64 if args.text is None else 8, np.random.default_rng(10_000 + args.seed))  # held out
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    c = state.config
-    title = (f"{'text' if args.text else 'passkey' + (f' span={args.passkey_span}' if args.passkey_span > 1 else '')} N={task.n}: {c.attention} "
-             f"{'w=' + str(list(c.segment_lengths)) + ' r=' + str(list(c.dilation_rates)) if c.attention != 'dense' else ''}"
-             f" L={c.n_layers} C={c.d_model} H={c.n_heads}")
-    print(f"longnet-ref train: {title}; {state.train.steps} steps of {state.train.batch_size} x {task.n} tokens; "
-          f"chance loss {task.chance_loss:.3f}")
-    def save_now(record):
-        if args.checkpoint_every and record["step"] % args.checkpoint_every == 0:
-            save_checkpoint(state, out / "checkpoint.npz", extra)
-
-    start = time.perf_counter()
-    records = fit(state, task, eval_every=args.eval_every, eval_batch=eval_batch, progress=not args.quiet, on_record=save_now)
-    seconds = time.perf_counter() - start
-    checkpoint = save_checkpoint(state, out / "checkpoint.npz", extra)
-    log = {"title": title, "model": c.to_dict(), "train": dataclasses.asdict(state.train), **extra,
-           "chance_loss": task.chance_loss, "seconds": seconds, "records": records}
-    (out / "log.json").write_text(json.dumps(log, indent=1))
-    plot = plot_log(records, out / "loss.png", title, task.chance_loss)
-    if records:
-        first, last = records[0], records[-1]
-        evals = [r for r in records if "eval_loss" in r]
-        summary = f"loss {first['loss']:.3f} -> {last['loss']:.3f}"
-        if evals:
-            summary += f"; held-out loss {evals[-1]['eval_loss']:.3f}, accuracy {evals[-1]['eval_accuracy']:.3f}"
-        print(f"{summary}; {len(records)} steps in {seconds:.1f} s")
-    for path in (out / "log.json", plot, checkpoint, _json_path(checkpoint)):
-        print(f"wrote {path}")
-    return 0
-
-

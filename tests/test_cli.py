@@ -5,10 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from longnet_ref import bench
+from longnet_ref import backends, bench
+from longnet_ref import model as lm
 from longnet_ref.cli import main
+
+from tests.tolerances import SUMMATION
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +95,7 @@ def test_distributed_honours_backend_repeats_ranks_and_rows_per_rank(capsys, mon
 
 def test_distributed_on_the_gpu_backend_is_an_error(capsys):
     assert main(["bench", "--distributed", "--backend", "cupy"]) == 2
-    assert "--backend must be one of numba, numpy" in capsys.readouterr().err
+    assert "--backend must be one of reference, numpy, numba" in capsys.readouterr().err
 
 
 def test_ranks_without_distributed_is_an_error(capsys):
@@ -110,13 +114,15 @@ def test_bench_on_cupy_without_the_gpu_extra_names_the_extra(capsys, monkeypatch
     monkeypatch.delitem(sys.modules, "longnet_ref.backends.cupy_gpu", raising=False)
     assert main(["bench", "--backend", "cupy"]) == 3
     error = capsys.readouterr().err
-    assert error.startswith("longnet-ref bench: error: ") and "pip install 'longnet-ref[gpu]'" in error
+    assert error.startswith("longnet-ref bench: error: ") and 'pip install "longnet-ref[gpu]"' in error
+    assert 'pip install ".[gpu]"' in error  # the form that works in a clone
 
 
 def test_missing_extras_are_named_with_the_install_command(capsys, monkeypatch, tmp_path):
     block_import(monkeypatch, "matplotlib", "matplotlib.pyplot")
     assert main(["pattern", "--output-dir", str(tmp_path)]) == 3
-    assert capsys.readouterr().err.strip() == 'longnet-ref pattern: error: this command needs matplotlib: pip install "longnet-ref[bench]"'
+    assert capsys.readouterr().err.strip() == ('longnet-ref pattern: error: this command needs matplotlib: '
+                                             'pip install "longnet-ref[bench]" (in a clone of the repository: pip install ".[bench]")')
     block_import(monkeypatch, "mpi4py")
     assert main(["bench", "--distributed"]) == 3
     assert 'pip install "longnet-ref[mpi]"' in capsys.readouterr().err
@@ -152,3 +158,262 @@ def test_help_documents_every_option_with_its_default_and_no_markup(capsys):
             assert len(block.split()) > 2, f"{command} {option} has no help"
             if option not in ("--causal", "--distributed", "--memory"):
                 assert "default:" in block, f"{command} {option}: {block}"
+
+
+# ---- every mistake of a new user: one line on stderr, a non-zero exit, before any work ------------
+
+
+def run_main(args):
+    """``main(args)``'s exit status, whether it returns it or argparse raises ``SystemExit``."""
+    try:
+        return main(args)
+    except SystemExit as exit_:
+        return exit_.code
+
+
+def assert_refused(capsys, args, *fragments, status=2):
+    code = run_main(args)
+    captured = capsys.readouterr()
+    assert code == status, captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return captured
+
+
+TINY = ["--n", "16", "--batch", "2", "--d-model", "16", "--heads", "4", "--layers", "1", "--segment-lengths", "4,8",
+        "--dilation-rates", "1,2", "--eval-every", "2", "--backend", "numpy", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def passkey_run(tmp_path_factory):
+    """A 4-step passkey run of the tiny model (its directory holds checkpoint.npz, log.json)."""
+    out = tmp_path_factory.mktemp("passkey") / "run"
+    assert main(["train", *TINY, "--steps", "4", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("text")
+    (folder / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    assert main(["train", *TINY, "--steps", "2", "--text", str(folder / "t.txt"), "--out", str(folder / "run")]) == 0
+    return folder / "run"
+
+
+def never_called(*args, **kwargs):
+    pytest.fail("the command did work before refusing")
+
+
+@pytest.mark.parametrize("option", [
+    ["train", "--out"], ["pattern", "--output-dir"], ["bench", "--preset", "paper", "--output-dir"],
+])
+def test_an_output_path_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, monkeypatch, option):
+    monkeypatch.setattr(bench, "run", never_called)
+    monkeypatch.setattr("longnet_ref.cli.train.fit", never_called)
+    monkeypatch.setattr("longnet_ref.figures.generate", never_called)
+    existing = tmp_path / "a-file"
+    existing.write_text("x")
+    assert_refused(capsys, [*option, str(existing)], f"{option[-1]} {existing}: exists and is not a directory")
+    assert_refused(capsys, [*option, str(existing / "below")], "is a file, not a directory")
+
+
+def test_bench_checks_its_output_directory_before_the_benchmark_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "run", never_called)
+    (tmp_path / "results").write_text("x")
+    assert_refused(capsys, ["bench", "--output-dir", str(tmp_path / "results")], "exists and is not a directory")
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["demo", "--n", "100000000"], ["demo --n 100000000", "bytes", "the dense oracle", "available; lower --n"]),
+    (["demo", "--dim", "1000000000"], ["bytes", "lower"]),
+    (["train", "--n", "100000000"], ["a training step of 16 x 100000000 tokens", "bytes", "lower --n"]),
+    (["train", "--d-model", "1000000"], ["params, gradients, AdamW moments", "bytes"]),
+    (["train", "--layers", "100000000"], ["bytes"]),
+    (["train", "--attention", "dense", "--n", "65536"], ["dense attention scores", "bytes"]),
+])
+def test_work_that_cannot_fit_in_memory_is_refused_with_the_bytes_it_needs(tmp_path, capsys, monkeypatch, args, fragments):
+    monkeypatch.setattr("longnet_ref.cli.train.fit", never_called)
+    monkeypatch.setattr("longnet_ref.cli.demo.dilated_attention", never_called)
+    monkeypatch.setattr("longnet_ref.cli.memory.available_bytes", lambda: 64 * 2**30)  # the same on every machine
+    out = [] if args[0] != "train" else ["--out", str(tmp_path / "r")]
+    assert_refused(capsys, [*args, *out], *fragments)
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_evaluation_is_forwarded_in_slices_of_the_training_batch(monkeypatch):
+    from longnet_ref.data import PasskeyTask
+    from longnet_ref.train import TrainConfig, TrainState, evaluate
+
+    task = PasskeyTask(16)
+    config = lm.LongNetConfig(vocab_size=task.vocab_size, d_model=16, n_layers=1, n_heads=4, segment_lengths=(4, 8),
+                              dilation_rates=(1, 2))
+    state = TrainState.fresh(config, TrainConfig(steps=1, batch_size=3))
+    batch = task.batch(8, np.random.default_rng(0))
+    seen = []
+    forward = lm.forward
+    monkeypatch.setattr(lm, "forward", lambda c, p, tokens, **kw: seen.append(tokens.shape[0]) or forward(c, p, tokens, **kw))
+    sliced = evaluate(state, batch)
+    assert seen == [3, 3, 2]
+    logits, _ = forward(config, state.params, batch.tokens)  # all at once, for the expected mean
+    expected = -np.mean(log_softmax(logits[:, -1])[np.arange(8), batch.targets[:, -1]])
+    np.testing.assert_allclose(sliced["eval_loss"], expected, **SUMMATION[np.dtype(config.dtype)])
+
+
+def log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_train_on_a_missing_gpu_extra_fails_before_the_banner_and_the_output_directory(tmp_path, capsys, monkeypatch):
+    block_import(monkeypatch, "cupy")
+    captured = assert_refused(capsys, ["train", "--backend", "cupy", "--out", str(tmp_path / "r")],
+                              "needs CuPy", 'pip install "longnet-ref[gpu]"', 'pip install ".[gpu]"', status=3)
+    assert captured.out == "" and not (tmp_path / "r").exists()
+
+
+def test_train_n_too_short_names_the_options_not_internal_fields(capsys, tmp_path):
+    captured = assert_refused(capsys, ["train", "--n", "3", "--out", str(tmp_path / "r")],
+                              "--n 3 is too short", "--passkey-span 4", "--n >= 6")
+    assert "reach_fraction" not in captured.err
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "--eval-every", "-1"], ["train", "--checkpoint-every", "-1"], ["train", "--blas-threads", "0"],
+    ["train", "--steps", "0"], ["train", "--batch", "-2"], ["train", "--lr", "0"], ["train", "--lr", "nan"],
+    ["train", "--lr", "inf"], ["train", "--clip", "-1"], ["train", "--weight-decay", "inf"], ["train", "--warmup", "-1"],
+    ["train", "--n", "2.5"], ["train", "--seed", "-1"], ["train", "--window", "0"], ["train", "--heads", "x"],
+    ["train", "--segment-lengths", "64,,128"], ["train", "--attention", "sparse"], ["train", "--backend", "fast"],
+    ["generate", "--checkpoint", "c", "--prompt", "a", "--temperature", "inf"],
+    ["generate", "--checkpoint", "c", "--prompt", "a", "--temperature", "nan"],
+    ["generate", "--checkpoint", "c", "--prompt", "a", "--temperature", "-1"],
+    ["generate", "--checkpoint", "c", "--prompt", "a", "--max-new-tokens", "-1"],
+    ["generate", "--checkpoint", "c", "--prompt", "a", "--top-k", "0"],
+    ["generate", "--checkpoint", "c", "--prompt", "a", "--seed", "-3"],
+    ["generate", "--prompt", "a"], ["generate", "--checkpoint", "c"],
+    ["demo", "--n", "-5"], ["demo", "--dim", "0"], ["demo", "--batch", "1e9"], ["demo", "--seed", "nan"],
+    ["bench", "--max-n", "0"], ["nonsense"], [],
+])
+def test_a_malformed_option_is_one_line_naming_it(capsys, args):
+    captured = assert_refused(capsys, args, "error:", "(see longnet-ref")
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize("checkpoint, message", [
+    ("README.md", "is not a longnet-ref checkpoint: not a .npz archive"),
+    ("docs", "is a directory, not a file"),
+    ("nothing.npz", "does not exist"),
+])
+def test_generate_names_a_bad_checkpoint_without_inventing_a_file_name(capsys, monkeypatch, checkpoint, message):
+    monkeypatch.chdir(ROOT)
+    captured = assert_refused(capsys, ["generate", "--checkpoint", checkpoint, "--prompt", "x"], checkpoint, message)
+    assert "README.npz" not in captured.err and captured.out == ""
+
+
+def test_a_damaged_checkpoint_is_one_line_from_generate_and_from_resume(tmp_path, capsys, passkey_run):
+    truncated = tmp_path / "checkpoint.npz"
+    truncated.write_bytes((passkey_run / "checkpoint.npz").read_bytes()[:2000])
+    for args in (["generate", "--checkpoint", str(truncated), "--prompt", "3"],
+                 ["train", "--resume", str(truncated), "--steps", "9", "--out", str(tmp_path / "r")]):
+        assert_refused(capsys, args, str(truncated), "truncated")
+
+
+def test_generate_checks_everything_before_printing_the_prompt(capsys, text_run):
+    checkpoint = str(text_run / "checkpoint.npz")
+    captured = assert_refused(capsys, ["generate", "--checkpoint", checkpoint, "--prompt", ""], "--prompt must not be empty")
+    assert captured.out == ""
+    captured = assert_refused(capsys, ["generate", "--checkpoint", checkpoint, "--prompt", "abc", "--max-new-tokens",
+                                       str(10**18)], "bytes", "lower --max-new-tokens")
+    assert captured.out == ""
+
+
+def test_generate_on_a_passkey_checkpoint_takes_a_passkey_and_prints_the_answer(capsys, passkey_run):
+    checkpoint = str(passkey_run / "checkpoint.npz")
+    assert main(["generate", "--checkpoint", checkpoint, "--prompt", "3", "--seed", "5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("passkey 3 hidden 4 times from position ") and "of a 16-token sequence" in lines[0]
+    assert lines[1].startswith("answer: ") and lines[1].endswith(("(correct)", "(wrong)"))
+    captured = assert_refused(capsys, ["generate", "--checkpoint", checkpoint, "--prompt", "Dilated attention"],
+                              "is a passkey-retrieval model", "an integer from 1 to 8", "--text FILE")
+    assert captured.out == ""
+    assert_refused(capsys, ["generate", "--checkpoint", checkpoint, "--prompt", "9"], "from 1 to 8, got '9'")
+    assert_refused(capsys, ["generate", "--checkpoint", checkpoint, "--prompt", "3", "--temperature", "0.5"],
+                   "--temperature applies to text checkpoints only")
+
+
+def test_a_run_is_not_overwritten_by_another_unless_asked(tmp_path, capsys, monkeypatch, passkey_run, text_run):
+    text = text_run.parent / "t.txt"
+    monkeypatch.setattr("longnet_ref.cli.train.fit", never_called)
+    before = (passkey_run / "checkpoint.npz").read_bytes()
+    assert_refused(capsys, ["train", *TINY, "--text", str(text), "--out", str(passkey_run)],
+                   f"--out {passkey_run} already holds a run", "--overwrite")
+    assert (passkey_run / "checkpoint.npz").read_bytes() == before
+    monkeypatch.undo()  # train for real from here on
+    monkeypatch.chdir(tmp_path)  # the default directories differ per task
+    assert main(["train", *TINY, "--steps", "1", "--text", str(text), "--eval-every", "0"]) == 0
+    assert main(["train", *TINY, "--steps", "1", "--eval-every", "0"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-passkey", "train-text"]
+    assert main(["train", *TINY, "--steps", "1", "--eval-every", "0", "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("option, value, saved", [
+    ("--d-model", "32", "16"), ("--lr", "0.1", "0.003"), ("--layers", "2", "1"), ("--heads", "2", "4"),
+    ("--attention", "dense", "dilated"), ("--segment-lengths", "4,16", "4,8"), ("--batch", "3", "2"),
+    ("--dtype", "float64", "float32"), ("--seed", "1", "0"), ("--n", "32", "16"), ("--passkey-span", "2", "4"),
+])
+def test_resume_refuses_options_that_contradict_its_checkpoint(tmp_path, capsys, monkeypatch, passkey_run, option, value, saved):
+    monkeypatch.setattr("longnet_ref.cli.train.fit", never_called)
+    assert_refused(capsys, ["train", "--resume", str(passkey_run / "checkpoint.npz"), "--steps", "8", option, value,
+                            "--out", str(tmp_path / "r")], f"{option} {value} conflicts with the checkpoint's {saved}")
+
+
+def test_resume_with_nothing_left_to_do_is_an_error_not_an_empty_log(tmp_path, capsys, monkeypatch, passkey_run):
+    monkeypatch.setattr("longnet_ref.cli.train.fit", never_called)
+    log = (passkey_run / "log.json").read_bytes()
+    for steps in (["--steps", "3"], ["--steps", "4"], []):
+        assert_refused(capsys, ["train", "--resume", str(passkey_run / "checkpoint.npz"), *steps],
+                       "the checkpoint is at step 4 of 4", "nothing to do", "N > 4")
+    assert (passkey_run / "log.json").read_bytes() == log
+
+
+def test_train_runs_without_tqdm_and_matplotlib(tmp_path, capsys, monkeypatch):
+    block_import(monkeypatch, "tqdm", "matplotlib", "matplotlib.pyplot")
+    assert main(["train", *TINY, "--steps", "4", "--out", str(tmp_path / "q")]) == 0  # --quiet: a base install
+    assert not (tmp_path / "q" / "loss.png").exists() and (tmp_path / "q" / "checkpoint.npz").exists()
+    assert "no loss.png: drawing it needs matplotlib" in capsys.readouterr().out
+    loud = [a for a in TINY if a != "--quiet"]
+    assert main(["train", *loud, "--steps", "4", "--out", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    # plain progress lines: every step of 4 (steps // 20 rounds up to 1), evaluations at 2 and 4
+    steps = [line.split()[1] for line in out.splitlines() if line.startswith("step ")]
+    assert steps == ["1/4", "2/4", "3/4", "4/4"]
+    assert "held-out loss" in [line for line in out.splitlines() if line.startswith("step 2/4")][0]
+
+
+def test_an_unexpected_exception_is_one_line_asking_for_a_report(capsys, monkeypatch):
+    def bug(args):
+        raise RuntimeError("an internal\ninvariant broke")
+
+    monkeypatch.setattr("longnet_ref.cli.demo.run", bug)
+    assert_refused(capsys, ["demo"], "unexpected RuntimeError: an internal invariant broke", "please report it",
+                   status=70)
+
+
+def test_help_has_a_description_per_command_and_each_default_once(capsys):
+    for command in ("demo", "bench", "pattern", "train", "generate"):
+        text = help_text(capsys, command)
+        description = text.split("\n\n")[1]
+        assert len(description.split()) > 5, f"{command} has no description"
+        options = [line.split()[0] for line in text.splitlines() if line.startswith("  --")]
+        for option in options:
+            block = text[text.index("  " + option):].split("\n  -")[0]
+            assert block.count("default") <= 1, f"{command} {option}: {block}"
+            assert "(default: None)" not in block, f"{command} {option}: {block}"
+    generate_help = help_text(capsys, "generate")
+    for required in ("--checkpoint", "--prompt"):
+        block = generate_help[generate_help.index("  " + required):].split("\n  -")[0]
+        assert "default" not in block
+    train_help = help_text(capsys, "train")
+    assert "--attention {dilated,dense,window}" in train_help
+    assert "--backend {" + ",".join(backends.BACKENDS) + "}" in train_help

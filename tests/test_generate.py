@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from longnet_ref import model as lm
+from longnet_ref.checkpoint import load_checkpoint
 from longnet_ref.cli import main
 from longnet_ref.generate import Decoder, generate, new_caches
 
@@ -110,18 +111,34 @@ def test_bad_generation_input_is_rejected():
         new_caches(lm.LongNetConfig(causal=False), 1)
 
 
-def test_generate_command_streams_a_continuation_of_a_trained_text_checkpoint(tmp_path, capsys):
+@pytest.mark.parametrize("new_tokens", [0, 1, 5])
+def test_generate_returns_the_prompt_and_exactly_max_new_tokens_more(new_tokens):
+    config = config_for("dilated")
+    params = perturbed_params(config)
+    tokens = generate(config, params, [3, 1, 4], new_tokens, temperature=0.7, seed=1)
+    assert tokens.shape == (3 + new_tokens,) and tokens[:3].tolist() == [3, 1, 4]
+
+
+def test_generate_command_streams_exactly_max_new_tokens_bytes_after_the_prompt(tmp_path, capfdbinary):
     text = tmp_path / "t.txt"
     text.write_text("abcabcabcabc " * 30)
     small = ["--n", "16", "--steps", "3", "--batch", "2", "--d-model", "16", "--heads", "4", "--layers", "1",
              "--segment-lengths", "4,8", "--dilation-rates", "1,2", "--quiet", "--dtype", "float64", "--backend", "numpy"]
     assert main(["train", *small, "--text", str(text), "--out", str(tmp_path / "run")]) == 0
-    capsys.readouterr()
-    code = main(["generate", "--checkpoint", str(tmp_path / "run" / "checkpoint.npz"), "--prompt", "abc",
-                 "--max-new-tokens", "5", "--temperature", "0"])
-    assert code == 0
-    printed = capsys.readouterr().out
-    assert printed.startswith("abc") and len(printed) >= 3 + 1  # the prompt, then the streamed bytes
+    capfdbinary.readouterr()
+    checkpoint = tmp_path / "run" / "checkpoint.npz"
+    state, _ = load_checkpoint(checkpoint)
+    for new_tokens in (0, 7):
+        code = main(["generate", "--checkpoint", str(checkpoint), "--prompt", "abc", "--max-new-tokens", str(new_tokens),
+                     "--temperature", "0"])
+        assert code == 0
+        printed = capfdbinary.readouterr().out
+        assert printed.startswith(b"abc") and printed.endswith(b"\n")
+        continuation = printed[3:-1]
+        assert len(continuation) == new_tokens  # exactly --max-new-tokens bytes, streamed
+        # greedy: the bytes the library's generate chooses for the same prompt
+        expected = generate(state.config, state.params, list(b"abc"), new_tokens, temperature=0)[3:]
+        assert list(continuation) == expected.tolist()
 
 
 def test_generate_command_on_a_missing_checkpoint_is_one_line(tmp_path, capsys):

@@ -3,6 +3,10 @@
 import itertools
 import json
 import math
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +14,8 @@ import pytest
 from longnet_ref import model as lm
 from longnet_ref.cli import main
 from longnet_ref.data import QUERY, PasskeyTask, TextTask, read_text
+from longnet_ref.checkpoint import load_checkpoint, save_checkpoint
+from tests.tolerances import INITIAL_LOSS_NATS
 from longnet_ref.train import (
     AdamW,
     TrainConfig,
@@ -17,8 +23,6 @@ from longnet_ref.train import (
     clip_by_global_norm,
     decays,
     learning_rate,
-    load_checkpoint,
-    save_checkpoint,
     train_step,
 )
 
@@ -112,6 +116,167 @@ def test_loading_a_missing_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(tmp_path / "nothing.npz")
 
 
+def assert_same_state(a, b):
+    assert a.step == b.step and a.optimizer.t == b.optimizer.t and a.config == b.config and a.train == b.train
+    for name in a.params:
+        np.testing.assert_array_equal(a.params[name], b.params[name], err_msg=name)
+        np.testing.assert_array_equal(a.optimizer.m[name], b.optimizer.m[name], err_msg=name)
+        np.testing.assert_array_equal(a.optimizer.v[name], b.optimizer.v[name], err_msg=name)
+    assert a.rng.bit_generator.state == b.rng.bit_generator.state
+
+
+def test_a_checkpoint_is_one_file_read_without_pickle(tmp_path):
+    state, task = small_state()
+    train_step(state, task)
+    path = save_checkpoint(state, tmp_path / "ckpt.npz", {"task": "passkey"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.npz"]  # no .json beside it, no temporary left
+    with np.load(path, allow_pickle=False) as archive:  # every entry loads without pickle
+        meta = json.loads(archive["__meta__"].tobytes())
+        assert all(archive[name].dtype != object for name in archive.files)
+    assert meta["step"] == 1 and meta["extra"] == {"task": "passkey"} and meta["model"]["d_model"] == 16
+    loaded, extra = load_checkpoint(path)
+    assert extra == {"task": "passkey"}
+    assert_same_state(loaded, state)
+
+
+def failing_write(monkeypatch, after_bytes, then):
+    """Make numpy's array writer write ``after_bytes`` bytes of the first array, then call ``then``."""
+    import numpy.lib.format as npformat
+
+    def write_array(fp, array, *args, **kwargs):
+        fp.write(array.tobytes()[:after_bytes])
+        then()
+
+    monkeypatch.setattr(npformat, "write_array", write_array)
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    state, task = small_state()
+    path = save_checkpoint(state, tmp_path / "ckpt.npz")
+    before, _ = load_checkpoint(path)
+    train_step(state, task)
+
+    def disk_full():
+        raise OSError(28, "No space left on device")
+
+    failing_write(monkeypatch, 100, disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(state, path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.npz"]  # the partial file is removed
+    after, _ = load_checkpoint(path)
+    assert after.step == 0
+    assert_same_state(after, before)
+
+
+def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    """A real kill (SIGKILL: no exception handler, no cleanup runs) in the middle of writing the arrays."""
+    script = f"""
+import os, signal
+import numpy.lib.format as npformat
+from tests.test_train import small_state
+from longnet_ref.checkpoint import save_checkpoint
+from longnet_ref.train import train_step
+state, task = small_state()
+save_checkpoint(state, {str(tmp_path / "ckpt.npz")!r})
+train_step(state, task)
+def write_array(fp, array, *args, **kwargs):
+    fp.write(array.tobytes()[:100])
+    fp.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+npformat.write_array = write_array
+save_checkpoint(state, {str(tmp_path / "ckpt.npz")!r})
+"""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert any(p.name.endswith(".partial") for p in tmp_path.iterdir())  # the kill did interrupt a write
+    state, _ = load_checkpoint(tmp_path / "ckpt.npz")
+    assert state.step == 0
+    assert_same_state(state, small_state()[0])
+
+
+def rewrite_meta(path, edit):
+    """Rewrite a checkpoint with its metadata bytes changed by ``edit(bytes) -> bytes``."""
+    with np.load(path, allow_pickle=False) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    arrays["__meta__"] = np.frombuffer(edit(arrays["__meta__"].tobytes()), np.uint8)
+    np.savez(path, **arrays)
+
+
+def drop(key):
+    return lambda raw: json.dumps({k: v for k, v in json.loads(raw).items() if k != key}).encode()
+
+
+def change(key, value):
+    return lambda raw: json.dumps(json.loads(raw) | {key: value}).encode()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (drop("rng"), "no 'rng'"),
+    (drop("model"), "no 'model'"),
+    (drop("train"), "no 'train'"),
+    (drop("step"), "no 'step'"),
+    (drop("adam_t"), "no 'adam_t'"),
+    (drop("format"), "format"),
+    (change("version", 99), "version 99"),
+    (change("step", -1), "'step' must be a non-negative integer"),
+    (change("step", "3"), "'step' must be a non-negative integer"),
+    (change("rng", {"bit_generator": "MT19937"}), "'rng' is not a state"),
+    (change("rng", [1, 2]), "'rng' must be a JSON object"),
+    (change("train", {"steps": 3}), "'train' lacks"),
+    (lambda raw: raw.replace(b'"d_model": 16', b'"d_model": 17'), "'model'"),
+    (lambda raw: raw[:-5], "not valid JSON"),
+    (lambda raw: b"\xff\xfe" + raw, "not valid JSON"),
+    (lambda raw: b"[1, 2]", "not a JSON object"),
+])
+def test_every_field_of_a_checkpoint_is_checked_on_load(tmp_path, edit, message):
+    state, _ = small_state()
+    path = save_checkpoint(state, tmp_path / "ckpt.npz")
+    rewrite_meta(path, edit)
+    with pytest.raises(ValueError) as error:
+        load_checkpoint(path)
+    text = str(error.value)
+    assert message in text and str(path) in text and "\n" not in text
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "not a .npz archive (or a truncated one)"),
+    ("foreign", "no '__meta__' entry"),
+    ("text", "not a .npz archive"),
+    ("missing array", "lacks the arrays adam_m/h.0.attn.k_proj.bias"),
+    ("wrong shape", "got (3,)"),
+    ("wrong dtype", "float64"),
+    ("directory", "is a directory"),
+])
+def test_a_damaged_or_foreign_checkpoint_is_one_line_naming_the_file(tmp_path, damage, message):
+    state, _ = small_state()
+    path = save_checkpoint(state, tmp_path / "ckpt.npz")
+    with np.load(path, allow_pickle=False) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "foreign":
+        np.savez(path, weights=np.ones(3))
+    elif damage == "text":
+        path = tmp_path / "README.md"
+        path.write_text("# not a checkpoint\n")
+    elif damage == "directory":
+        path = tmp_path
+    else:
+        name = "adam_m/h.0.attn.k_proj.bias"
+        if damage == "missing array":
+            del arrays[name]
+        else:
+            arrays[name] = np.ones(3, np.float32) if damage == "wrong shape" else arrays[name].astype(np.float64)
+        np.savez(path, **arrays)
+    with pytest.raises(ValueError) as error:
+        load_checkpoint(path)
+    text = str(error.value)
+    assert message in text and str(path) in text and "\n" not in text
+    assert "README.npz" not in text
+
+
 # ---- data ------------------------------------------------------------------------------------------
 
 
@@ -173,11 +338,19 @@ def test_train_command_writes_a_log_a_plot_and_a_checkpoint_that_resumes(tmp_pat
     out = tmp_path / "run"
     assert main(["train", *SMALL, "--out", str(out)]) == 0
     log = json.loads((out / "log.json").read_text())
-    assert [r["step"] for r in log["records"]] == [1, 2, 3, 4]
-    assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in log["records"])
-    assert "eval_accuracy" in log["records"][1]
+    records = log["records"]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    # the passkey task of N = 16: vocabulary 1 query + 8 keys + 16 fillers; a fresh model is near uniform
+    assert abs(records[0]["loss"] - math.log(25)) < INITIAL_LOSS_NATS
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 and r["tokens_per_s"] > 0 for r in records)
+    # warm-up min(30, 4) = 4 steps: lr_t = 3e-3 t / 4
+    assert [r["lr"] for r in records] == pytest.approx([3e-3 * t / 4 for t in (1, 2, 3, 4)], rel=1e-12)
+    evaluated = [r["step"] for r in records if "eval_loss" in r]
+    assert evaluated == [2, 4]  # --eval-every 2
+    assert all(math.isfinite(r["eval_loss"]) and 0 <= r["eval_accuracy"] <= 1 for r in records if "eval_loss" in r)
     assert (out / "loss.png").stat().st_size > 1000
-    assert "loss" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"loss {records[0]['loss']:.3f} -> {records[-1]['loss']:.3f}" in printed
 
     state, _ = load_checkpoint(out / "checkpoint.npz")
     assert state.step == 4
@@ -200,14 +373,17 @@ def test_train_command_on_a_text_file(tmp_path):
     "extra, message",
     [
         (["--text", "/nonexistent/file.txt"], "does not exist"),
-        (["--attention", "sparse"], "attention must be one of"),
+        (["--attention", "sparse"], "--attention: invalid choice: 'sparse'"),
         (["--heads", "3"], "divisible by n_heads"),
         (["--n", "1"], "--n"),
         (["--resume", "/nonexistent/checkpoint.npz"], "does not exist"),
     ],
 )
 def test_train_command_rejects_bad_input_with_one_line_and_no_traceback(tmp_path, capsys, extra, message):
-    code = main(["train", *SMALL, "--out", str(tmp_path / "r"), *extra])
+    try:
+        code = main(["train", *SMALL, "--out", str(tmp_path / "r"), *extra])
+    except SystemExit as exit_:  # a malformed option, refused by the parser
+        code = exit_.code
     err = capsys.readouterr().err
     assert code == 2
     assert message in err and "Traceback" not in err

@@ -93,3 +93,9 @@ LAYER_F64 = dict(rtol=1e-10, atol=1e-11)
 # wide margin) and ~4e-6 in float32 (measured <= 1.1e-6, numpy and numba): 2e-5 leaves room for
 # the drawn configurations. Relative error = max |difference| / max |reference|, per tensor.
 PARALLEL_MODEL = {F64: 1e-10, F32: 2e-5}
+
+# The first loss of a freshly initialised language model (weights N(0, 0.02^2), C = 16) against
+# ln V: its logits differ by ~0.02 |h| ~ 0.1, so the softmax is near uniform and the
+# cross-entropy is ln V within a few hundredths of a nat (measured: 0.03). A NaN, a zero, or the
+# loss of a trained model misses by more than 0.5.
+INITIAL_LOSS_NATS = 0.1

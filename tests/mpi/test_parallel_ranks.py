@@ -161,7 +161,8 @@ def test_a_checkpoint_written_at_p_ranks_resumes_at_p_and_in_one_process():
     from pathlib import Path
 
     from longnet_ref.data import TextTask
-    from longnet_ref.train import TrainConfig, TrainState, load_checkpoint, save_checkpoint, train_step
+    from longnet_ref.checkpoint import load_checkpoint, save_checkpoint
+    from longnet_ref.train import TrainConfig, TrainState, train_step
 
     config = lm.LongNetConfig(vocab_size=256, d_model=8, n_layers=2, n_heads=2, segment_lengths=(4, 32), dilation_rates=(1, 2))
     task = TextTask(np.random.default_rng(5).integers(0, 256, 4096).astype(np.uint8), 8 * SIZE)
