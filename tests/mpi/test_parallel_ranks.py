@@ -93,11 +93,12 @@ def test_window_attention_matches_one_process(window):
     assert_equal_to_one_process(compare(config, *whole_problem(1, 8 * SIZE, 1)), "float64")
 
 
-@pytest.mark.parametrize("backend", ["numpy", "numba"])
-def test_float32_matches_one_process(backend):
+def test_float32_matches_one_process():
+    # numpy only: the numba kernels' float32 compile would cost every rank ~30 s in a fresh CI
+    # checkout; their float32 agreement with numpy is tests/test_numba_backend.py's
     config = lm.LongNetConfig(
         vocab_size=VOCAB, d_model=8, n_layers=2, n_heads=2, segment_lengths=(4, 32), dilation_rates=(1, 2),
-        backend=backend, dtype="float32",
+        backend="numpy", dtype="float32",
     )
     assert_equal_to_one_process(compare(config, *whole_problem(2, 8 * SIZE, 2)), "float32")
 
