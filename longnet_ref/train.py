@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from . import model as lm
+from .backends import backend_names, backend_spec, install_hint
 from .data import PasskeyTask, TextTask, accuracy
 from .validation import check_int, check_real
 
@@ -300,6 +303,10 @@ def add_arguments(p) -> None:
                    help="BLAS threads (default 1: the GEMMs of a small model are too small to share, and spinning "
                         "BLAS threads on a busy machine cost more than they give)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--parallel", action="store_true",
+                   help="train sequence-parallel over the MPI ranks (each holds N/P tokens of every sequence; rank 0 "
+                        "alone prints and writes): automatic under mpiexec/srun with more than one rank (detected from "
+                        "PMI_SIZE, OMPI_COMM_WORLD_SIZE or PMIX_SIZE); needs the mpi extra")
 
 
 def make_task(text, n, span=1):
@@ -308,8 +315,90 @@ def make_task(text, n, span=1):
     return PasskeyTask(n, span=span)
 
 
+LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
+"""Environment variables in which MPICH's Hydra (and Slurm's PMI), Open MPI and PMIx launchers
+give each process the number of ranks they started."""
+
+
+def launched_ranks() -> int:
+    """The number of ranks the MPI launcher started, from its environment (1 without a launcher)."""
+    for name in LAUNCHER_SIZE_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def _communicator(args):
+    """``MPI.COMM_WORLD`` to train sequence-parallel over, or ``None`` for one process."""
+    launched = launched_ranks()
+    if not getattr(args, "parallel", False) and launched == 1:
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError as error:
+        why = f"launched as one of {launched} MPI ranks" if launched > 1 else "--parallel"
+        raise ImportError(f"{why}: sequence-parallel training needs mpi4py and an MPI: {install_hint('mpi')}",
+                          name="mpi4py") from error
+    comm = MPI.COMM_WORLD
+    if launched > 1 and comm.Get_size() != launched:
+        raise ValueError(f"the launcher started {launched} ranks but MPI sees {comm.Get_size()}: mpi4py is built against "
+                         "another MPI than the mpiexec that ran this (use the mpiexec of the same installation)")
+    return comm
+
+
 def run(args) -> int:
-    """``longnet-ref train``: build (or resume) the state, fit, write the log, the plot and a checkpoint."""
+    """``longnet-ref train``: build (or resume) the state, fit, write the log, the plot and a checkpoint.
+
+    Sequence-parallel (under an MPI launcher, or ``--parallel``): every rank runs the checks and
+    the ranks agree on the verdict before any training; rank 0 alone prints and writes; a failure
+    after the start aborts every rank.
+    """
+    comm = _communicator(args)
+    if comm is None:
+        return _train(args, *_prepare(args, ranks=1), comm=None)
+    rank = comm.Get_rank()
+    try:
+        prepared, failure = _prepare(args, ranks=comm.Get_size()), None
+    except (ValueError, TypeError, ImportError, OSError) as error:
+        prepared, failure = None, error
+    failures = comm.allgather(None if failure is None else (rank, isinstance(failure, ImportError), " ".join(str(failure).split())))
+    first = next((f for f in failures if f is not None), None)
+    if first is not None:  # every rank stops; rank 0 says why, in one line
+        failed_rank, missing_extra, message = first
+        if rank != 0:
+            raise SystemExit(3 if missing_extra else 2)  # the statuses cli.main gives these errors
+        if failed_rank == 0:
+            raise failure
+        raise (ImportError if missing_extra else ValueError)(f"rank {failed_rank}: {message}")
+    if rank != 0:  # silent: rank 0 prints and writes for everyone
+        args.quiet = True
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of this process)
+    try:
+        return _train(args, *prepared, comm=comm)
+    except BaseException as error:  # a rank failing alone would leave the others waiting in a collective
+        sys.stderr.write(f"longnet-ref train: error: rank {rank}: {' '.join(str(error).split()) or type(error).__name__}; "
+                         "stopping every rank\n")
+        sys.stderr.flush()
+        comm.Abort(1)
+        raise
+
+
+def _check_parallel(config: lm.LongNetConfig, n: int, ranks: int) -> None:
+    """What sequence-parallel training needs, named by option."""
+    if n % ranks:
+        raise ValueError(f"--n {n} is not divisible by the {ranks} MPI ranks (each rank holds N/P tokens of every "
+                         f"sequence): use a multiple of {ranks}")
+    if config.attention == "dense":
+        raise ValueError("--attention dense is not sequence-parallel (every rank would need all N keys): "
+                         "use dilated or window")
+    if not backend_spec(config.backend).distributed:
+        raise ValueError(f"--backend {config.backend} cannot train sequence-parallel: use one of "
+                         f"{', '.join(backend_names(distributed=True))}")
+
+
+def _prepare(args, ranks: int):
+    """Every check before training; returns ``(task, state, extra)``."""
     if args.n < 2:
         raise ValueError(f"--n must be at least 2, got {args.n}")
     task = make_task(args.text, args.n, args.passkey_span)
@@ -334,36 +423,47 @@ def run(args) -> int:
             weight_decay=args.weight_decay, clip=args.clip, seed=args.seed,
         )
         state = TrainState.fresh(config, train)
+    if ranks > 1 or getattr(args, "parallel", False):
+        _check_parallel(state.config, task.n, ranks)
+    return task, state, extra
+
+
+def _train(args, task, state, extra, *, comm) -> int:
     from threadpoolctl import threadpool_limits
 
     limits = threadpool_limits(args.blas_threads, user_api="blas")
     try:
-        return _fit_and_report(args, task, state, extra)
+        return _fit_and_report(args, task, state, extra, comm)
     finally:
         limits.restore_original_limits()
 
 
-def _fit_and_report(args, task, state, extra) -> int:
+def _fit_and_report(args, task, state, extra, comm=None) -> int:
+    lead = comm is None or comm.Get_rank() == 0  # the one process that writes
     if state.config.backend == "numba":
         from .backends.numba_cpu import warm_up
 
         print(f"numba kernels ready in {warm_up(np.dtype(state.config.dtype)):.1f} s")
     eval_batch = task.batch(64 if args.text is None else 8, np.random.default_rng(10_000 + args.seed))  # held out
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
     c = state.config
     title = (f"{'text' if args.text else 'passkey' + (f' span={args.passkey_span}' if args.passkey_span > 1 else '')} N={task.n}: {c.attention} "
              f"{'w=' + str(list(c.segment_lengths)) + ' r=' + str(list(c.dilation_rates)) if c.attention != 'dense' else ''}"
-             f" L={c.n_layers} C={c.d_model} H={c.n_heads}")
+             f" L={c.n_layers} C={c.d_model} H={c.n_heads}" + (f" (sequence-parallel, P={comm.Get_size()})" if comm else ""))
     print(f"longnet-ref train: {title}; {state.train.steps} steps of {state.train.batch_size} x {task.n} tokens; "
           f"chance loss {task.chance_loss:.3f}")
     def save_now(record):
-        if args.checkpoint_every and record["step"] % args.checkpoint_every == 0:
+        if lead and args.checkpoint_every and record["step"] % args.checkpoint_every == 0:
             save_checkpoint(state, out / "checkpoint.npz", extra)
 
     start = time.perf_counter()
-    records = fit(state, task, eval_every=args.eval_every, eval_batch=eval_batch, progress=not args.quiet, on_record=save_now)
+    records = fit(state, task, eval_every=args.eval_every, eval_batch=eval_batch, progress=not args.quiet, on_record=save_now,
+                  comm=comm)
     seconds = time.perf_counter() - start
+    if not lead:
+        return 0
     checkpoint = save_checkpoint(state, out / "checkpoint.npz", extra)
     log = {"title": title, "model": c.to_dict(), "train": dataclasses.asdict(state.train), **extra,
            "chance_loss": task.chance_loss, "seconds": seconds, "records": records}
