@@ -23,7 +23,7 @@ from .multiplicity import multiplicity
 
 FIGURES = (
     "overview.png", "selected_rows.png", "pattern.png", "pattern_causal.png", "multiplicity.png", "flops.png",
-    "path_length.png", "distributed.png", "decode_cache.png",
+    "path_length.png", "distributed.png", "decode_cache.png", "train_parallel.png",
 )
 
 # Figures of experiments (training runs, benchmarks): too slow for ``longnet-ref pattern``, so each
@@ -33,6 +33,7 @@ EXPERIMENT_FIGURES = {
     "model_passkey.png": "python benchmarks/model_figures.py passkey --plot-only --runs benchmarks/results/model-runs",
     "model_text_loss.png": "python benchmarks/model_figures.py text --plot-only --runs benchmarks/results/model-runs",
     "model_step_time.png": "python benchmarks/train_bench.py --numba-threads 1 --plot docs/figures/model_step_time.png",
+    "train_scaling.png": "python benchmarks/train_scaling.py --json benchmarks/results/train_scaling.json --plot-only --plot docs/figures/train_scaling.png",
 }
 
 # The paper's Figures 2-3 in miniature: N = 32, three geometric branches, four heads.
@@ -315,6 +316,67 @@ def distributed_branch(path: str | Path) -> None:
     plt.close(fig)
 
 
+def sequence_parallel_step(path: str | Path) -> None:
+    """One training step of the LM over ``P = 4`` ranks (``docs/parallel.md``; ``longnet_ref.parallel``).
+
+    ``N = 32`` tokens, ``L = 8`` per rank, branches ``(w, r) = (8, 1), (16, 2)``. Every layer but
+    attention works on the rank's own rows; the attention's ``(8, 1)`` branch is local (``8 | L``)
+    and its ``(16, 2)`` branch shares each segment between the two ranks that hold it (the pairs
+    are computed with [`segment_rows`][longnet_ref.index_sets.segment_rows]). At the end, one
+    all-reduce sums the ranks' gradient buffers.
+
+    Args:
+        path: the PNG file to write.
+    """
+    from matplotlib.patches import FancyArrowPatch, Rectangle
+
+    plt = _pyplot()
+    n, ranks, shared = 32, 4, (16, 2)
+    length = n // ranks
+    pairs = set()
+    for offset in range(shared[1]):
+        for segment in range(n // shared[0]):
+            positions, valid = segment_rows(n, *shared, offset)
+            owners = {int(x) // length for x in positions[segment][valid[segment]]}
+            if len(owners) > 1:
+                pairs.add((min(owners), max(owners)))
+    layers = [  # (label, colour, local?)
+        ("token embedding E[t]  (rows of this chunk)", "#c6dbef", True),
+        ("LayerNorm, q/k/v projections, RoPE at global positions pL + 0..L-1", "#c7e9c0", True),
+        ("dilated attention: local branch (8, 1) | shared branch (16, 2)", "#fdd0a2", False),
+        ("out projection, LayerNorm, MLP (row by row)", "#c7e9c0", True),
+        ("tied head, cross-entropy / M (M = targets of all ranks)", "#c6dbef", True),
+        ("backward, in reverse: attention gathers again, reduce-scatters dK, dV", "#fdd0a2", False),
+    ]
+    fig, ax = plt.subplots(figsize=(11, 4.8))
+    top = len(layers)
+    for row, (label, colour, _local) in enumerate(layers):
+        y = top - row
+        for rank in range(ranks):
+            ax.add_patch(Rectangle((rank * length + 0.15, y), length - 0.3, 0.7, facecolor=colour, edgecolor="#777777", linewidth=0.6))
+        ax.text(n + 0.6, y + 0.35, label, va="center", fontsize=8)
+    for rank in range(ranks):
+        ax.text(rank * length + length / 2, top + 1.0, f"rank p = {rank}\npositions {rank * length}..{(rank + 1) * length - 1}",
+                ha="center", va="bottom", fontsize=8)
+    for row in (2, 5):  # the attention rows: arrows between the ranks that share a segment
+        y = top - row + 0.35
+        for a, b in sorted(pairs):
+            ax.add_patch(FancyArrowPatch(((a + 0.5) * length + 1.5, y), ((b + 0.5) * length - 1.5, y), arrowstyle="<|-|>",
+                                         mutation_scale=10, color="black", linewidth=1.0))
+    y = 0.0
+    ax.add_patch(Rectangle((0.15, y), n - 0.3, 0.7, facecolor="#dadaeb", edgecolor="#555555", linewidth=0.8))
+    ax.text(n / 2, y + 0.35, "one Allreduce(SUM) of one flat buffer: every gradient + the loss", ha="center", va="center", fontsize=8)
+    ax.text(n + 0.6, y + 0.35, "the parameter count, whatever N: identical grads on every rank", va="center", fontsize=8)
+    ax.set_xlim(-0.5, n + 21)
+    ax.set_ylim(-0.4, top + 2.1)
+    ax.axis("off")
+    ax.set_title(f"N = {n} tokens over P = {ranks} ranks of L = {length}: arrows = the only exchanges of activations "
+                 f"(segments of w = {shared[0]} span 2 ranks)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def generate(output_dir: str | Path) -> list[Path]:
     """Draw every figure of ``FIGURES`` into ``output_dir`` (created if missing).
 
@@ -328,7 +390,7 @@ def generate(output_dir: str | Path) -> list[Path]:
     output_dir.mkdir(parents=True, exist_ok=True)
     makers = dict(zip(FIGURES, (
         overview, selected_rows, pattern, lambda p: pattern(p, causal=True), multiplicity_map, flops_vs_n,
-        path_length_vs_n, distributed_branch, decode_cache,
+        path_length_vs_n, distributed_branch, decode_cache, sequence_parallel_step,
     )))
     for name, make in makers.items():
         make(output_dir / name)

@@ -173,13 +173,15 @@ def attention_options(config: LongNetConfig) -> dict:
 # forward and backward
 
 
-def forward(config: LongNetConfig, params: dict, tokens, *, positions=None, kv_caches=None) -> tuple[np.ndarray, dict]:
+def forward(config: LongNetConfig, params: dict, tokens, *, positions=None, kv_caches=None, attention_core=None) -> tuple[np.ndarray, dict]:
     """``logits = LN_f(x^L) E^T`` for ``tokens (B, N)``; returns ``(logits (B, N, V), cache)``.
 
     ``positions (N,)`` of the tokens feed RoPE (default ``0 .. N-1``). For decoding,
     ``kv_caches`` holds one KV cache per layer (``generate.new_caches``): each layer's attention
     then reads and extends its cache (the tokens are a prompt, or one new token), and
     ``positions`` default to the rows that follow the cached ones.
+    ``attention_core`` replaces the single-process attention (``nn.attention_forward``'s ``core``):
+    ``longnet_ref.parallel`` passes it, with ``tokens`` one rank's chunk and ``positions`` its global ones.
     """
     if not isinstance(config, LongNetConfig):
         raise InputTypeError(f"config must be a LongNetConfig, got {type(config).__name__}")
@@ -195,11 +197,11 @@ def forward(config: LongNetConfig, params: dict, tokens, *, positions=None, kv_c
     for layer, kv_cache in enumerate(kv_caches):
         p = nn.subtree(params, f"h.{layer}")
         h, c_ln1 = nn.layernorm_forward(nn.subtree(p, "ln_1"), x)
-        a, c_attn = nn.attention_forward(nn.subtree(p, "attn"), h, positions=positions, kv_cache=kv_cache, **attn)
-        x = x + a  # x' = x + Attn(LN_1(x))
+        a, c_attn = nn.attention_forward(nn.subtree(p, "attn"), h, positions=positions, kv_cache=kv_cache, core=attention_core, **attn)
+        x += a  # x' = x + Attn(LN_1(x)), in place: x is no layer's cache (the LayerNorms keep xhat)
         h, c_ln2 = nn.layernorm_forward(nn.subtree(p, "ln_2"), x)
         m, c_mlp = nn.mlp_forward(nn.subtree(p, "mlp"), h)
-        x = x + m  # x = x' + MLP(LN_2(x'))
+        x += m  # x = x' + MLP(LN_2(x'))
         cache["blocks"].append((c_ln1, c_attn, c_ln2, c_mlp))
     h, cache["ln_f"] = nn.layernorm_forward(nn.subtree(params, "ln_f"), x)  # (B, N, C)
     logits = h @ params["wte.weight"].T  # (B, N, V) tied head: logits = h E^T
@@ -227,12 +229,12 @@ def backward(config: LongNetConfig, params: dict, cache: dict, dlogits) -> dict[
         grads |= nn.prefixed(g, f"{prefix}.mlp")
         dh, g = nn.layernorm_backward(nn.subtree(p, "ln_2"), c_ln2, dm)
         grads |= nn.prefixed(g, f"{prefix}.ln_2")
-        dx = dx + dh  # the residual carries dx past the MLP
+        dx += dh  # the residual carries dx past the MLP (dx is this function's own array)
         da, g = nn.attention_backward(nn.subtree(p, "attn"), c_attn, dx)
         grads |= nn.prefixed(g, f"{prefix}.attn")
         dh, g = nn.layernorm_backward(nn.subtree(p, "ln_1"), c_ln1, da)
         grads |= nn.prefixed(g, f"{prefix}.ln_1")
-        dx = dx + dh  # ... and past the attention
+        dx += dh  # ... and past the attention
     _, g = nn.embedding_backward(nn.subtree(params, "wte"), cache["wte"], dx)
     grads["wte.weight"] = g["weight"] + d_wte_head  # tied: the table is used twice
     return {name: grads[name] for name in params}  # the params' order

@@ -50,6 +50,17 @@ def prefixed(grads, prefix):
     return {f"{prefix}.{name}": value for name, value in grads.items()}
 
 
+ROW_BLOCK = 1024
+"""Rows per block of the row-wise layers (LayerNorm, MLP, cross-entropy): a block's temporaries
+(``ROW_BLOCK x 4E`` floats for the MLP) stay in the CPU caches whatever ``N``, so the cost per
+token of these layers does not grow with the sequence (issue 19, section 3)."""
+
+
+def _row_blocks(rows):
+    """``slice``s of at most ``ROW_BLOCK`` consecutive rows covering ``range(rows)``."""
+    return [slice(start, min(start + ROW_BLOCK, rows)) for start in range(0, rows, ROW_BLOCK)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Linear: y = x W^T + b
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +102,12 @@ def embedding_backward(params, cache, dy):
     tokens = cache  # (B, N)
     weight = params["weight"]  # (V, E)
     dweight = np.zeros_like(weight)
-    np.add.at(dweight, tokens.ravel(), dy.reshape(-1, weight.shape[1]))  # a token repeated adds up
+    ids = tokens.ravel()  # (M,)
+    order = np.argsort(ids, kind="stable")  # equal tokens next to each other
+    sorted_ids = ids[order]
+    starts = np.flatnonzero(np.concatenate([[True], sorted_ids[1:] != sorted_ids[:-1]])) if ids.size else ids[:0]
+    # a token repeated adds up: one sum per run of equal ids (np.add.at would scatter row by row)
+    dweight[sorted_ids[starts]] = np.add.reduceat(dy.reshape(-1, weight.shape[1])[order], starts, axis=0) if ids.size else 0
     return None, {"weight": dweight}
 
 
@@ -106,13 +122,21 @@ def layernorm_forward(params, x, eps=LAYERNORM_EPS):
     """``xhat = (x - mean(x)) / sqrt(var(x) + eps)``, ``y = g * xhat + b`` over the last axis.
 
     ``params = {"weight": g (E,), "bias": b (E,)}``, ``x (..., E) -> y (..., E)``; ``var`` is the
-    biased variance (divides by ``E``), as in ``torch.nn.LayerNorm``.
+    biased variance (divides by ``E``), as in ``torch.nn.LayerNorm``. Computed over blocks of
+    ``ROW_BLOCK`` rows into preallocated outputs (the temporaries stay in cache).
     """
-    mu = x.mean(axis=-1, keepdims=True)  # (..., 1)
-    centred = x - mu  # (..., E)
-    rstd = 1.0 / np.sqrt((centred * centred).mean(axis=-1, keepdims=True) + eps)  # (..., 1)
-    xhat = centred * rstd  # (..., E)
-    return params["weight"] * xhat + params["bias"], (xhat, rstd)
+    width = x.shape[-1]
+    x2 = x.reshape(-1, width)  # (M, E)
+    dtype = np.result_type(x, params["weight"])
+    xhat, y = np.empty(x2.shape, dtype), np.empty(x2.shape, dtype)  # (M, E)
+    rstd = np.empty((x2.shape[0], 1), dtype)  # (M, 1)
+    for rows in _row_blocks(x2.shape[0]):
+        centred = x2[rows] - x2[rows].mean(axis=-1, keepdims=True)  # (rows, E)
+        rstd[rows] = 1.0 / np.sqrt((centred * centred).mean(axis=-1, keepdims=True) + eps)
+        np.multiply(centred, rstd[rows], out=xhat[rows])
+        np.multiply(xhat[rows], params["weight"], out=y[rows])
+        y[rows] += params["bias"]
+    return y.reshape(x.shape), (xhat.reshape(x.shape), rstd.reshape(x.shape[:-1] + (1,)))
 
 
 def layernorm_backward(params, cache, dy):
@@ -120,12 +144,22 @@ def layernorm_backward(params, cache, dy):
 
         dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))   (means over the last axis)
         dg = sum dy * xhat,   db = sum dy                                (sums over leading axes)
+
+    Over blocks of ``ROW_BLOCK`` rows; ``dg``, ``db`` accumulate the blocks' sums.
     """
     xhat, rstd = cache  # (..., E), (..., 1)
-    dxhat = dy * params["weight"]  # (..., E)
-    dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True) - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
     width = xhat.shape[-1]
-    return dx, {"weight": (dy * xhat).reshape(-1, width).sum(axis=0), "bias": dy.reshape(-1, width).sum(axis=0)}
+    xhat2, rstd2, dy2 = xhat.reshape(-1, width), rstd.reshape(-1, 1), dy.reshape(-1, width)  # (M, E), (M, 1), (M, E)
+    dtype = np.result_type(dy, xhat)
+    dx = np.empty(dy2.shape, dtype)
+    dweight, dbias = np.zeros(width, dtype), np.zeros(width, dtype)
+    for rows in _row_blocks(dy2.shape[0]):
+        dxhat = dy2[rows] * params["weight"]  # (rows, E)
+        dweight += (dy2[rows] * xhat2[rows]).sum(axis=0)
+        dbias += dy2[rows].sum(axis=0)
+        correction = dxhat.mean(axis=-1, keepdims=True) + xhat2[rows] * (dxhat * xhat2[rows]).mean(axis=-1, keepdims=True)
+        np.multiply(rstd2[rows], dxhat - correction, out=dx[rows])
+    return dx.reshape(dy.shape), {"weight": dweight, "bias": dbias}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +173,7 @@ GELU_CUBIC = 0.044715
 def gelu_forward(params, x):
     """``y = x/2 (1 + tanh(u))``, ``u = c (x + 0.044715 x^3)``: the tanh approximation of GELU
     (GPT-2, ``torch.nn.GELU(approximate="tanh")``), not the exact ``x Phi(x)``. ``params`` is unused."""
-    t = np.tanh(GELU_C * (x + GELU_CUBIC * x**3))
+    t = np.tanh(GELU_C * (x + GELU_CUBIC * (x * x * x)))  # x * x * x: two multiplies, not a pow call
     return 0.5 * x * (1.0 + t), (x, t)
 
 
@@ -157,20 +191,41 @@ def gelu_backward(params, cache, dy):
 
 def mlp_forward(params, x):
     """``y = fc2(gelu(fc1(x)))``; params ``fc1.weight (F, E)``, ``fc1.bias (F,)``,
-    ``fc2.weight (E, F)``, ``fc2.bias (E,)``; ``x (..., E) -> y (..., E)``."""
-    hidden, fc1_cache = linear_forward(subtree(params, "fc1"), x)  # (..., F)
-    activated, gelu_cache = gelu_forward(None, hidden)  # (..., F)
-    y, fc2_cache = linear_forward(subtree(params, "fc2"), activated)  # (..., E)
-    return y, (fc1_cache, gelu_cache, fc2_cache)
+    ``fc2.weight (E, F)``, ``fc2.bias (E,)``; ``x (..., E) -> y (..., E)``.
+
+    Over blocks of ``ROW_BLOCK`` rows: a block's ``gelu`` temporaries stay in cache. The cache
+    keeps ``x`` and ``fc1(x)``; the backward recomputes ``gelu`` block by block (one ``tanh``
+    per hidden unit) instead of storing two more ``(..., F)`` arrays.
+    """
+    fc1, fc2 = subtree(params, "fc1"), subtree(params, "fc2")
+    width = x.shape[-1]
+    x2 = x.reshape(-1, width)  # (M, E)
+    dtype = np.result_type(x, fc1["weight"])
+    hidden = np.empty((x2.shape[0], fc1["weight"].shape[0]), dtype)  # (M, F) fc1(x)
+    y = np.empty((x2.shape[0], fc2["weight"].shape[0]), dtype)  # (M, E)
+    for rows in _row_blocks(x2.shape[0]):
+        hidden[rows], _ = linear_forward(fc1, x2[rows])
+        activated, _ = gelu_forward(None, hidden[rows])  # (rows, F)
+        y[rows], _ = linear_forward(fc2, activated)
+    return y.reshape(x.shape[:-1] + (y.shape[1],)), (x2, hidden)
 
 
 def mlp_backward(params, cache, dy):
-    """The chain rule through the three layers, last first: fc2, GELU, fc1."""
-    fc1_cache, gelu_cache, fc2_cache = cache
-    dactivated, fc2_grads = linear_backward(subtree(params, "fc2"), fc2_cache, dy)  # (..., F)
-    dhidden, _ = gelu_backward(None, gelu_cache, dactivated)  # (..., F)
-    dx, fc1_grads = linear_backward(subtree(params, "fc1"), fc1_cache, dhidden)  # (..., E)
-    return dx, {**prefixed(fc1_grads, "fc1"), **prefixed(fc2_grads, "fc2")}
+    """The chain rule through the three layers, last first: fc2, GELU, fc1; block by block, the
+    weight gradients summed over the blocks."""
+    x2, hidden = cache  # (M, E), (M, F)
+    fc1, fc2 = subtree(params, "fc1"), subtree(params, "fc2")
+    dy2 = dy.reshape(-1, dy.shape[-1])  # (M, E)
+    dx = np.empty(x2.shape, np.result_type(dy, x2))
+    grads = {name: np.zeros_like(value) for name, value in params.items()}
+    for rows in _row_blocks(dy2.shape[0]):
+        activated, gelu_cache = gelu_forward(None, hidden[rows])  # recomputed: (rows, F)
+        dactivated, fc2_grads = linear_backward(fc2, activated, dy2[rows])  # (rows, F)
+        dhidden, _ = gelu_backward(None, gelu_cache, dactivated)
+        dx[rows], fc1_grads = linear_backward(fc1, x2[rows], dhidden)  # (rows, E)
+        for name, g in {**prefixed(fc1_grads, "fc1"), **prefixed(fc2_grads, "fc2")}.items():
+            grads[name] += g
+    return dx.reshape(dy.shape[:-1] + (x2.shape[1],)), grads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,11 +278,13 @@ def _rotate_pairs(x, cos, sin):
 # ---------------------------------------------------------------------------------------------
 
 
-def cross_entropy_forward(logits, targets, mask=None):
+def cross_entropy_forward(logits, targets, mask=None, count=None):
     """``loss = -(1/M) sum_{(b, n) in mask} log softmax(logits[b, n])[targets[b, n]]``, ``M = |mask|``.
 
     ``logits (B, N, V)``, integer ``targets (B, N)``, optional bool ``mask (B, N)`` (``None`` =
     every position). The log-softmax is the stable ``z - max z - log sum exp(z - max z)``.
+    ``count`` overrides ``M`` (default ``|mask|``): a rank of ``longnet_ref.parallel`` holds part
+    of the sequence and divides by the targets of *all* ranks, so the ranks' losses add up.
     """
     check_array(logits, "logits", 3)
     targets = check_tokens(targets, logits.shape[-1], "targets", ndim=None)
@@ -236,15 +293,24 @@ def cross_entropy_forward(logits, targets, mask=None):
     mask = np.ones(targets.shape, bool) if mask is None else np.asarray(mask)
     if mask.shape != targets.shape or mask.dtype != bool:
         raise ValueError(f"mask must be a bool array of shape (B, N) = {targets.shape}, got {mask.dtype} {mask.shape}")
-    count = int(mask.sum())
-    if count == 0:
-        raise ValueError("mask selects no target: the mean loss is undefined")
-    shifted = logits - logits.max(axis=-1, keepdims=True)  # (B, N, V), max 0: exp cannot overflow
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))  # (B, N, V)
-    picked = np.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]  # (B, N)
+    if count is None:
+        count = int(mask.sum())
+        if count == 0:
+            raise ValueError("mask selects no target: the mean loss is undefined")
+    elif check_int(count, "count", minimum=1) < mask.sum():
+        raise ValueError(f"count must be at least the mask's {int(mask.sum())} targets, got {count!r}")
+    flat_logits, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)  # (M, V), (M,)
+    probs = np.empty(flat_logits.shape, np.result_type(logits.dtype, np.float32))  # (M, V) softmax
+    picked = np.empty(flat_targets.shape, probs.dtype)  # (M,) log softmax at the target
+    for rows in _row_blocks(flat_targets.size):  # a block's temporaries stay in cache
+        shifted = flat_logits[rows] - flat_logits[rows].max(axis=-1, keepdims=True)  # max 0: exp cannot overflow
+        exp = np.exp(shifted, out=probs[rows])  # (rows, V)
+        total = exp.sum(axis=-1, keepdims=True)  # (rows, 1)
+        exp /= total
+        picked[rows] = np.take_along_axis(shifted, flat_targets[rows, None], axis=-1)[:, 0] - np.log(total[:, 0])
     weights = mask / count  # (B, N): 1/M on the unmasked targets, 0 elsewhere
-    loss = -(weights * picked).sum()
-    return loss, (np.exp(log_probs), targets, weights.astype(logits.dtype))
+    loss = -(weights * picked.reshape(targets.shape)).sum()
+    return loss, (probs.reshape(logits.shape), targets, weights.astype(probs.dtype))
 
 
 def cross_entropy_backward(cache, dloss=1.0):
@@ -336,6 +402,7 @@ def attention_forward(
     rope=False,
     positions=None,
     kv_cache=None,
+    core=None,
 ):
     """Multi-head self-attention of kind ``"dilated"``, ``"dense"`` or ``"window"``:
 
@@ -357,6 +424,11 @@ def attention_forward(
     (the cache's prefill: the parallel causal forward, then the cache keeps what later rows need)
     or one new row (its step). ``positions`` then default to ``t .. t + N - 1``. Decoding only:
     the returned cache does not support :func:`attention_backward`.
+
+    ``core``, if given, computes ``attention_kind`` in place of the single-process functions: an
+    object with ``forward(q, k, v, branches, options) -> (o, lse)`` and ``backward(do, q, k, v,
+    o, lse, branches, options) -> (dq, dk, dv)`` (``longnet_ref.parallel``'s sequence-parallel
+    attention, where ``x`` is one rank's chunk and ``positions`` its global positions).
     """
     batch, n, embed_dim, heads, head_dim = _check_attention_input(params, x, num_heads)
     branches = _attention_pattern(kind, segment_lengths, dilation_rates, window)
@@ -382,7 +454,9 @@ def attention_forward(
         rope_cache = (q_rope, k_rope)
 
     options = {"causal": causal, "offsets": offsets, "backend": backend}
-    if kv_cache is None:
+    if core is not None:  # sequence-parallel: longnet_ref.parallel
+        o, lse = core.forward(q, k, v, branches, options)  # (B, N, H, D), (B, N, H)
+    elif kv_cache is None:
         o, lse = _attention_core(q, k, v, branches, options)  # (B, N, H, D), (B, N, H)
     else:
         o, lse = _cached_attention(kv_cache, q, k, v, kind, branches, causal)  # rows t .. t + N - 1
@@ -395,6 +469,7 @@ def attention_forward(
         "branches": branches,
         "options": options,
         "rope": rope_cache,
+        "core": core,
     }
     return y, cache
 
@@ -412,7 +487,8 @@ def attention_backward(params, cache, dy):
     batch, n, heads, head_dim = q.shape
     do, out_grads = linear_backward(subtree(params, "out_proj"), out_cache, dy)  # (B, N, E)
     do = do.reshape(batch, n, heads, head_dim)  # (B, N, H, D)
-    dq, dk, dv = _attention_core_backward(do, q, k, v, cache["o"], cache["lse"], cache["branches"], cache["options"])
+    core_backward = _attention_core_backward if cache.get("core") is None else cache["core"].backward
+    dq, dk, dv = core_backward(do, q, k, v, cache["o"], cache["lse"], cache["branches"], cache["options"])
     if cache["rope"] is not None:
         q_rope, k_rope = cache["rope"]
         dq, dk = rope_backward(q_rope, dq), rope_backward(k_rope, dk)

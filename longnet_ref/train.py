@@ -129,10 +129,21 @@ class TrainState:
         return cls(config, train, params, AdamW.zeros_like(params), np.random.default_rng(train.seed))
 
 
-def train_step(state: TrainState, task) -> dict:
-    """Draw a batch, compute the loss and gradients, clip, update. Returns the step's record."""
+def train_step(state: TrainState, task, *, comm=None) -> dict:
+    """Draw a batch, compute the loss and gradients, clip, update. Returns the step's record.
+
+    With an MPI ``comm``, sequence-parallel: every rank draws the same batch from its copy of the
+    (replicated) state, keeps its chunk of every sequence and calls ``parallel.loss_and_grads``,
+    whose gradients are identical on every rank, so the updated states stay identical.
+    """
     batch = task.batch(state.train.batch_size, state.rng)
-    loss, grads = lm.loss_and_grads(state.config, state.params, batch.tokens, batch.targets, batch.mask)
+    if comm is None:
+        loss, grads = lm.loss_and_grads(state.config, state.params, batch.tokens, batch.targets, batch.mask)
+    else:
+        from . import parallel  # imports mpi4py: only when asked for
+
+        chunks = (parallel.chunk(x, comm) for x in (batch.tokens, batch.targets, batch.mask))
+        loss, grads = parallel.loss_and_grads(state.config, state.params, *chunks, comm=comm)
     grads, norm = clip_by_global_norm(grads, state.train.clip)
     lr = learning_rate(state.step + 1, state.train)
     state.optimizer.step(state.params, grads, lr, state.train)
@@ -144,12 +155,14 @@ def train_step(state: TrainState, task) -> dict:
 # the loop
 
 
-def evaluate(state: TrainState, batch) -> dict:
+def evaluate(state: TrainState, batch, *, comm=None) -> dict:
     """Held-out loss and accuracy of ``batch``, forwarded in slices of at most the training batch size.
 
     Slicing bounds the memory of an evaluation by that of a training step's forward (a held-out
     batch of 64 sequences of 16K tokens forwarded at once needs 4x a step of 16); the mean is
-    over every masked position of the whole batch, as if it were forwarded at once.
+    over every masked position of the whole batch, as if it were forwarded at once. With an MPI
+    ``comm`` each slice is forwarded sequence-parallel (``parallel.evaluate``): every rank holds
+    the whole batch and keeps its chunk.
     """
     size, total, loss_sum, hits = state.train.batch_size, 0, 0.0, 0.0
     for start in range(0, batch.tokens.shape[0], size):
@@ -157,29 +170,37 @@ def evaluate(state: TrainState, batch) -> dict:
         count = int(part.mask.sum())
         if count == 0:
             continue
-        logits, _ = lm.forward(state.config, state.params, part.tokens)
-        loss, _ = nn.cross_entropy_forward(logits, part.targets, part.mask)
+        if comm is None:
+            logits, _ = lm.forward(state.config, state.params, part.tokens)
+            loss, _ = nn.cross_entropy_forward(logits, part.targets, part.mask)
+            correct = accuracy(logits, part)
+        else:
+            from . import parallel  # imports mpi4py: only when asked for
+
+            chunks = (parallel.chunk(x, comm) for x in (part.tokens, part.targets, part.mask))
+            loss, correct = parallel.evaluate(state.config, state.params, *chunks, comm=comm)
         loss_sum += float(loss) * count
-        hits += accuracy(logits, part) * count
+        hits += correct * count
         total += count
     return {"eval_loss": loss_sum / total, "eval_accuracy": hits / total} if total else {}
 
 
-def fit(state: TrainState, task, *, eval_every=0, eval_batch=None, on_record=None) -> list[dict]:
+def fit(state: TrainState, task, *, eval_every=0, eval_batch=None, on_record=None, comm=None) -> list[dict]:
     """Train until ``state.train.steps``; a record per step (loss, lr, grad norm, tokens/s, eval).
 
     Every ``eval_every`` steps (and at the last) the record also holds :func:`evaluate` of
     ``eval_batch``. ``on_record(record)`` is called after each step (progress, checkpoints).
+    ``comm``: an MPI communicator to train sequence-parallel over its ranks (:func:`train_step`).
     """
     records = []
     tokens_per_step = state.train.batch_size * task.n
     while state.step < state.train.steps:
         start = time.perf_counter()
-        record = train_step(state, task)
+        record = train_step(state, task, comm=comm)
         record["seconds"] = time.perf_counter() - start
         record["tokens_per_s"] = tokens_per_step / record["seconds"]
         if eval_batch is not None and eval_every and (state.step % eval_every == 0 or state.step == state.train.steps):
-            record |= evaluate(state, eval_batch)
+            record |= evaluate(state, eval_batch, comm=comm)
         records.append(record)
         if on_record is not None:
             on_record(record)

@@ -306,3 +306,38 @@ def test_initialisers_give_the_shapes_and_dtypes_the_layers_expect():
     for y in (nn.mlp_forward(mlp, x)[0], nn.layernorm_forward(norm, x)[0], nn.embedding_forward(embedding, np.zeros((2, 3), int))[0],
               nn.attention_forward(attention, x, num_heads=2, kind="dense")[0]):
         assert y.shape == (2, 3, 8) and y.dtype == np.float32
+
+
+@pytest.mark.parametrize("layer", ["layernorm", "mlp", "cross_entropy"])
+def test_the_row_blocked_layers_stay_the_gradient_across_blocks(layer, monkeypatch):
+    """The row-wise layers run over blocks of ``nn.ROW_BLOCK`` rows; with 4-row blocks a
+    ``(2, 5)`` input has three blocks, the last one ragged: still the exact gradient."""
+    monkeypatch.setattr(nn, "ROW_BLOCK", 4)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 5, 3))
+    if layer == "layernorm":
+        params = {"weight": rng.standard_normal(3), "bias": rng.standard_normal(3)}
+        check_all_coordinates(nn.layernorm_forward, nn.layernorm_backward, x, params, rng)
+    elif layer == "mlp":
+        params = {"fc1.weight": rng.standard_normal((4, 3)), "fc1.bias": rng.standard_normal(4),
+                  "fc2.weight": rng.standard_normal((3, 4)), "fc2.bias": rng.standard_normal(3)}
+        check_all_coordinates(nn.mlp_forward, nn.mlp_backward, x, params, rng)
+    else:
+        targets = rng.integers(0, 3, (2, 5))
+        mask = rng.random((2, 5)) < 0.7
+        mask[0, 0] = True
+        loss, cache = nn.cross_entropy_forward(x, targets, mask)
+        assert loss == pytest.approx(naive_cross_entropy(x, targets, mask), rel=1e-12)
+        numeric = central_differences(lambda: float(nn.cross_entropy_forward(x, targets, mask)[0]), x)
+        np.testing.assert_allclose(nn.cross_entropy_backward(cache), numeric, **TOL)
+
+
+def test_cross_entropy_divides_by_the_given_count():
+    """``count`` (the targets of every rank, in sequence-parallel training) replaces ``|mask|``."""
+    logits = np.zeros((1, 2, 4))  # uniform: -log p = log 4 for every target
+    loss, _ = nn.cross_entropy_forward(logits, np.array([[0, 1]]), np.array([[True, False]]), count=4)
+    assert loss == pytest.approx(math.log(4) / 4)
+    loss, _ = nn.cross_entropy_forward(logits, np.array([[0, 1]]), np.array([[False, False]]), count=4)
+    assert loss == 0.0  # a rank with no target of its own contributes nothing
+    with pytest.raises(ValueError, match="count"):
+        nn.cross_entropy_forward(logits, np.array([[0, 1]]), None, count=1)  # fewer than the mask's 2

@@ -84,6 +84,16 @@ DECODE_STEP = {
 # ~1e-14; 1e-10 leaves room and still catches any real error.
 LAYER_F64 = dict(rtol=1e-10, atol=1e-11)
 
+# Sequence-parallel training (longnet_ref.parallel) against model.loss_and_grads on the whole
+# sequence: the same float operations, but every parameter gradient is summed as P partial sums
+# (one per rank, then the all-reduce) instead of one, and the attention's dK, dV of shared
+# segments arrive through a reduce-scatter. A gradient is a sum over B * N <= 64 rows of
+# products of O(1) factors through <= 2 layers, so its rounding is ~64 u of the tensor's largest
+# entry: ~7e-15 in float64 (measured <= 9.4e-16 at P = 2 and 4; the 1e-10 holds with a
+# wide margin) and ~4e-6 in float32 (measured <= 1.1e-6, numpy and numba): 2e-5 leaves room for
+# the drawn configurations. Relative error = max |difference| / max |reference|, per tensor.
+PARALLEL_MODEL = {F64: 1e-10, F32: 2e-5}
+
 # The first loss of a freshly initialised language model (weights N(0, 0.02^2), C = 16) against
 # ln V: its logits differ by ~0.02 |h| ~ 0.1, so the softmax is near uniform and the
 # cross-entropy is ln V within a few hundredths of a nat (measured: 0.03). A NaN, a zero, or the

@@ -11,18 +11,23 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .. import model as lm
-from ..backends import backend_names, get_backend, install_hint
+from ..backends import backend_names, backend_spec, get_backend, install_hint
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import PasskeyTask, TextTask, read_text
 from ..train import TrainConfig, TrainState, fit
 from .memory import refuse_if_too_big, train_step_bytes
 from .options import (
+    EXIT_FAILED,
+    EXIT_MISSING_EXTRA,
+    EXIT_USAGE,
     UsageError,
     check_input_file,
     check_output_dir,
@@ -43,6 +48,12 @@ a text file (--text FILE). Writes log.json, loss.png (with matplotlib) and check
   longnet-ref train                                  # passkey retrieval, N = 256 -> train-passkey/
   longnet-ref train --text README.md --n 512         # next-byte prediction -> train-text/
   longnet-ref train --resume train-passkey/checkpoint.npz --steps 600   # continue a run
+  mpiexec -n 4 longnet-ref train --n 4096 --batch 4  # sequence-parallel: 1024 tokens per rank
+
+Under mpiexec or srun with more than one rank (detected from the launcher's environment:
+PMI_SIZE, OMPI_COMM_WORLD_SIZE or PMIX_SIZE; or forced with --parallel) it trains
+sequence-parallel: each rank holds N/P tokens of every sequence (docs: "Training across
+machines"), rank 0 alone prints and writes, and a checkpoint written at any P resumes at any P.
 """
 
 # The options that define a run, with their defaults. They are left out of the parsed namespace
@@ -115,6 +126,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="BLAS threads (1: the GEMMs of a small model are too small to share, and spinning BLAS "
                         "threads on a busy machine cost more than they give)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
+    p.add_argument("--parallel", action="store_true",
+                   help="train sequence-parallel over the MPI ranks even when the launch is not detected "
+                        "(needs the mpi extra; detected: a launch by mpiexec/srun with more than one rank)")
 
 
 # ---- the checks, in the order they run --------------------------------------------------------------
@@ -218,18 +232,86 @@ def _output_dir(args, extra: dict) -> Path:
     return out
 
 
+LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
+"""Environment variables in which MPICH's Hydra (and Slurm's PMI), Open MPI and PMIx launchers
+give each process the number of ranks they started."""
+
+
+def launched_ranks() -> int:
+    """The number of ranks the MPI launcher started, from its environment (1 without a launcher)."""
+    for name in LAUNCHER_SIZE_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def _communicator(args):
+    """``MPI.COMM_WORLD`` to train sequence-parallel over, or ``None`` for one process."""
+    launched = launched_ranks()
+    if not args.parallel and launched == 1:
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError as error:
+        why = f"launched as one of {launched} MPI ranks" if launched > 1 else "--parallel"
+        raise ImportError(f"{why}: sequence-parallel training needs mpi4py and an MPI: {install_hint('mpi')}",
+                          name="mpi4py") from error
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() != launched and launched > 1:
+        raise UsageError(f"the launcher started {launched} ranks but MPI sees {comm.Get_size()}: mpi4py is built against "
+                         "another MPI than the mpiexec that ran this (use the mpiexec of the same installation)")
+    return comm
+
+
 def run(args: argparse.Namespace) -> int:
     """``longnet-ref train``: check everything, then build (or resume) the state, fit, write the results.
+
+    Sequence-parallel (under an MPI launcher, or ``--parallel``): every rank runs the checks, the
+    ranks agree on the verdict before any training, and rank 0 alone prints and writes.
 
     Returns:
         ``0`` once the log, the checkpoint (and the plot, with matplotlib) are written.
 
     Raises:
-        UsageError, ValueError: A bad option, file or combination; nothing has been written.
-        ImportError: The backend's extra is missing.
+        UsageError, ValueError: A bad option, file or combination (on any rank); nothing has been written.
+        ImportError: The backend's extra, or the mpi extra, is missing.
     """
+    comm = _communicator(args)
+    if comm is None:
+        return _train(args, *_prepare(args, ranks=1), comm=None)
+    rank = comm.Get_rank()
+    try:
+        prepared, failure = _prepare(args, ranks=comm.Get_size()), None
+    except (UsageError, ValueError, TypeError, ImportError, OSError) as error:
+        prepared, failure = None, error
+    failures = comm.allgather(None if failure is None else (rank, isinstance(failure, ImportError), " ".join(str(failure).split())))
+    first = next((f for f in failures if f is not None), None)
+    if first is not None:  # every rank stops; rank 0 says why, in one line
+        failed_rank, missing_extra, message = first
+        if rank != 0:
+            raise SystemExit(EXIT_MISSING_EXTRA if missing_extra else EXIT_USAGE)
+        if failed_rank == 0:
+            raise failure
+        raise (ImportError if missing_extra else UsageError)(f"rank {failed_rank}: {message}")
+    if rank != 0:  # silent: rank 0 prints and writes for everyone
+        args.quiet = True
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of this process)
+    try:
+        return _train(args, *prepared, comm=comm)
+    except BaseException as error:  # a rank failing alone would leave the others waiting in a collective
+        sys.stderr.write(f"longnet-ref train: error: rank {rank}: {' '.join(str(error).split()) or type(error).__name__}; "
+                         "stopping every rank\n")
+        sys.stderr.flush()
+        comm.Abort(EXIT_FAILED)
+        raise
+
+
+def _prepare(args, ranks: int):
+    """Every check, in order; returns ``(task, state or None, config, train, extra, out)``."""
     given = {k: v for k, v in vars(args).items() if k in DEFAULTS}
     get_backend(given.get("backend", DEFAULTS["backend"]))  # a missing extra (cupy), before anything else
+    state = None
     if args.resume is not None:
         check_input_file(args.resume, "--resume")
         state, extra = load_checkpoint(args.resume)
@@ -242,22 +324,43 @@ def run(args: argparse.Namespace) -> int:
     else:
         task, extra = _task_of(given, None, None)
         config, train = _fresh_configs(given, task)
-    # a step, and an evaluation (forwarded in slices of the training batch: train.evaluate)
-    parts = train_step_bytes(config, train.batch_size, task.n)
-    if args.eval_every:  # the held-out tokens, targets and mask (int64, int64, bool)
+    if ranks > 1 or args.parallel:
+        _check_parallel(config, task.n, ranks)
+    # a step, and an evaluation (forwarded in slices of the training batch: train.evaluate), per rank
+    parts = train_step_bytes(config, train.batch_size, task.n // ranks)
+    if args.eval_every:  # the held-out tokens, targets and mask (int64, int64, bool): every rank holds them
         parts["held-out batch"] = EVAL_SEQUENCES[extra["task"]] * task.n * 17
+    per_rank = f" on each of {ranks} ranks" if ranks > 1 else ""
     refuse_if_too_big(parts,
-                      f"a training step of {train.batch_size} x {task.n} tokens (--batch {train.batch_size} --n {task.n}, "
-                      f"--d-model {config.d_model}, --layers {config.n_layers})",
+                      f"a training step of {train.batch_size} x {task.n} tokens{per_rank} (--batch {train.batch_size} "
+                      f"--n {task.n}, --d-model {config.d_model}, --layers {config.n_layers})",
                       "lower --n, --batch, --d-model or --layers")
-    out = make_output_dir(_output_dir(args, extra), "--out")  # every check passed: now the file system
-    if args.resume is None:
+    out = _output_dir(args, extra)
+    return task, state, config, train, extra, out
+
+
+def _check_parallel(config: lm.LongNetConfig, n: int, ranks: int) -> None:
+    """What sequence-parallel training needs, named by option."""
+    if n % ranks:
+        raise UsageError(f"--n {n} is not divisible by the {ranks} MPI ranks (each rank holds N/P tokens of every "
+                         f"sequence): use a multiple of {ranks}")
+    if config.attention == "dense":
+        raise UsageError("--attention dense is not sequence-parallel (every rank would need all N keys): "
+                         "use dilated or window")
+    if not backend_spec(config.backend).distributed:
+        raise UsageError(f"--backend {config.backend} cannot train sequence-parallel: use one of "
+                         f"{', '.join(backend_names(distributed=True))}")
+
+
+def _train(args, task, state, config, train, extra, out, *, comm) -> int:
+    """Build (or take the resumed) state and fit it, with the BLAS threads of ``--blas-threads``."""
+    if state is None:
         state = TrainState.fresh(config, train)
     from threadpoolctl import threadpool_limits
 
     limits = threadpool_limits(args.blas_threads, user_api="blas")
     try:
-        return _fit_and_report(args, task, state, extra, out)
+        return _fit_and_report(args, task, state, extra, out, comm)
     finally:
         limits.restore_original_limits()
 
@@ -301,8 +404,11 @@ def _progress(args, state: TrainState):
     return update, bar.close
 
 
-def _fit_and_report(args, task, state: TrainState, extra: dict, out: Path) -> int:
+def _fit_and_report(args, task, state: TrainState, extra: dict, out: Path, comm=None) -> int:
+    lead = comm is None or comm.Get_rank() == 0  # the one process that writes
     title = _title(state, extra)
+    if comm is not None:
+        title += f" (sequence-parallel, P={comm.Get_size()})"
     print(f"longnet-ref train: {title}; steps {state.step + 1}-{state.train.steps} of {state.train.batch_size} x "
           f"{task.n} tokens; chance loss {task.chance_loss:.3f}", flush=True)
     if state.config.backend == "numba":
@@ -311,6 +417,8 @@ def _fit_and_report(args, task, state: TrainState, extra: dict, out: Path) -> in
         print(f"numba kernels ready in {warm_up(np.dtype(state.config.dtype)):.1f} s", flush=True)
     held_out = np.random.default_rng(10_000 + state.train.seed)
     eval_batch = task.batch(EVAL_SEQUENCES[extra["task"]], held_out) if args.eval_every else None
+    if lead:
+        make_output_dir(out, "--out")
     checkpoint = out / "checkpoint.npz"
     show, close = _progress(args, state)
 
@@ -321,16 +429,18 @@ def _fit_and_report(args, task, state: TrainState, extra: dict, out: Path) -> in
             raise Diverged(f"the loss or the parameters are not finite at step {record['step']} (loss {record['loss']}): training diverged "
                            f"(--lr {state.train.lr:g}, --weight-decay {state.train.weight_decay:g}, --clip "
                            f"{state.train.clip:g}; a smaller --lr helps); the last checkpoint written is kept")
-        if args.checkpoint_every and record["step"] % args.checkpoint_every == 0:
+        if lead and args.checkpoint_every and record["step"] % args.checkpoint_every == 0:
             save_checkpoint(state, checkpoint, extra)
 
     start = time.perf_counter()
     try:
         with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is reported once, just above
-            records = fit(state, task, eval_every=args.eval_every, eval_batch=eval_batch, on_record=on_record)
+            records = fit(state, task, eval_every=args.eval_every, eval_batch=eval_batch, on_record=on_record, comm=comm)
     finally:
         close()
     seconds = time.perf_counter() - start
+    if not lead:
+        return 0
     save_checkpoint(state, checkpoint, extra)
     log = {"title": title, "model": state.config.to_dict(), "train": dataclasses.asdict(state.train), **extra,
            "chance_loss": task.chance_loss, "seconds": seconds, "records": records}
