@@ -58,7 +58,13 @@ def multiplicity(
     branches = validate_branches(segment_lengths, dilation_rates)
     offsets = validate_offset_rule(offsets)
     causal = check_flag(causal, "causal")
-    counts = np.zeros((num_heads, n, n), np.int32)  # (H, N, N)
+    try:
+        counts = np.zeros((num_heads, n, n), np.int32)  # (H, N, N)
+    except MemoryError:
+        raise MemoryError(
+            f"multiplicity(n={n}, num_heads={num_heads}) needs 4 H N^2 = {4 * num_heads * n * n} bytes, more than "
+            "this machine can allocate: the dense count matrix is for small n"
+        ) from None
     for group in sparse_segments(n, num_heads, branches, offsets):
         w, r, o = group.segment_length, group.dilation, group.offset
         rows_per_segment = group.positions.shape[1]  # the longest segment's T

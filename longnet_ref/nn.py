@@ -392,9 +392,14 @@ def attention_backward(params, cache, dy):
         dq, dk        = rope^T(dq), rope^T(dk)          # the inverse rotation, if RoPE
         dx            = dq Wq + dk Wk + dv Wv           # x feeds all three projections
     """
+    if not isinstance(cache, dict) or "qkv" not in cache:
+        raise InputTypeError(f"cache must be the cache returned by attention_forward, got {type(cache).__name__}")
     q_cache, k_cache, v_cache, out_cache = cache["projections"]
     q, k, v = cache["qkv"]
     batch, n, heads, head_dim = q.shape
+    check_array(dy, "dy", 3)
+    if dy.shape != (batch, n, heads * head_dim):
+        raise ValueError(f"dy must have the forward output's shape {(batch, n, heads * head_dim)}, got {dy.shape}")
     do, out_grads = linear_backward(_sub(params, "out_proj"), out_cache, dy)  # (B, N, E)
     do = do.reshape(batch, n, heads, head_dim)  # (B, N, H, D)
     dq, dk, dv = _attention_core_backward(do, q, k, v, cache["o"], cache["lse"], cache["branches"], cache["options"])
@@ -512,7 +517,7 @@ class MultiheadDilatedAttention:
         self.dtype = check_dtype(dtype)
         get_backend(backend)  # an unknown name, or a GPU backend without CuPy: one line, up front
         self.backend = backend
-        self.params = init_attention(np.random.default_rng(check_int(seed, "seed")), self.embed_dim, dtype=self.dtype)
+        self.params = init_attention(np.random.default_rng(check_int(seed, "seed", minimum=0)), self.embed_dim, dtype=self.dtype)
 
     def load_state_dict(self, state_dict):
         """Copy ``state_dict``'s arrays into ``params``; a missing, extra or mis-shaped key raises
