@@ -195,7 +195,8 @@ def _validate(comm, q, k, v, segment_lengths, dilation_rates, causal, scale, off
 
     def check():
         if not backend_spec(backend).distributed:
-            raise ValueError(f"backend must be one of {backend_names(distributed=True)} for distributed attention, got {backend!r}")
+            names = ", ".join(map(repr, backend_names(distributed=True)))
+            raise ValueError(f"backend must be one of {names} for distributed attention (CPU backends); got {backend!r}")
         sizes = check_attention_inputs(q, k, v)
         branches = validate_branches(segment_lengths, dilation_rates)
         options = (check_flag(causal, "causal"), resolve_scale(scale, sizes[3]), validate_offset_rule(offsets))
