@@ -35,6 +35,7 @@ import math
 import numpy as np
 
 from .attention import dilated_attention
+from .backends import get_backend, to_backend_arrays, to_numpy
 from .index_sets import head_offsets, segment_position, segment_size
 from .dense import dense_attention
 from .reference import attention_from_scores, mix_branches
@@ -250,15 +251,18 @@ class DilatedKVCache(_Cache):
         """Causal forward of a prompt with the parallel ``dilated_attention``, then :meth:`fill`.
 
         ``q, k: (B, T, H, D)``, ``v: (B, T, H, Dv)`` -> ``out (B, T, H, Dv)``, ``lse (B, T, H)``;
-        the cache is left at position ``T``, holding only the current segments' rows.
+        the cache is left at position ``T``, holding only the current segments' rows. ``backend``
+        is any registered name: the prompt goes to the backend's array library (CuPy on the GPU)
+        and the results come back as NumPy arrays, like the cache.
         """
+        get_backend(backend)  # an unknown name, or a GPU backend without CuPy, before any work
         self._check_prompt(q, k, v)
         out, lse = dilated_attention(
-            q, k, v, self.segment_lengths, self.dilation_rates, causal=True, scale=self.scale,
-            offsets=self.offsets, backend=backend, return_lse=True,
+            *(to_backend_arrays(x, backend) for x in (q, k, v)), self.segment_lengths, self.dilation_rates,
+            causal=True, scale=self.scale, offsets=self.offsets, backend=backend, return_lse=True,
         )
         self.fill(k, v)
-        return out, lse
+        return to_numpy(out), to_numpy(lse)
 
     def first_needed_position(self, n: int) -> int:
         """The earliest position whose row the cache holds at position ``n``: the oldest current segment's start."""
