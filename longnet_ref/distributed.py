@@ -271,7 +271,7 @@ class SharedSegment:
 def _shared_segments(branch, heads, layout, offsets):
     """Every sparse segment of a shared branch with rows on this rank, in the same order on every rank.
 
-    Its rows are those of SPEC §2, by ``config``'s scalar rule (``segment_size``,
+    Its rows are those of SPEC §2, by ``index_sets``'s scalar rule (``segment_size``,
     ``segment_position``); the ranks that hold them, ``first..last``, share it.
     """
     w, r, n = branch.segment_length, branch.dilation, layout.n
