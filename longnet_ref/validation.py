@@ -306,7 +306,8 @@ def check_array(x: Any, name: str, ndim: int, backend: str | None = None) -> Non
     if dtype in on_this_array:
         return
     note = " (float16/bfloat16: CuPy arrays only)" if dtype in HALF_DTYPES and dtype in accepted else ""
-    raise InputTypeError(f"{name} must be {' or '.join(on_this_array)}{where}, got dtype {dtype}{note}")
+    wanted = ", ".join(on_this_array[:-1]) + " or " + on_this_array[-1]  # "float32 or float64"
+    raise InputTypeError(f"{name} must be {wanted}{where}, got dtype {dtype}{note}")
 
 
 def lse_dtype_name(dtype: Any) -> str:
