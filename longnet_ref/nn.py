@@ -531,6 +531,10 @@ class MultiheadDilatedAttention:
 
     def forward(self, x):
         """``x (B, N, E) -> (y (B, N, E), cache)``: :func:`attention_forward` with ``kind="dilated"``."""
+        check_array(x, "x", 3)
+        if x.shape[2] != self.embed_dim:
+            raise ValueError(f"x must have shape (B, N, {self.embed_dim}) (the layer's params are for "
+                             f"embed_dim={self.embed_dim}), got {x.shape}")
         return attention_forward(
             self.params,
             x,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Mapping
 from typing import Any, Sequence
 
@@ -104,6 +105,31 @@ def check_real(
     if above is not None and value <= above:
         raise ValueError(f"{name} must be > {above}, got {value!r}")
     return value
+
+
+def physical_memory() -> int | None:
+    """This machine's physical memory in bytes, or ``None`` where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(nbytes: int, what: str) -> None:
+    """Refuse, before allocating, an array larger than this machine's physical memory.
+
+    Args:
+        nbytes: The bytes the allocation needs.
+        what: What needs them and why, for the message: ``"multiplicity(n=100000, num_heads=8):
+            4 H N^2"``.
+
+    Raises:
+        ValueError: ``nbytes`` exceeds the physical memory; the message gives both numbers.
+    """
+    memory = physical_memory()
+    if memory is not None and nbytes > memory:
+        raise ValueError(f"{what} needs {nbytes:,} bytes ({nbytes / 2**30:,.1f} GiB), more than this machine's "
+                         f"{memory:,} bytes of memory")
 
 
 def check_rng(value: Any, name: str = "rng") -> np.random.Generator:

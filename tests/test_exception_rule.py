@@ -268,3 +268,19 @@ def test_the_model_checks_its_params_on_every_forward():
         lm.forward(CONFIG, None, TOKENS)
     with pytest.raises(InputTypeError, match=r"params\['wte.weight'\] must have dtype float64"):
         lm.forward(CONFIG, {name: value.astype(np.float32) for name, value in PARAMS.items()}, TOKENS)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: counts(n=10**7),  # 4 H N^2 = 8e14 bytes
+    lambda: dilated_cache(segment_lengths=[10**13]),  # sum ceil(w / r) = 1e13 rows
+    lambda: dense_cache(capacity=10**13),
+], ids=["multiplicity", "DilatedKVCache", "DenseKVCache"])
+def test_an_allocation_beyond_the_machine_is_refused_before_it_is_tried(call):
+    with pytest.raises(ValueError, match=r"needs [\d,]+ bytes .* more than this machine's [\d,]+ bytes of memory") as raised:
+        call()
+    assert type(raised.value) is ValueError
+
+
+def test_the_layer_names_x_when_its_width_is_not_the_layers():
+    with pytest.raises(ValueError, match=r"x must have shape \(B, N, 8\)"):
+        layer().forward(np.zeros((1, 4, 6)))
