@@ -110,7 +110,8 @@ def test_bench_on_cupy_without_the_gpu_extra_names_the_extra(capsys, monkeypatch
     monkeypatch.delitem(sys.modules, "longnet_ref.backends.cupy_gpu", raising=False)
     assert main(["bench", "--backend", "cupy"]) == 3
     error = capsys.readouterr().err
-    assert error.startswith("longnet-ref bench: error: ") and "pip install 'longnet-ref[gpu]'" in error
+    assert error.startswith("longnet-ref bench: error: ") and 'pip install "longnet-ref[gpu]"' in error
+    assert 'pip install ".[gpu]"' in error  # the command that works in a clone too
 
 
 def test_missing_extras_are_named_with_the_install_command(capsys, monkeypatch, tmp_path):
