@@ -91,8 +91,10 @@ class Decoder:
 
     def step(self, token) -> np.ndarray:
         """Logits ``(B, V)`` of the next position, given its input ``token (B,)``."""
-        token = check_tokens(np.asarray(token).reshape(self.batch, 1), self.config.vocab_size, "token")
-        return self._run(token, prefill=False)[:, 0]
+        token = check_tokens(token, self.config.vocab_size, "token", ndim=1)
+        if token.shape != (self.batch,):
+            raise ValueError(f"token must have shape (B,) = ({self.batch},), got {token.shape}")
+        return self._run(token[:, None], prefill=False)[:, 0]
 
 
 def sample(logits, rng: np.random.Generator, temperature: float = 1.0, top_k: int | None = None) -> np.ndarray:

@@ -229,7 +229,8 @@ def check_tokens(tokens: Any, vocab_size: int, name: str = "tokens", *, ndim: in
     if array.dtype.kind not in "iu":
         raise InputTypeError(f"{name} must be integers, got dtype {array.dtype} ({_type_name(tokens)})")
     if ndim is not None and array.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D (batch, sequence), got shape {array.shape}")
+        layout = " (batch, sequence)" if ndim == 2 else ""
+        raise ValueError(f"{name} must be {ndim}-D{layout}, got shape {array.shape}")
     if array.size and (array.min() < 0 or array.max() >= vocab_size):
         raise ValueError(f"{name} must lie in [0, {vocab_size}), got values in [{array.min()}, {array.max()}]")
     return array
