@@ -284,3 +284,9 @@ def test_an_allocation_beyond_the_machine_is_refused_before_it_is_tried(call):
 def test_the_layer_names_x_when_its_width_is_not_the_layers():
     with pytest.raises(ValueError, match=r"x must have shape \(B, N, 8\)"):
         layer().forward(np.zeros((1, 4, 6)))
+
+
+def test_a_segment_length_beyond_int64_positions_is_a_value_error_not_an_overflow():
+    with pytest.raises(ValueError, match=r"segment_lengths\[0\] must be an integer >= 1 and <= ") as raised:
+        attention(segment_lengths=[10**30])
+    assert type(raised.value) is ValueError
