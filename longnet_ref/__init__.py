@@ -2,8 +2,9 @@
 
 The public contract of SPEC §6 (the five attention functions), the drop-in layer
 ``MultiheadDilatedAttention``, the decoding caches ``DilatedKVCache`` / ``DenseKVCache`` and the
-``InputTypeError`` raised for a wrong type, and the module ``complexity`` (exact pair and FLOP
-counts, the paper's closed forms) that the README lists with them; re-exported, nothing else.
+``InputTypeError`` raised for a wrong type (SPEC §7); re-exported, nothing else. One submodule is
+public API too and imported here, so ``longnet_ref.complexity`` works after ``import longnet_ref``:
+``complexity`` (exact pair/FLOP counts, the paper's closed forms, path lengths).
 The specification is ``docs/spec.md``; the documentation site is built from ``docs/`` with
 ``mkdocs serve`` (or ``mkdocs build --strict``), and starts at ``docs/overview.md``.
 """

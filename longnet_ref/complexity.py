@@ -28,7 +28,18 @@ from typing import Sequence
 import numpy as np
 
 from .index_sets import sparse_segments
-from .validation import validate_branches, validate_offset_rule
+from .validation import check_flag, check_int, validate_branches, validate_offset_rule
+
+
+def _check_sizes(n, num_heads, batch=1, head_dim=1, value_dim=None, causal=False):
+    """The counts' shared arguments (SPEC §7): sizes are integers, ``D, Dv >= 1``, ``causal`` a bool."""
+    check_int(n, "n", minimum=0)
+    check_int(num_heads, "num_heads", minimum=0)
+    check_int(batch, "batch", minimum=0)
+    check_int(head_dim, "head_dim", minimum=1)
+    if value_dim is not None:
+        check_int(value_dim, "value_dim", minimum=1)
+    check_flag(causal, "causal")
 
 
 @dataclass(frozen=True)
@@ -77,8 +88,10 @@ def attended_pairs(
         The number of pairs, summed over batch, heads, branches and segments.
 
     Raises:
-        ValueError: bad branch lists or ``offsets`` (SPEC §7).
+        ValueError: bad branch lists or ``offsets``, a negative size (SPEC §7).
+        InputTypeError: a non-integer size, a non-bool ``causal``.
     """
+    _check_sizes(n, num_heads, batch, causal=causal)
     branches = validate_branches(segment_lengths, dilation_rates)
     pairs = 0
     for segments in sparse_segments(n, num_heads, branches, validate_offset_rule(offsets)):
@@ -118,8 +131,10 @@ def dilated_flops(
         [`attended_pairs`][longnet_ref.complexity.attended_pairs] times ``2 D`` and ``2 Dv``).
 
     Raises:
-        ValueError: bad branch lists or ``offsets`` (SPEC §7).
+        ValueError: bad branch lists or ``offsets``, a negative size, ``D`` or ``Dv < 1`` (SPEC §7).
+        InputTypeError: a non-integer size, a non-bool ``causal``.
     """
+    _check_sizes(n, num_heads, batch, head_dim, value_dim, causal)
     value_dim = head_dim if value_dim is None else value_dim
     pairs = attended_pairs(n, num_heads, segment_lengths, dilation_rates, causal=causal, offsets=offsets, batch=batch)
     return Flops(qk=2 * head_dim * pairs, pv=2 * value_dim * pairs)
@@ -136,7 +151,11 @@ def dense_pairs(n: int, num_heads: int, *, causal: bool = False, batch: int = 1)
 
     Returns:
         ``B H N^2``, or ``B H N (N + 1) / 2`` causally.
+
+    Raises:
+        ValueError: a negative size. InputTypeError: a non-integer size, a non-bool ``causal``.
     """
+    _check_sizes(n, num_heads, batch, causal=causal)
     return batch * num_heads * (n * (n + 1) // 2 if causal else n * n)
 
 
@@ -155,7 +174,11 @@ def dense_flops(
 
     Returns:
         ``2 D`` and ``2 Dv`` times [`dense_pairs`][longnet_ref.complexity.dense_pairs].
+
+    Raises:
+        ValueError: a negative size, ``D`` or ``Dv < 1``. InputTypeError: a non-integer size.
     """
+    _check_sizes(n, num_heads, batch, head_dim, value_dim, causal)
     value_dim = head_dim if value_dim is None else value_dim
     pairs = dense_pairs(n, num_heads, causal=causal, batch=batch)
     return Flops(qk=2 * head_dim * pairs, pv=2 * value_dim * pairs)
@@ -187,8 +210,10 @@ def closed_form_flops(
         ``B H 2 N d sum_i w_i / r_i^2`` (a float: exact rationals, rounded once).
 
     Raises:
-        ValueError: bad branch lists (SPEC §7).
+        ValueError: bad branch lists, a negative size, ``d < 1`` (SPEC §7).
+        InputTypeError: a non-integer size.
     """
+    _check_sizes(n, num_heads, batch, head_dim)
     branches = validate_branches(segment_lengths, dilation_rates)
     # Exact rationals: the sum of w / r^2 is a whole number of FLOPs only after multiplying by N.
     return float(batch * num_heads * 2 * n * head_dim * sum(Fraction(b.segment_length, b.dilation**2) for b in branches))
@@ -205,7 +230,13 @@ def geometric_configuration(n: int, first_segment_length: int, ratio: int) -> tu
     Returns:
         ``(segment_lengths, dilation_rates)``, lists of ``k = 1 + ceil(log_alpha(N / w_0))``
         integers (one branch when ``w_0 >= N``).
+
+    Raises:
+        ValueError: ``n < 1``, ``w_0 < 1`` or ``alpha < 2``. InputTypeError: a non-integer argument.
     """
+    check_int(n, "n", minimum=1)
+    check_int(first_segment_length, "first_segment_length", minimum=1)
+    check_int(ratio, "ratio", minimum=2)
     segment_lengths, dilation_rates = [first_segment_length], [1]
     while segment_lengths[-1] < n:
         segment_lengths.append(segment_lengths[-1] * ratio)
@@ -225,7 +256,13 @@ def predicted_path_length(n: int, first_segment_length: int, ratio: int) -> floa
 
     Returns:
         ``log_alpha(N (alpha - 1) / w_0)``, a float.
+
+    Raises:
+        ValueError: ``n < 1``, ``w_0 < 1`` or ``alpha < 2``. InputTypeError: a non-integer argument.
     """
+    check_int(n, "n", minimum=1)
+    check_int(first_segment_length, "first_segment_length", minimum=1)
+    check_int(ratio, "ratio", minimum=2)
     return math.log(n * (ratio - 1) / first_segment_length, ratio)
 
 
@@ -267,7 +304,12 @@ def path_length(
 
     Raises:
         ValueError: ``source`` or ``target`` outside ``[0, N)``, bad branch lists or ``offsets``.
+        InputTypeError: a non-integer ``n``, ``num_heads``, ``source`` or ``target``, a non-bool ``causal``.
     """
+    _check_sizes(n, num_heads, causal=causal)
+    for name, value in (("source", source), ("target", target)):
+        if value is not None:
+            check_int(value, name)
     branches = validate_branches(segment_lengths, dilation_rates)
     groups = list(sparse_segments(n, num_heads, branches, validate_offset_rule(offsets)))
     sources = np.arange(n) if source is None else np.array([source])

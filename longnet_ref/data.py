@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .validation import check_int, check_real
+from .validation import InputTypeError, check_int, check_real, check_rng
 
 QUERY = 0  # the marker that asks for the passkey (token 0)
 
@@ -90,6 +90,7 @@ class PasskeyTask:
     def batch(self, batch_size: int, rng: np.random.Generator, keys=None) -> Batch:
         """``batch_size`` sequences drawn from ``rng``; ``keys (B,)`` in ``1 .. num_keys`` fixes their
         passkeys (the draws from ``rng`` are the same either way)."""
+        batch_size, rng = check_int(batch_size, "batch_size", minimum=1), check_rng(rng)
         B, N = batch_size, self.n
         first_filler = 1 + self.num_keys
         tokens = rng.integers(first_filler, self.vocab_size, size=(B, N))  # (B, N) filler
@@ -141,6 +142,8 @@ class TextTask:
         return cls(read_text(path), n)
 
     def __post_init__(self):
+        if not isinstance(self.data, np.ndarray) or self.data.ndim != 1 or self.data.dtype != np.uint8:
+            raise InputTypeError(f"data must be a 1-D uint8 array of bytes (read_text(path)), got {type(self.data).__name__}")
         check_int(self.n, "n", minimum=1)
         if self.data.size < self.n + 1:
             raise ValueError(
@@ -152,6 +155,7 @@ class TextTask:
         return float(np.log(self.vocab_size))
 
     def batch(self, batch_size: int, rng: np.random.Generator) -> Batch:
+        batch_size, rng = check_int(batch_size, "batch_size", minimum=1), check_rng(rng)
         starts = rng.integers(0, self.data.size - self.n, size=batch_size)  # (B,)
         windows = self.data[starts[:, None] + np.arange(self.n + 1)].astype(np.int64)  # (B, N + 1)
         return Batch(windows[:, :-1], windows[:, 1:], np.ones((batch_size, self.n), bool))

@@ -35,10 +35,11 @@ import math
 import numpy as np
 
 from .attention import dilated_attention
+from .backends import get_backend, to_backend_arrays, to_numpy
 from .index_sets import head_offsets, segment_position, segment_size
 from .dense import dense_attention
 from .reference import attention_from_scores, mix_branches
-from .validation import InputTypeError, check_array, check_dtype, check_flag, check_int, resolve_scale
+from .validation import InputTypeError, check_array, check_dtype, check_flag, check_int, check_memory, resolve_scale
 from .validation import validate_branches, validate_offset_rule
 
 
@@ -148,6 +149,11 @@ class DilatedKVCache(_Cache):
         # R_i = ceil(w_i / r_i): the most rows any offset selects in one segment.
         self.rows = tuple(math.ceil(b.segment_length / b.dilation) for b in self.branches)
         shape = lambda rows, dim: (self.batch, self.num_heads, rows, dim)  # (B, H, R_i, .)
+        check_memory(
+            self.batch * self.num_heads * sum(self.rows) * (self.head_dim + self.value_dim) * self.dtype.itemsize,
+            f"DilatedKVCache(segment_lengths={list(self.segment_lengths)}, dilation_rates={list(self.dilation_rates)}), "
+            "B H sum_i ceil(w_i / r_i) (D + Dv) values,",
+        )
         # Zeros, not empty: a row past the live count is masked out of the softmax, but it still
         # enters the product P @ V with weight 0, and 0 * (uninitialised NaN) would be NaN.
         # np.full, not np.zeros: zeros of this size come from the OS as untouched pages that all
@@ -250,15 +256,18 @@ class DilatedKVCache(_Cache):
         """Causal forward of a prompt with the parallel ``dilated_attention``, then :meth:`fill`.
 
         ``q, k: (B, T, H, D)``, ``v: (B, T, H, Dv)`` -> ``out (B, T, H, Dv)``, ``lse (B, T, H)``;
-        the cache is left at position ``T``, holding only the current segments' rows.
+        the cache is left at position ``T``, holding only the current segments' rows. ``backend``
+        is any registered name: the prompt goes to the backend's array library (CuPy on the GPU)
+        and the results come back as NumPy arrays, like the cache.
         """
+        get_backend(backend)  # an unknown name, or a GPU backend without CuPy, before any work
         self._check_prompt(q, k, v)
         out, lse = dilated_attention(
-            q, k, v, self.segment_lengths, self.dilation_rates, causal=True, scale=self.scale,
-            offsets=self.offsets, backend=backend, return_lse=True,
+            *(to_backend_arrays(x, backend) for x in (q, k, v)), self.segment_lengths, self.dilation_rates,
+            causal=True, scale=self.scale, offsets=self.offsets, backend=backend, return_lse=True,
         )
         self.fill(k, v)
-        return out, lse
+        return to_numpy(out), to_numpy(lse)
 
     def first_needed_position(self, n: int) -> int:
         """The earliest position whose row the cache holds at position ``n``: the oldest current segment's start."""
@@ -302,6 +311,8 @@ class DenseKVCache(_Cache):
         _check_causal(causal)
         self.growable = capacity is None
         capacity = 16 if capacity is None else check_int(capacity, "capacity", minimum=1)
+        check_memory(self.batch * self.num_heads * capacity * (self.head_dim + self.value_dim) * self.dtype.itemsize,
+                     f"DenseKVCache(capacity={capacity}), B H capacity (D + Dv) values,")
         self.keys = np.zeros((self.batch, self.num_heads, capacity, self.head_dim), self.dtype)  # (B, H, C, D)
         self.values = np.zeros((self.batch, self.num_heads, capacity, self.value_dim), self.dtype)  # (B, H, C, Dv)
 

@@ -195,7 +195,8 @@ def _validate(comm, q, k, v, segment_lengths, dilation_rates, causal, scale, off
 
     def check():
         if not backend_spec(backend).distributed:
-            raise ValueError(f"backend must be one of {backend_names(distributed=True)} for distributed attention, got {backend!r}")
+            names = ", ".join(map(repr, backend_names(distributed=True)))
+            raise ValueError(f"backend must be one of {names} for distributed attention (CPU backends); got {backend!r}")
         sizes = check_attention_inputs(q, k, v)
         branches = validate_branches(segment_lengths, dilation_rates)
         options = (check_flag(causal, "causal"), resolve_scale(scale, sizes[3]), validate_offset_rule(offsets))
@@ -270,7 +271,7 @@ class SharedSegment:
 def _shared_segments(branch, heads, layout, offsets):
     """Every sparse segment of a shared branch with rows on this rank, in the same order on every rank.
 
-    Its rows are those of SPEC §2, by ``config``'s scalar rule (``segment_size``,
+    Its rows are those of SPEC §2, by ``index_sets``'s scalar rule (``segment_size``,
     ``segment_position``); the ranks that hold them, ``first..last``, share it.
     """
     w, r, n = branch.segment_length, branch.dilation, layout.n

@@ -1,6 +1,6 @@
 """The documentation's figures, drawn from the library itself: ``longnet-ref pattern``.
 
-Every picture is computed by the same functions the tests check (``config``,
+Every picture is computed by the same functions the tests check (``index_sets``,
 ``multiplicity``, ``complexity``), so the docs cannot show a pattern the code does not use.
 The docs build (``docs/hooks.py``) fails if one of ``FIGURES`` is missing, and
 ``tests/test_docs.py`` checks that every figure a page shows is one of ``FIGURES``.

@@ -23,7 +23,7 @@ import numpy as np
 from . import model as lm
 from . import nn
 from .decode import DenseKVCache, DilatedKVCache
-from .validation import InputTypeError, check_int, check_real, check_tokens
+from .validation import InputTypeError, check_array, check_int, check_real, check_rng, check_tokens
 
 
 def new_caches(config: lm.LongNetConfig, batch: int) -> list:
@@ -69,15 +69,21 @@ class Decoder:
 
     def step(self, token) -> np.ndarray:
         """Logits ``(B, V)`` of the next position, given its input ``token (B,)``."""
-        token = check_tokens(np.asarray(token).reshape(self.batch, 1), self.config.vocab_size, "token")
-        return self._run(token)[:, 0]
+        token = check_tokens(token, self.config.vocab_size, "token", ndim=1)
+        if token.shape != (self.batch,):
+            raise ValueError(f"token must have shape (B,) = ({self.batch},), got {token.shape}")
+        return self._run(token[:, None])[:, 0]
 
 
 def sample(logits, rng: np.random.Generator, temperature: float = 1.0, top_k: int | None = None) -> np.ndarray:
     """A token per row of ``logits (B, V)``: arg-max if ``temperature == 0``, else from
     ``softmax(logits / temperature)`` restricted to the ``top_k`` largest."""
+    check_array(logits, "logits", 2)  # (B, V)
+    rng = check_rng(rng)
     temperature = check_real(temperature, "temperature", minimum=0)
     top_k = None if top_k is None else check_int(top_k, "top_k", minimum=1)
+    if np.isnan(logits).any():
+        raise ValueError("logits must not contain NaN: there is no distribution to sample from")
     if temperature == 0:
         return logits.argmax(-1)
     z = logits.astype(np.float64) / temperature  # (B, V)
@@ -101,7 +107,9 @@ def generate(config, params, prompt_tokens, max_new_tokens, *, temperature=1.0, 
     max_new_tokens = check_int(max_new_tokens, "max_new_tokens", minimum=0)
     temperature = check_real(temperature, "temperature", minimum=0)
     top_k = None if top_k is None else check_int(top_k, "top_k", minimum=1)
-    check_int(seed, "seed")
+    check_int(seed, "seed", minimum=0)
+    if on_token is not None and not callable(on_token):
+        raise InputTypeError(f"on_token must be a function of the drawn tokens, or None; got {type(on_token).__name__}")
     if not isinstance(config, lm.LongNetConfig):
         raise InputTypeError(f"config must be a LongNetConfig or a LongNetLM, got {type(config).__name__}")
     prompt = check_tokens(prompt_tokens, config.vocab_size, "prompt_tokens", ndim=None)

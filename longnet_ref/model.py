@@ -28,11 +28,10 @@ import numpy as np
 
 from . import nn
 from .backends import backend_spec, get_backend
-from .validation import InputTypeError, check_choice, check_dtype, check_flag, check_int, check_state_dict, check_tokens
-from .validation import validate_branches, validate_offset_rule
+from .validation import InputTypeError, check_array, check_choice, check_dtype, check_flag, check_int
+from .validation import check_state_dict, check_tokens, validate_branches, validate_offset_rule
 
 ATTENTION_KINDS = nn.ATTENTION_KINDS  # "dilated" | "dense" | "window"
-DTYPES = ("float32", "float64")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,12 +66,12 @@ class LongNetConfig:
         # every check from longnet_ref.validation (SPEC §7): wrong type InputTypeError, wrong value ValueError
         for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
             check_int(getattr(self, name), name, minimum=1)
-        check_int(self.seed, "seed")
+        check_int(self.seed, "seed", minimum=0)
         check_flag(self.causal, "causal")
         check_flag(self.rope, "rope")
         check_choice(self.attention, "attention", ATTENTION_KINDS)
         backend_spec(self.backend)
-        dtype = check_dtype(self.dtype, "dtype", DTYPES)
+        dtype = check_dtype(self.dtype, "dtype")  # float32 or float64
         branches = validate_branches(self.segment_lengths, self.dilation_rates)
         validate_offset_rule(self.offsets)
         if self.window is not None:
@@ -95,6 +94,8 @@ class LongNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> LongNetConfig:
+        if not isinstance(d, dict):
+            raise InputTypeError(f"a LongNetConfig is read from a dict of its fields, got {type(d).__name__}")
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown LongNetConfig fields: {sorted(unknown)}")
@@ -186,6 +187,7 @@ def forward(config: LongNetConfig, params: dict, tokens, *, positions=None, kv_c
     if not isinstance(config, LongNetConfig):
         raise InputTypeError(f"config must be a LongNetConfig, got {type(config).__name__}")
     tokens = check_tokens(tokens, config.vocab_size)
+    check_params(config, params)
     get_backend(config.backend)  # a GPU backend without CuPy fails here, before the first layer
     attn = attention_options(config)
     kv_caches = [None] * config.n_layers if kv_caches is None else kv_caches
@@ -215,6 +217,11 @@ def backward(config: LongNetConfig, params: dict, cache: dict, dlogits) -> dict[
     Head: ``dh = dlogits E``, ``dE = dlogits^T h`` (flattened over batch and sequence). Each
     residual ``x_out = x_in + f(x_in)`` passes ``dx`` on unchanged and adds ``f``'s input gradient.
     """
+    if not isinstance(cache, dict) or "blocks" not in cache:
+        raise InputTypeError(f"cache must be the cache returned by forward, got {type(cache).__name__}")
+    check_array(dlogits, "dlogits", 3)
+    if dlogits.shape != cache["h"].shape[:2] + (config.vocab_size,):
+        raise ValueError(f"dlogits must have the logits' shape {cache['h'].shape[:2] + (config.vocab_size,)}, got {dlogits.shape}")
     grads = {}
     C = config.d_model
     dh = dlogits @ params["wte.weight"]  # (B, N, C)

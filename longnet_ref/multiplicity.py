@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from .index_sets import segment_position, segment_size, sparse_segments
-from .validation import check_flag, check_int, validate_branches, validate_offset_rule
+from .validation import check_flag, check_int, check_memory, validate_branches, validate_offset_rule
 
 
 def multiplicity(
@@ -58,6 +58,7 @@ def multiplicity(
     branches = validate_branches(segment_lengths, dilation_rates)
     offsets = validate_offset_rule(offsets)
     causal = check_flag(causal, "causal")
+    check_memory(4 * num_heads * n * n, f"multiplicity(n={n}, num_heads={num_heads}), a dense (H, N, N) int32 matrix,")
     counts = np.zeros((num_heads, n, n), np.int32)  # (H, N, N)
     for group in sparse_segments(n, num_heads, branches, offsets):
         w, r, o = group.segment_length, group.dilation, group.offset

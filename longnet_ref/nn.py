@@ -482,9 +482,14 @@ def attention_backward(params, cache, dy):
         dq, dk        = rope^T(dq), rope^T(dk)          # the inverse rotation, if RoPE
         dx            = dq Wq + dk Wk + dv Wv           # x feeds all three projections
     """
+    if not isinstance(cache, dict) or "qkv" not in cache:
+        raise InputTypeError(f"cache must be the cache returned by attention_forward, got {type(cache).__name__}")
     q_cache, k_cache, v_cache, out_cache = cache["projections"]
     q, k, v = cache["qkv"]
     batch, n, heads, head_dim = q.shape
+    check_array(dy, "dy", 3)
+    if dy.shape != (batch, n, heads * head_dim):
+        raise ValueError(f"dy must have the forward output's shape {(batch, n, heads * head_dim)}, got {dy.shape}")
     do, out_grads = linear_backward(subtree(params, "out_proj"), out_cache, dy)  # (B, N, E)
     do = do.reshape(batch, n, heads, head_dim)  # (B, N, H, D)
     core_backward = _attention_core_backward if cache.get("core") is None else cache["core"].backward
@@ -623,7 +628,7 @@ class MultiheadDilatedAttention:
         self.dtype = check_dtype(dtype)
         get_backend(backend)  # an unknown name, or a GPU backend without CuPy: one line, up front
         self.backend = backend
-        self.params = init_attention(np.random.default_rng(check_int(seed, "seed")), self.embed_dim, dtype=self.dtype)
+        self.params = init_attention(np.random.default_rng(check_int(seed, "seed", minimum=0)), self.embed_dim, dtype=self.dtype)
 
     def load_state_dict(self, state_dict):
         """Copy ``state_dict``'s arrays into ``params``; a missing, extra or mis-shaped key raises
@@ -637,6 +642,10 @@ class MultiheadDilatedAttention:
 
     def forward(self, x):
         """``x (B, N, E) -> (y (B, N, E), cache)``: :func:`attention_forward` with ``kind="dilated"``."""
+        check_array(x, "x", 3)
+        if x.shape[2] != self.embed_dim:
+            raise ValueError(f"x must have shape (B, N, {self.embed_dim}) (the layer's params are for "
+                             f"embed_dim={self.embed_dim}), got {x.shape}")
         return attention_forward(
             self.params,
             x,

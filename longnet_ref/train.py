@@ -53,10 +53,12 @@ class TrainConfig:
         for name in ("steps", "batch_size"):
             check_int(getattr(self, name), name, minimum=1)
         check_int(self.warmup, "warmup", minimum=0)
-        check_int(self.seed, "seed")
+        check_int(self.seed, "seed", minimum=0)
         for name in ("beta1", "beta2", "eps", "clip", "weight_decay", "min_lr"):
             check_real(getattr(self, name), name, minimum=0)
         check_real(self.lr, "lr", above=0)
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr must be <= lr (the cosine decays from lr to min_lr), got {self.min_lr} > {self.lr}")
         if not (self.beta1 < 1 and self.beta2 < 1):
             raise ValueError(f"beta1 and beta2 must be < 1, got {self.beta1}, {self.beta2}")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Mapping
 from typing import Any, Sequence
 
@@ -34,6 +35,8 @@ class InputTypeError(TypeError, ValueError):
     """
 
 
+MAX_INDEX = 2**62
+"""The largest ``w`` or ``r``: positions are int64 in the kernels and index sets."""
 SUPPORTED_DTYPES = ("float32", "float64")
 """The dtypes every public function accepts (SPEC §1): float32 and float64."""
 HALF_DTYPES = ("float16", "bfloat16")
@@ -45,7 +48,7 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
-def check_int(value: Any, name: str, *, minimum: int | None = None) -> int:
+def check_int(value: Any, name: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
     """Check an integer argument such as ``num_heads`` (SPEC §7); return it as a Python ``int``.
 
     Python and NumPy integers are integers; ``bool`` is not (``True`` is no head count), nor is
@@ -54,19 +57,21 @@ def check_int(value: Any, name: str, *, minimum: int | None = None) -> int:
     Args:
         value: The argument.
         name: Its name, used in the message.
-        minimum: The smallest accepted value, or ``None`` for any integer.
+        minimum: The smallest accepted value, or ``None`` for no lower bound.
+        maximum: The largest accepted value, or ``None`` for no upper bound.
 
     Returns:
         ``int(value)``.
 
     Raises:
         InputTypeError: ``value`` is not an integer: ``"num_heads must be an integer >= 1, got 2.5 (float)"``.
-        ValueError: ``value < minimum``: ``"num_heads must be an integer >= 1, got 0"``.
+        ValueError: ``value < minimum`` or ``value > maximum``: ``"num_heads must be an integer >= 1, got 0"``.
     """
-    wanted = f"an integer >= {minimum}" if minimum is not None else "an integer"
+    wanted = "an integer" + (f" >= {minimum}" if minimum is not None else "")
+    wanted += (" and" if minimum is not None else "") + f" <= {maximum}" if maximum is not None else ""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise InputTypeError(f"{name} must be {wanted}, got {value!r} ({_type_name(value)})")
-    if minimum is not None and value < minimum:
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise ValueError(f"{name} must be {wanted}, got {value!r}")
     return int(value)
 
@@ -99,6 +104,42 @@ def check_real(
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     if above is not None and value <= above:
         raise ValueError(f"{name} must be > {above}, got {value!r}")
+    return value
+
+
+def physical_memory() -> int | None:
+    """This machine's physical memory in bytes, or ``None`` where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(nbytes: int, what: str) -> None:
+    """Refuse, before allocating, an array larger than this machine's physical memory.
+
+    Args:
+        nbytes: The bytes the allocation needs.
+        what: What needs them and why, for the message: ``"multiplicity(n=100000, num_heads=8):
+            4 H N^2"``.
+
+    Raises:
+        ValueError: ``nbytes`` exceeds the physical memory; the message gives both numbers.
+    """
+    memory = physical_memory()
+    if memory is not None and nbytes > memory:
+        raise ValueError(f"{what} needs {nbytes:,} bytes ({nbytes / 2**30:,.1f} GiB), more than this machine's "
+                         f"{memory:,} bytes of memory")
+
+
+def check_rng(value: Any, name: str = "rng") -> np.random.Generator:
+    """Check a random generator argument: a ``np.random.Generator`` (``np.random.default_rng(seed)``).
+
+    Raises:
+        InputTypeError: ``value`` is not a ``np.random.Generator``.
+    """
+    if not isinstance(value, np.random.Generator):
+        raise InputTypeError(f"{name} must be a numpy.random.Generator (np.random.default_rng(seed)), got {_type_name(value)}")
     return value
 
 
@@ -188,7 +229,8 @@ def check_tokens(tokens: Any, vocab_size: int, name: str = "tokens", *, ndim: in
     if array.dtype.kind not in "iu":
         raise InputTypeError(f"{name} must be integers, got dtype {array.dtype} ({_type_name(tokens)})")
     if ndim is not None and array.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D (batch, sequence), got shape {array.shape}")
+        layout = " (batch, sequence)" if ndim == 2 else ""
+        raise ValueError(f"{name} must be {ndim}-D{layout}, got shape {array.shape}")
     if array.size and (array.min() < 0 or array.max() >= vocab_size):
         raise ValueError(f"{name} must lie in [0, {vocab_size}), got values in [{array.min()}, {array.max()}]")
     return array
@@ -291,7 +333,8 @@ def check_array(x: Any, name: str, ndim: int, backend: str | None = None) -> Non
     if dtype in on_this_array:
         return
     note = " (float16/bfloat16: CuPy arrays only)" if dtype in HALF_DTYPES and dtype in accepted else ""
-    raise InputTypeError(f"{name} must be {' or '.join(on_this_array)}{where}, got dtype {dtype}{note}")
+    wanted = ", ".join(on_this_array[:-1]) + " or " + on_this_array[-1]  # "float32 or float64"
+    raise InputTypeError(f"{name} must be {wanted}{where}, got dtype {dtype}{note}")
 
 
 def lse_dtype_name(dtype: Any) -> str:
@@ -425,7 +468,10 @@ def validate_branches(segment_lengths: Sequence[int], dilation_rates: Sequence[i
             f"got {len(segment_lengths)} and {len(dilation_rates)}"
         )
     return tuple(
-        Branch(check_int(w, f"segment_lengths[{i}]", minimum=1), check_int(r, f"dilation_rates[{i}]", minimum=1))
+        Branch(
+            check_int(w, f"segment_lengths[{i}]", minimum=1, maximum=MAX_INDEX),
+            check_int(r, f"dilation_rates[{i}]", minimum=1, maximum=MAX_INDEX),
+        )
         for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates))
     )
 

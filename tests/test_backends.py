@@ -15,7 +15,7 @@ import types
 import numpy as np
 import pytest
 
-from longnet_ref import MultiheadDilatedAttention, dilated_attention, nn
+from longnet_ref import DilatedKVCache, MultiheadDilatedAttention, dilated_attention, nn
 from longnet_ref import model as lm
 from longnet_ref import reference
 from longnet_ref.backends import BACKENDS, backend_names, backend_spec, get_backend, install_hint
@@ -101,6 +101,7 @@ def test_a_gpu_name_without_cupy_fails_up_front_naming_the_extra(name):
         lambda: nn.attention_forward(MultiheadDilatedAttention(8, 2, [4], [1]).params, np.zeros((1, 4, 8)), num_heads=2,
                                      kind="dilated", segment_lengths=[4], dilation_rates=[1], backend=name),
         lambda: dilated_attention(np.zeros((1, 4, 1, 2)), np.zeros((1, 4, 1, 2)), np.zeros((1, 4, 1, 2)), [4], [1], backend=name),
+        lambda: DilatedKVCache(1, 1, 2, 2, [4], [1]).prefill(*[np.zeros((1, 4, 1, 2))] * 3, backend=name),
     ]
     for call in calls:
         with pytest.raises(ImportError) as raised:

@@ -15,8 +15,11 @@ import pytest
 
 from longnet_ref import DenseKVCache, DilatedKVCache, InputTypeError, MultiheadDilatedAttention, dilated_attention
 from longnet_ref import multiplicity
+from longnet_ref import complexity
 from longnet_ref import model as lm
+from longnet_ref.data import PasskeyTask
 from longnet_ref.generate import generate, sample
+from longnet_ref.train import TrainConfig
 
 # ---------------------------------------------------------------------------------------------
 # the bad values, per kind of argument: (label, value, the class SPEC §7 names)
@@ -113,6 +116,19 @@ ENTRY_POINTS = [
     ("generate", "max_new_tokens", integer_cases(0), lambda v: generating(max_new_tokens=v)),
     ("generate", "top_k", integer_cases(1, optional=True), lambda v: generating(top_k=v)),
     ("sample", "top_k", integer_cases(1, optional=True), lambda v: sample(np.zeros((1, 5)), rng, top_k=v)),
+    ("MultiheadDilatedAttention", "seed", integer_cases(0), lambda v: layer(seed=v)),
+    ("LongNetConfig", "seed", integer_cases(0), lambda v: config(seed=v)),
+    ("generate", "seed", integer_cases(0), lambda v: generating(seed=v)),
+    ("TrainConfig", "steps", integer_cases(1), lambda v: TrainConfig(steps=v)),
+    ("TrainConfig", "warmup", integer_cases(0), lambda v: TrainConfig(warmup=v)),
+    ("PasskeyTask", "n", integer_cases(2), lambda v: PasskeyTask(n=v)),
+    ("PasskeyTask.batch", "batch_size", integer_cases(1), lambda v: PasskeyTask(n=16).batch(v, rng)),
+    ("complexity.attended_pairs", "n", integer_cases(0), lambda v: complexity.attended_pairs(v, 2, [4], [1])),
+    ("complexity.dilated_flops", "head_dim", integer_cases(1), lambda v: complexity.dilated_flops(8, 2, v, [4], [1])),
+    ("complexity.dense_pairs", "num_heads", integer_cases(0), lambda v: complexity.dense_pairs(8, v)),
+    ("complexity.geometric_configuration", "ratio", integer_cases(2),
+     lambda v: complexity.geometric_configuration(64, 4, v)),
+    ("complexity.path_length", "n", integer_cases(0), lambda v: complexity.path_length(v, 2, [4], [1])),
     # flags
     ("MultiheadDilatedAttention", "causal", FLAG_CASES, lambda v: layer(causal=v)),
     ("DilatedKVCache", "causal", FLAG_CASES, lambda v: dilated_cache(causal=v)),
@@ -120,6 +136,7 @@ ENTRY_POINTS = [
     ("LongNetConfig", "causal", FLAG_CASES, lambda v: config(causal=v)),
     ("LongNetConfig", "rope", FLAG_CASES, lambda v: config(rope=v)),
     ("multiplicity", "causal", FLAG_CASES, lambda v: counts(causal=v)),
+    ("complexity.attended_pairs", "causal", FLAG_CASES, lambda v: complexity.attended_pairs(8, 2, [4], [1], causal=v)),
     ("dilated_attention", "causal", FLAG_CASES, lambda v: attention(causal=v)),
     ("dilated_attention", "return_lse", FLAG_CASES, lambda v: attention(return_lse=v)),
     # dtypes: a dtype= argument, or the arrays' dtype
@@ -145,6 +162,9 @@ ENTRY_POINTS = [
     ("sample", "temperature", real_cases(minimum=0), lambda v: sample(np.zeros((1, 5)), rng, temperature=v)),
     ("dilated_attention", "scale", real_cases(), lambda v: attention(scale=v)),
     ("DilatedKVCache", "scale", real_cases(), lambda v: dilated_cache(scale=v)),
+    ("TrainConfig", "lr", real_cases(minimum=0), lambda v: TrainConfig(lr=v)),
+    ("TrainConfig", "weight_decay", real_cases(minimum=0), lambda v: TrainConfig(weight_decay=v)),
+    ("PasskeyTask", "reach_fraction", real_cases(minimum=0), lambda v: PasskeyTask(n=16, reach_fraction=v)),
 ]
 
 # token ids: the same bad arrays for the model, the decoder's prompt and the loss's targets
@@ -205,3 +225,68 @@ def test_numpy_integers_are_integers(value):
     assert layer(num_heads=value).num_heads == 2
     assert dilated_cache(num_heads=value).num_heads == 2
     assert config(n_heads=value).n_heads == 2
+
+
+NOT_A_GENERATOR = [("None", None, InputTypeError), ("a seed", 0, InputTypeError), ("the legacy module", np.random, InputTypeError)]
+
+
+@pytest.mark.parametrize("label, value, error", NOT_A_GENERATOR, ids=[c[0] for c in NOT_A_GENERATOR])
+@pytest.mark.parametrize("call", [lambda g: sample(np.zeros((1, 5)), g), lambda g: PasskeyTask(n=16).batch(2, g)],
+                         ids=["sample", "PasskeyTask.batch"])
+def test_a_random_generator_argument_must_be_a_generator(call, label, value, error):
+    with pytest.raises(error, match="rng must be a numpy.random.Generator"):
+        call(value)
+
+
+@pytest.mark.parametrize("logits, error, message", [
+    (np.zeros(5), ValueError, "logits must be 2-D"),
+    (np.zeros((1, 5), np.int64), InputTypeError, "logits must be float32 or float64"),
+    (np.full((1, 5), np.nan), ValueError, "logits must not contain NaN"),
+], ids=["1-D", "integers", "NaN"])
+def test_sample_checks_its_logits(logits, error, message):
+    with pytest.raises(ValueError, match=message) as raised:
+        sample(logits, rng)
+    assert type(raised.value) is error
+
+
+def test_generate_refuses_an_on_token_that_is_not_callable_before_any_work():
+    with pytest.raises(InputTypeError, match="on_token"):
+        generating(on_token=3)
+
+
+def test_the_layer_backward_checks_dy_and_the_cache():
+    one = layer()
+    y, cache = one.forward(np.zeros((1, 4, 8)))
+    with pytest.raises(ValueError, match="dy must have the forward output's shape"):
+        one.backward(np.zeros((1, 3, 8)), cache)
+    with pytest.raises(InputTypeError, match="cache must be the cache returned by attention_forward"):
+        one.backward(np.zeros_like(y), None)
+
+
+def test_the_model_checks_its_params_on_every_forward():
+    with pytest.raises(InputTypeError, match="params must be a mapping"):
+        lm.forward(CONFIG, None, TOKENS)
+    with pytest.raises(InputTypeError, match=r"params\['wte.weight'\] must have dtype float64"):
+        lm.forward(CONFIG, {name: value.astype(np.float32) for name, value in PARAMS.items()}, TOKENS)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: counts(n=10**7),  # 4 H N^2 = 8e14 bytes
+    lambda: dilated_cache(segment_lengths=[10**13]),  # sum ceil(w / r) = 1e13 rows
+    lambda: dense_cache(capacity=10**13),
+], ids=["multiplicity", "DilatedKVCache", "DenseKVCache"])
+def test_an_allocation_beyond_the_machine_is_refused_before_it_is_tried(call):
+    with pytest.raises(ValueError, match=r"needs [\d,]+ bytes .* more than this machine's [\d,]+ bytes of memory") as raised:
+        call()
+    assert type(raised.value) is ValueError
+
+
+def test_the_layer_names_x_when_its_width_is_not_the_layers():
+    with pytest.raises(ValueError, match=r"x must have shape \(B, N, 8\)"):
+        layer().forward(np.zeros((1, 4, 6)))
+
+
+def test_a_segment_length_beyond_int64_positions_is_a_value_error_not_an_overflow():
+    with pytest.raises(ValueError, match=r"segment_lengths\[0\] must be an integer >= 1 and <= ") as raised:
+        attention(segment_lengths=[10**30])
+    assert type(raised.value) is ValueError

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from longnet_ref import dilated_attention, dilated_attention_backward
+from longnet_ref.backends import backend_names
 
 from .strategies import Problem, problems
 from .tolerances import GPU
@@ -41,7 +42,7 @@ def _gpu_available():
 
 AVAILABLE, REASON = _gpu_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not AVAILABLE, reason=REASON)]
-GPU_BACKENDS = ["cupy", "cupy-fused"]
+GPU_BACKENDS = backend_names(device="gpu")  # "cupy", "cupy-fused": the registry's GPU entries
 # Head dims the fused kernels are compiled for here: each (dtype, D, Dv) is one compile, so the
 # draws reuse a few; (64, 64) is the paper's, (3, 5) an odd small pair with D != Dv.
 KERNEL_DIMS = [(3, 5), (64, 64)]

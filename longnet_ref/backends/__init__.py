@@ -15,7 +15,7 @@ on inputs already validated by ``longnet_ref.attention``. The reference
 | ``"cupy"`` | CuPy | GPU | float32, float64, float16, bfloat16 | no | ``longnet_ref.reference`` on CuPy (cuBLAS GEMMs) |
 | ``"cupy-fused"`` | CuPy | GPU | float32, float64, float16 | no | ``longnet_ref.backends.cupy_gpu`` (fused Numba-CUDA kernels) |
 
-This table is :data:`BACKENDS`; every other module reads it (the checks in
+This table is [`BACKENDS`][longnet_ref.backends.BACKENDS]; every other module reads it (the checks in
 ``longnet_ref.validation``, the layer's array conversion in ``longnet_ref.nn``, the backends
 ``longnet_ref.distributed`` accepts, the CLI's ``--backend`` choices), so a backend is added here
 and nowhere else. This module imports nothing from the package: everything may import it.
@@ -30,9 +30,11 @@ import numpy as np
 from array_api_compat import array_namespace, to_device
 
 __all__ = [
-    "BACKENDS", "BackendSpec", "array_namespace", "backend_names", "backend_spec", "get_backend", "install_hint",
+    "BACKENDS", "BackendSpec", "backend_names", "backend_spec", "get_backend", "install_hint",
     "to_backend_arrays", "to_numpy",
 ]
+# array_namespace is array_api_compat's, imported here for longnet_ref.reference (xp = array_namespace(q)).
+# Its lookup costs ~5 us a call, under 3 % of a decoding step (benchmarks/results/decode.json): no fast path.
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ def backend_spec(name: str) -> BackendSpec:
     """The spec of the backend called ``name`` (SPEC §6, §7); imports nothing.
 
     Args:
-        name: A key of :data:`BACKENDS`.
+        name: A key of [`BACKENDS`][longnet_ref.backends.BACKENDS].
 
     Returns:
         Its [`BackendSpec`][longnet_ref.backends.BackendSpec] (``"numpy"`` gives the spec of ``"reference"``).
@@ -140,13 +142,13 @@ def get_backend(name: str):
     naming the extra to install (``"cupy"`` runs the reference, which would import without CuPy).
 
     Args:
-        name: A key of :data:`BACKENDS`.
+        name: A key of [`BACKENDS`][longnet_ref.backends.BACKENDS].
 
     Returns:
         The module, with ``forward`` and ``backward``.
 
     Raises:
-        ValueError: An unknown ``name`` (:func:`backend_spec`).
+        ValueError: An unknown ``name`` ([`backend_spec`][longnet_ref.backends.backend_spec]).
         ImportError: A module of ``requires`` cannot be imported; the message names the extra.
     """
     spec = backend_spec(name)
@@ -168,14 +170,14 @@ def to_backend_arrays(x: np.ndarray, name: str):
 
     Args:
         x: A NumPy array.
-        name: A key of :data:`BACKENDS`.
+        name: A key of [`BACKENDS`][longnet_ref.backends.BACKENDS].
 
     Returns:
         ``x`` or ``cupy.asarray(x)``.
 
     Raises:
         ValueError: An unknown ``name``.
-        ImportError: A CuPy backend without CuPy, naming the extra (:func:`get_backend`).
+        ImportError: A CuPy backend without CuPy, naming the extra ([`get_backend`][longnet_ref.backends.get_backend]).
     """
     if backend_spec(name).arrays != "cupy":
         return x

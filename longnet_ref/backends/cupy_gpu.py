@@ -4,18 +4,18 @@ Inputs and outputs are CuPy arrays; nothing is copied to the host. The work is d
 kernels of ``cuda_kernels.py`` (one launch per branch and pass, specialised per dtype and head
 dimensions), launched on the CuPy arrays' device memory. float16 inputs are accumulated in
 float32; ``lse`` is float32 for them. ``backend="cupy"`` is the other GPU path: the reference
-itself on CuPy arrays (cuBLAS). Install with ``pip install "longnet-ref[gpu]"``; see
-``docs/gpu.md`` for which path to choose.
+itself on CuPy arrays (cuBLAS). Install with ``pip install "longnet-ref[gpu]"`` (from a clone:
+``pip install ".[gpu]"``); see ``docs/gpu.md`` for which path to choose.
 """
 
 from __future__ import annotations
 
+from . import install_hint
+
 try:
     import cupy
 except ImportError as error:  # pragma: no cover - depends on the machine
-    raise ImportError(
-        "backend='cupy-fused' needs CuPy and an NVIDIA GPU: pip install 'longnet-ref[gpu]' (see docs/gpu.md)"
-    ) from error
+    raise ImportError(f"backend='cupy-fused' needs CuPy and an NVIDIA GPU: {install_hint('gpu')}") from error
 
 from . import cuda_kernels
 
