@@ -382,7 +382,7 @@ def backward_queries_branch_kernel(constants: Constants):
 
 
 class Kernels(NamedTuple):
-    """The four kernels compiled for one ``(dtype, D, Dv)``."""
+    """The four kernels of one ``(dtype, D, Dv)``: the factories' functions, or their compilations."""
 
     forward_branch: object
     backward_values_branch: object  # the keys-pass kernel accumulating dV
