@@ -51,7 +51,7 @@ from mpi4py import MPI
 from mpi4py.util.dtlib import from_numpy_dtype
 
 from .backends import backend_names, backend_spec, get_backend
-from .index_sets import segment_position, segment_size, sparse_segments
+from .index_sets import causal_pairs, segment_position, segment_size, sparse_segments
 from .validation import InputTypeError, validate_branches, validate_offset_rule
 from .reference import attention_backward_from_scores, attention_from_scores, mix_branches
 from .validation import check_attention_inputs, check_flag, check_gradient_inputs, resolve_scale
@@ -327,7 +327,7 @@ def _segment_scores(q_rows, keys, segment, causal, scale):
     if not causal:
         return scores, None
     query_t = np.flatnonzero(segment.mine)  # (nq,) index t of my rows in the segment
-    attended = np.arange(segment.positions.size)[None, :] <= query_t[:, None]  # (nq, T): key t <= query t
+    attended = causal_pairs(query_t, np.arange(segment.positions.size))  # (nq, T): key t <= query t
     return np.where(attended, scores, -np.inf), attended
 
 

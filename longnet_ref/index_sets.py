@@ -124,6 +124,44 @@ def causal_key_count(t: int) -> int:
     return t + 1
 
 
+def causal_pairs(query_t, key_t):
+    """Whether the query at row ``query_t`` of a sparse segment attends its key at row ``key_t`` under ``causal=True``.
+
+    The table form of :func:`causal_key_count`: key ``t_k`` is attended iff
+    ``t_k < causal_key_count(t_q)``, i.e. ``k <= p`` (SPEC §3). The one causal mask of the
+    array code (the reference, the distributed backend); the kernels compile the scalar rule.
+
+    Args:
+        query_t: ``(Tq,)`` integer array (NumPy or another array API library): rows of the queries.
+        key_t: ``(Tk,)`` integer array of the same library: rows of the keys.
+
+    Returns:
+        ``(Tq, Tk)`` bool array of that library.
+    """
+    return key_t[None, :] < causal_key_count(query_t)[:, None]
+
+
+def attended_mask(valid, causal: bool, xp=np):
+    """``(S, T, T)`` mask of the (query row, key row) pairs of each sparse segment: ``K_i(p)`` of SPEC §3.
+
+    Args:
+        valid: ``(S, T)`` bool (NumPy), from :func:`segment_rows`: which rows are selected.
+        causal: Whether a query attends only keys at positions ``<=`` its own.
+        xp: The array library to build the mask in (the inputs' namespace: the mask is built
+            on their device; only ``valid`` is copied there).
+
+    Returns:
+        ``(S, Tq, Tk)`` bool: ``True`` where both rows are valid (and, if causal,
+        :func:`causal_pairs`).
+    """
+    valid = xp.asarray(valid)  # (S, T)
+    mask = valid[:, :, None] & valid[:, None, :]  # (S, Tq, Tk)
+    if causal:
+        t = xp.arange(valid.shape[1])  # (T,) row index within the segment
+        mask = mask & causal_pairs(t, t)[None, ...]
+    return mask
+
+
 def segment_rows(n: int, segment_length: int, dilation: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
     """Positions ``P(i, s, h)`` of every segment as a padded ``(S, T)`` table (SPEC §2).
 
@@ -187,20 +225,14 @@ class SparseSegments:
     def attended(self, causal: bool) -> np.ndarray:
         """``(S, T, T)`` mask of the (query row, key row) pairs attended: ``K_i(p)`` of SPEC §3.
 
-        Positions increase with ``t`` inside a segment, so the causal rule ``k <= p`` is the
-        lower triangle.
-
         Args:
             causal: Whether a query attends only keys at positions ``<=`` its own.
 
         Returns:
-            ``(S, Tq, Tk)`` bool: ``True`` where both rows are valid (and, if causal, ``k <= q``).
+            ``(S, Tq, Tk)`` bool: ``True`` where both rows are valid (and, if causal, ``k <= q``),
+            as [`attended_mask`][longnet_ref.index_sets.attended_mask] gives it.
         """
-        mask = self.valid[:, :, None] & self.valid[:, None, :]  # (S, Tq, Tk)
-        if causal:
-            rows = self.valid.shape[1]
-            mask = mask & np.tri(rows, rows, dtype=bool)[None]
-        return mask
+        return attended_mask(self.valid, causal)
 
 
 def sparse_segments(n: int, num_heads: int, branches: Sequence[Branch], offsets: str = "paper") -> Iterator[SparseSegments]:

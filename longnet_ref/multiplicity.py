@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .index_sets import segment_position, segment_size, sparse_segments
+from .index_sets import causal_pairs, segment_position, segment_size, sparse_segments
 from .validation import check_flag, check_int, check_memory, validate_branches, validate_offset_rule
 
 
@@ -65,7 +65,8 @@ def multiplicity(
         rows_per_segment = group.positions.shape[1]  # the longest segment's T
         # K_i(p) for every query row t of a segment: all T keys, or under causal=True the keys
         # t_k <= t (a shorter segment uses the top-left corner of the same triangle).
-        linked = np.tri(rows_per_segment, rows_per_segment, dtype=np.int32) if causal else np.ones((1, 1), np.int32)
+        t = np.arange(rows_per_segment)  # (T,) rows of the segment
+        linked = causal_pairs(t, t).astype(np.int32) if causal else np.ones((1, 1), np.int32)
         for s in range(group.positions.shape[0]):
             size = segment_size(n, w, r, o, s)  # T rows of this segment
             if size == 0:

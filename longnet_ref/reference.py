@@ -12,13 +12,17 @@ then mix the branches by their softmax denominators (Eqs. 9-10):
     LSE = log sum_i exp(lse_i),   alpha_i = exp(lse_i - LSE),   out = sum_i alpha_i o_i.
 
 This is the readable version every faster backend is tested against. It is written against the
-array namespace of its inputs (``xp = array_namespace(q)``), with array API standard calls only:
-NumPy on the CPU, CuPy on a GPU (where each sparse segment's attention is a batched cuBLAS GEMM,
-a softmax and a GEMM), ``array_api_strict`` in the tests. Index tables (which rows a head
-sees) are metadata computed by ``config`` with NumPy and moved to the inputs' device.
+array namespace of its inputs (``xp = array_namespace(q)``, from ``array_api_compat``, which
+gives NumPy and CuPy the standard's names), with array API standard calls only: NumPy on the
+CPU, CuPy on a GPU (where each sparse segment's attention is a batched cuBLAS GEMM, a softmax
+and a GEMM), ``array_api_strict`` in the tests. Index tables (which rows a head sees) are
+metadata computed by ``index_sets`` with NumPy and moved to the inputs' device.
 
-Memory: a branch's sparse segments are processed in chunks of whole segments, one plain loop,
-so that the ``(T, T)`` score blocks alive at once take at most ``memory_budget`` bytes
+One loop, :func:`sparse_segment_results`, walks the branches, the chunks of segments and the
+offset groups, gathers the rows and forms the scores for both passes; :func:`forward` and
+:func:`backward` differ only in what they do with a sparse segment's scores.
+
+Memory: a branch's sparse segments are processed in chunks of whole segments, so that the ``(T, T)`` score blocks alive at once take at most ``memory_budget`` bytes
 (1 GiB by default; a single segment larger than the budget is still processed whole). Besides
 that the forward keeps one ``(B, N, H, Dv)`` output and ``(B, N, H)`` lse per branch.
 
@@ -31,34 +35,17 @@ Docs: ``docs/segments.md``, ``docs/mixture.md``, ``docs/backward.md``, ``docs/gp
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
+from array_api_compat import array_namespace
 
-from .backends import array_namespace
+from . import index_sets
 from .index_sets import Branch, SparseSegments, sparse_segments
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of (T, T) score blocks alive at once: 1 GiB
 LIVE_SCORE_BLOCKS = 4  # the backward holds S, P, dP and dS of a chunk at once
-
-
-def _permute_dims(xp, x, axes):
-    # The array API name; CuPy releases before the NumPy 2 aliases spell it ``transpose``.
-    return xp.permute_dims(x, axes) if hasattr(xp, "permute_dims") else xp.transpose(x, axes)
-
-
-def _concat(xp, arrays, axis):
-    return xp.concat(arrays, axis=axis) if hasattr(xp, "concat") else xp.concatenate(arrays, axis=axis)
-
-
-def _astype(xp, x, dtype):
-    return xp.astype(x, dtype) if hasattr(xp, "astype") else x.astype(dtype)
-
-
-def _swap_last(xp, x):
-    """``x^T`` of the last two axes (a view where the library allows it)."""
-    axes = tuple(range(x.ndim - 2)) + (x.ndim - 1, x.ndim - 2)
-    return _permute_dims(xp, x, axes)
 
 
 def compute_dtype(xp, dtype):
@@ -100,20 +87,28 @@ def attention_backward_from_scores(scores, attended, lse, dsum, q, k, v, dout, s
     the exact gradient. ``attended`` as in :func:`attention_from_scores`. Shapes:
     ``scores (..., Tq, Tk)``, ``lse, dsum (..., Tq)``,
     ``q (..., Tq, D)``, ``k (..., Tk, D)``, ``v (..., Tk, Dv)``, ``dout (..., Tq, Dv)``.
+
+    A query row without weight (``lse = -inf``: every score ``-inf``) contributes nothing to
+    ``dq``, ``dk``, ``dv`` (SPEC §5): it is treated as attending no key, so ``P = dS = 0`` on
+    its row and its ``q``, ``dO`` rows (perhaps infinite) are never multiplied by those zeros.
     """
     xp = array_namespace(scores)
-    lse = xp.where(lse == -xp.inf, xp.inf, lse)  # a row with no key: P = exp(-inf) = 0, not NaN
+    weightless = lse == -xp.inf  # (..., Tq): rows whose every score is -inf
+    if bool(xp.any(weightless)):
+        attends = ~weightless[..., None]  # (..., Tq, 1)
+        attended = attends if attended is None else attended & attends
+    lse = xp.where(weightless, xp.inf, lse)  # P = exp(-inf - inf) = 0 on such rows, not NaN
     p = xp.exp(scores - lse[..., None])  # (..., Tq, Tk)
     if attended is not None:  # exp(-inf - NaN) = NaN: a NaN row must not reach keys it does not attend
         p = xp.where(attended, p, 0)
-    attended_t = None if attended is None else _swap_last(xp, attended)
-    dv = attended_product(_swap_last(xp, p), attended_t, dout)  # (..., Tk, Dv)
-    dp = dout @ _swap_last(xp, v)  # (..., Tq, Tk)
+    attended_t = None if attended is None else xp.matrix_transpose(attended)
+    dv = attended_product(xp.matrix_transpose(p), attended_t, dout)  # (..., Tk, Dv)
+    dp = dout @ xp.matrix_transpose(v)  # (..., Tq, Tk)
     ds = p * (dp - dsum[..., None])  # (..., Tq, Tk)
     if attended is not None:
         ds = xp.where(attended, ds, 0)  # exactly 0 off the pattern, even where dP is NaN
     dq = scale * attended_product(ds, attended, k)  # (..., Tq, D)
-    dk = scale * attended_product(_swap_last(xp, ds), attended_t, q)  # (..., Tk, D)
+    dk = scale * attended_product(xp.matrix_transpose(ds), attended_t, q)  # (..., Tk, D)
     return dq, dk, dv
 
 
@@ -134,7 +129,7 @@ def attended_product(weights, attended, rows):
         return weights @ rows
     product = weights @ xp.where(finite, rows, 0)  # the finite rows: (..., Tq, C)
     bad_rows = xp.where(finite, 0, rows)  # (..., Tk, C): only the non-finite rows
-    pairs = attended & ~_swap_last(xp, finite)  # (..., Tq, Tk) attended pairs with such a key
+    pairs = attended & ~xp.matrix_transpose(finite)  # (..., Tq, Tk) attended pairs with such a key
     extra = [
         xp.sum(xp.where(pairs, weights * bad_rows[..., None, :, c], 0), axis=-1)  # (..., Tq)
         for c in range(rows.shape[-1])
@@ -194,24 +189,19 @@ def scatter_rows(parts, index, first, stop, num_heads, fill):
     batch, features = parts[0].shape[0], parts[0].shape[4:]
     flat = [xp.reshape(p, (batch, math.prod(p.shape[1:4]), *features)) for p in parts]  # (B, S Hs T, ...)
     filler = xp.full((batch, 1, *features), fill, dtype=parts[0].dtype)
-    rows = xp.take(_concat(xp, [*flat, filler], axis=1), xp.asarray(index), axis=1)  # (B, L H, ...)
+    rows = xp.take(xp.concat([*flat, filler], axis=1), xp.asarray(index), axis=1)  # (B, L H, ...)
     return xp.reshape(rows, (batch, stop - first, num_heads, *features))
 
 
 def attended_pairs(xp, valid, causal):
-    """``(S, T, T)`` mask of the (query row, key row) pairs attended: ``K_i(p)`` of SPEC §3.
+    """``(S, T, T)`` mask of the (query row, key row) pairs attended (``K_i(p)`` of SPEC §3), or ``None``.
 
     ``None`` when every pair is (no padding, not causal): the softmax then needs no mask.
-    Positions increase with ``t`` inside a segment, so the causal rule ``k <= p`` is ``t_k <= t_q``.
+    Otherwise the mask of ``index_sets.attended_mask``, built in ``xp`` on the inputs' device.
     """
     if not causal and valid.all():
         return None
-    valid = xp.asarray(valid)  # (S, T)
-    mask = valid[:, :, None] & valid[:, None, :]  # (S, Tq, Tk)
-    if causal:
-        t = xp.arange(valid.shape[1])
-        mask = mask & (t[:, None] >= t[None, :])[None, ...]
-    return mask
+    return index_sets.attended_mask(valid, causal, xp)
 
 
 def segment_scores(qs, ks, attended, scale):
@@ -222,7 +212,7 @@ def segment_scores(qs, ks, attended, scale):
     ``Q`` (``T x D``) rather than the ``T x T`` scores: the same product, fewer operations.
     """
     xp = array_namespace(qs)
-    scores = (qs * scale) @ _swap_last(xp, ks)  # (B, S, Hs, T, T)
+    scores = (qs * scale) @ xp.matrix_transpose(ks)  # (B, S, Hs, T, T)
     if attended is None:
         return scores, None
     attended = attended[None, :, None, ...]  # (1, S, 1, T, T)
@@ -243,12 +233,43 @@ def segment_chunks(segments_of_branch: list[SparseSegments], batch, itemsize, me
     return [(s0, min(s0 + per_chunk, num_segments)) for s0 in range(0, num_segments, per_chunk)]
 
 
-def branch_groups(n, num_heads, branches, offsets):
-    """The ``SparseSegments`` of every branch, as one list per branch (empty: covers nothing)."""
-    groups = [[] for _ in branches]
-    for segments in sparse_segments(n, num_heads, branches, offsets):
-        groups[segments.branch].append(segments)
-    return groups
+def sparse_segment_results(attend, arrays, fills, branches, causal, scale, offsets, memory_budget=None):
+    """The one loop of the reference: ``attend`` on every sparse segment, scattered back, per branch.
+
+    For every branch ``i``, every chunk of its segments (:func:`segment_chunks`) and every
+    offset group of the chunk (the heads that share an offset, SPEC §2):
+
+    1. sparsify (paper Eqs. 3-5): gather ``arrays`` (each ``(B, N, H, ...)``, ``q`` and ``k``
+       first) at the rows ``P(i, s, h)`` -> ``(B, S, Hs, T, ...)``;
+    2. score: ``S = scale Q K^T``, ``-inf`` outside ``K_i(p)`` (:func:`segment_scores`);
+    3. ``attend(scores, attended, *gathered)``: the per-segment maths (the forward's softmax or
+       the exact backward), a tuple of ``(B, S, Hs, T, ...)`` results;
+    4. scatter (paper Eqs. 7-8): every result back to its own position, ``fills[j]`` where the
+       branch selects no row.
+
+    ``arrays[0]`` sets the shapes: ``(B, N, H, D)`` with ``N, B, H > 0``. Yields, branch by
+    branch, the tuple of scattered results, each ``(B, N, H, ...)``. Every branch yields: head 0
+    has offset 0 under both rules, so every branch selects rows when ``N > 0``.
+    """
+    xp = array_namespace(arrays[0])
+    batch, n, num_heads, _ = arrays[0].shape
+    itemsize = 8 if arrays[0].dtype == xp.float64 else 4
+    segments = sparse_segments(n, num_heads, branches, offsets)
+    for _, groups in itertools.groupby(segments, key=lambda g: g.branch):
+        groups = list(groups)  # the offset groups of this branch
+        w = groups[0].segment_length
+        chunks = []  # the branch's results, chunk by chunk along the sequence
+        for s0, s1 in segment_chunks(groups, batch, itemsize, memory_budget):
+            tables = [(g.positions[s0:s1], g.valid[s0:s1], g.heads) for g in groups]
+            parts = []  # per offset group: attend's results (B, S, Hs, T, ...)
+            for positions, valid, heads in tables:
+                gathered = [gather_rows(x, positions, valid, heads) for x in arrays]
+                scores, attended = segment_scores(*gathered[:2], attended_pairs(xp, valid, causal), scale)
+                parts.append(attend(scores, attended, *gathered))
+            first, stop = s0 * w, min(s1 * w, n)  # the chunk's positions
+            index = scatter_index(tables, first, stop, num_heads)
+            chunks.append([scatter_rows(list(p), index, first, stop, num_heads, f) for p, f in zip(zip(*parts), fills)])
+        yield tuple(xp.concat(list(c), axis=1) for c in zip(*chunks))  # each (B, N, H, ...)
 
 
 def mix_branches(branch_out, branch_lse):
@@ -277,43 +298,27 @@ def mix_branches(branch_out, branch_lse):
 def forward(q, k, v, branches: tuple[Branch, ...], causal: bool, scale: float, offsets: str, memory_budget=None):
     """Dilated attention forward (SPEC §3-4). Inputs validated by ``longnet_ref.attention``.
 
+    Per branch, each sparse segment's softmax attention (Eq. 6) gives ``o_i, lse_i``; the
+    branches are mixed by their softmax denominators (Eqs. 9-10, :func:`mix_branches`).
+
     ``q, k: (B, N, H, D)``, ``v: (B, N, H, Dv)`` -> ``out (B, N, H, Dv)`` in the input dtype,
     ``lse (B, N, H)`` (float32 for half inputs), in the inputs' namespace.
     """
     xp = array_namespace(q)
     batch, n, num_heads, _ = q.shape
-    value_dim = v.shape[-1]
     dtype = q.dtype
     real = compute_dtype(xp, dtype)
-    q, k, v = (_astype(xp, x, real) for x in (q, k, v))  # a no-op unless half precision
+    q, k, v = (xp.astype(x, real, copy=False) for x in (q, k, v))  # a no-op unless half precision
     if n == 0 or batch == 0 or num_heads == 0:
         return xp.zeros(v.shape, dtype=dtype), xp.zeros((batch, n, num_heads), dtype=real)
-    itemsize = 8 if real == xp.float64 else 4
-    branch_out, branch_lse = [], []  # o_i (B, N, H, Dv), lse_i (B, N, H) per branch
-    for groups in branch_groups(n, num_heads, branches, offsets):
-        if not groups:  # no head of this branch selects a row (every offset >= N)
-            branch_out.append(xp.zeros((batch, n, num_heads, value_dim), dtype=real))
-            branch_lse.append(xp.full((batch, n, num_heads), -xp.inf, dtype=real))
-            continue
-        w = groups[0].segment_length
-        chunk_out, chunk_lse = [], []
-        for s0, s1 in segment_chunks(groups, batch, itemsize, memory_budget):
-            tables = [(g.positions[s0:s1], g.valid[s0:s1], g.heads) for g in groups]
-            outs, lses = [], []
-            for positions, valid, heads in tables:  # one offset group: (B, S, Hs, T, .)
-                qs, ks, vs = (gather_rows(x, positions, valid, heads) for x in (q, k, v))
-                scores, attended = segment_scores(qs, ks, attended_pairs(xp, valid, causal), scale)
-                out_s, lse_s = attention_from_scores(scores, vs, attended)
-                outs.append(out_s)
-                lses.append(lse_s)
-            first, stop = s0 * w, min(s1 * w, n)  # the chunk's positions
-            index = scatter_index(tables, first, stop, num_heads)
-            chunk_out.append(scatter_rows(outs, index, first, stop, num_heads, 0))
-            chunk_lse.append(scatter_rows(lses, index, first, stop, num_heads, -np.inf))
-        branch_out.append(_concat(xp, chunk_out, axis=1))
-        branch_lse.append(_concat(xp, chunk_lse, axis=1))
+
+    def attend(scores, attended, qs, ks, vs):  # one sparse segment: o_i, lse_i (Eq. 6)
+        return attention_from_scores(scores, vs, attended)
+
+    branches_out = sparse_segment_results(attend, (q, k, v), (0, -math.inf), branches, causal, scale, offsets, memory_budget)
+    branch_out, branch_lse = zip(*branches_out)  # o_i (B, N, H, Dv), lse_i (B, N, H) per branch
     out, lse = mix_branches(xp.stack(branch_out), xp.stack(branch_lse))
-    return _astype(xp, out, dtype), lse
+    return xp.astype(out, dtype, copy=False), lse
 
 
 @np.errstate(invalid="ignore", over="ignore")  # as in forward
@@ -333,29 +338,16 @@ def backward(
     batch, n, num_heads, _ = q.shape
     dtype = q.dtype
     real = compute_dtype(xp, dtype)
-    dout, q, k, v, out, lse = (_astype(xp, x, real) for x in (dout, q, k, v, out, lse))
-    dsum = xp.sum(dout * out, axis=-1)  # (B, N, H)  D = rowsum(dO * O)
+    dout, q, k, v, out, lse = (xp.astype(x, real, copy=False) for x in (dout, q, k, v, out, lse))
+    dsum = xp.sum(dout * out, axis=-1)  # (B, N, H)  Dsum = rowsum(dO * O)
     dq, dk, dv = (xp.zeros(x.shape, dtype=real) for x in (q, k, v))
-    itemsize = 8 if real == xp.float64 else 4
-    for groups in branch_groups(n, num_heads, branches, offsets) if n and batch and num_heads else ():
-        if not groups:
-            continue
-        w = groups[0].segment_length
-        chunks = [], [], []  # the branch's dq, dk, dv, chunk by chunk along the sequence
-        for s0, s1 in segment_chunks(groups, batch, itemsize, memory_budget):
-            tables = [(g.positions[s0:s1], g.valid[s0:s1], g.heads) for g in groups]
-            shares = [], [], []
-            for positions, valid, heads in tables:  # one offset group: (B, S, Hs, T, .)
-                qs, ks, vs, dout_s, lse_s, dsum_s = (
-                    gather_rows(x, positions, valid, heads) for x in (q, k, v, dout, lse, dsum)
-                )
-                scores, attended = segment_scores(qs, ks, attended_pairs(xp, valid, causal), scale)
-                grads = attention_backward_from_scores(scores, attended, lse_s, dsum_s, qs, ks, vs, dout_s, scale)
-                for share, grad in zip(shares, grads):
-                    share.append(grad)
-            first, stop = s0 * w, min(s1 * w, n)
-            index = scatter_index(tables, first, stop, num_heads)
-            for chunk, share in zip(chunks, shares):
-                chunk.append(scatter_rows(share, index, first, stop, num_heads, 0))
-        dq, dk, dv = (total + _concat(xp, chunk, axis=1) for total, chunk in zip((dq, dk, dv), chunks))
-    return tuple(_astype(xp, g, dtype) for g in (dq, dk, dv))
+    if n == 0 or batch == 0 or num_heads == 0:
+        return tuple(xp.astype(g, dtype, copy=False) for g in (dq, dk, dv))
+
+    def attend(scores, attended, qs, ks, vs, dout_s, lse_s, dsum_s):  # one sparse segment's share
+        return attention_backward_from_scores(scores, attended, lse_s, dsum_s, qs, ks, vs, dout_s, scale)
+
+    arrays = (q, k, v, dout, lse, dsum)
+    for dq_i, dk_i, dv_i in sparse_segment_results(attend, arrays, (0, 0, 0), branches, causal, scale, offsets, memory_budget):
+        dq, dk, dv = dq + dq_i, dk + dk_i, dv + dv_i  # the branches' shares add up (SPEC §5)
+    return tuple(xp.astype(g, dtype, copy=False) for g in (dq, dk, dv))

@@ -13,7 +13,8 @@ sets, the softmax core, the backward formulas, the scale) cannot also hide in th
 
 Only attended pairs are ever summed, so a NaN or Inf reaches exactly the rows that attend it.
 A row whose logits are all ``-inf`` (no key, or an infinite query) carries no weight: its
-``out`` is 0, its ``lse`` is ``-inf`` and its gradient is 0 (SPEC §4). The loops cost
+``out`` is 0, its ``lse`` is ``-inf``, and it contributes nothing to ``dq``, ``dk``, ``dv``
+(SPEC §5): the chain rule below skips it. The loops cost
 ``O(B H N^2)`` Python steps: keep ``N`` to a few dozen.
 """
 
@@ -77,7 +78,8 @@ def _row(q, k, bias, scale, causal, b, h, p):
     lse = logsumexp(logits) if keys else -np.inf
     if lse == -np.inf:  # no weight at all: no key, or every logit -inf
         return [], np.zeros(0), lse
-    return keys, np.exp(logits - lse), lse
+    with np.errstate(invalid="ignore"):  # a +inf logit: inf - inf = NaN, the non-finite row SPEC §7 expects
+        return keys, np.exp(logits - lse), lse
 
 
 def _float64(*arrays):
@@ -130,13 +132,16 @@ def attention_gradients(dout, q, k, v, *, bias=None, scale=None, causal=False):
                 keys, a, _ = _row(q, k, bias, scale, causal, b, h, p)
                 if not keys:
                     continue
-                g = np.array([np.dot(dout[b, p, h], v[b, j, h]) for j in keys])  # d loss / d a
-                jacobian = np.diag(a) - np.outer(a, a)  # d a / d z
-                dz = jacobian @ g  # d loss / d z
-                for j, a_j, dz_j in zip(keys, a, dz):
-                    dv[b, j, h] += a_j * dout[b, p, h]
-                    dq[b, p, h] += scale * dz_j * k[b, j, h]
-                    dk[b, j, h] += scale * dz_j * q[b, p, h]
+                # A NaN or Inf input gives inf - inf or 0 * inf below: the NaN is the chain rule's
+                # value for the pairs that attend it (SPEC §7), so NumPy's warning is expected.
+                with np.errstate(invalid="ignore"):
+                    g = np.array([np.dot(dout[b, p, h], v[b, j, h]) for j in keys])  # d loss / d a
+                    jacobian = np.diag(a) - np.outer(a, a)  # d a / d z
+                    dz = jacobian @ g  # d loss / d z
+                    for j, a_j, dz_j in zip(keys, a, dz):
+                        dv[b, j, h] += a_j * dout[b, p, h]
+                        dq[b, p, h] += scale * dz_j * k[b, j, h]
+                        dk[b, j, h] += scale * dz_j * q[b, p, h]
     return dq, dk, dv
 
 

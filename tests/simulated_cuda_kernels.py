@@ -82,6 +82,20 @@ def check_nan_rows():
         assert_agree(got, expected, TOLERANCE[problem.dtype])
 
 
+def check_weightless_rows():
+    """A query whose every score is -inf (SPEC §5): out 0, lse -inf, dq 0, and nothing added to
+    dk, dv, not even its NaN dout; the reference decides the expected values."""
+    for causal in (False, True):
+        problem = Problem(1, 23, 2, 3, 2, [4, 9, 40], [1, 2, 3], causal, "paper", np.dtype(np.float64), seed=6)
+        q, k, v, dout = (x.copy() for x in problem.arrays)
+        k = np.abs(k) + 0.5  # every product with the -inf query below is -inf
+        q[0, 12, 0] = -np.inf
+        dout[0, 12, 0] = np.nan
+        got, expected = run_both((q, k, v, dout), *problem.branches, causal, "paper", SMALL)
+        assert expected[1][0, 12, 0] == -np.inf and all(np.isfinite(g).all() for g in expected[2:])
+        assert_agree(got, expected, TOLERANCE[problem.dtype])
+
+
 def check_empty_sequence():
     problem = Problem(1, 0, 2, 3, 3, [4], [2], False, "paper", np.dtype(np.float64), seed=0)
     got, expected = run_both(problem.arrays, *problem.branches, False, "paper", SMALL)
@@ -134,6 +148,7 @@ CHECKS = {
     "random": check_random,
     "production-geometry": check_production_geometry,
     "nan-rows": check_nan_rows,
+    "weightless-rows": check_weightless_rows,
     "empty-sequence": check_empty_sequence,
     "zero-value-dim": check_zero_value_dim,
     "float16": check_float16,

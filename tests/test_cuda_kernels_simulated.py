@@ -37,10 +37,13 @@ def test_kernels_agree_with_the_reference_on_random_tiny_problems():
     simulate("random", random.randrange(2**32))
 
 
-@pytest.mark.parametrize("check", ["production-geometry", "nan-rows", "empty-sequence", "zero-value-dim", "float16"])
+@pytest.mark.parametrize(
+    "check", ["production-geometry", "nan-rows", "weightless-rows", "empty-sequence", "zero-value-dim", "float16"]
+)
 def test_kernels_in_the_simulator(check):
     """production-geometry: the real block and tile sizes across two blocks (the cross-block
-    gradient case); nan-rows: a NaN reaches exactly the rows that attend it; zero-value-dim:
+    gradient case); nan-rows: a NaN reaches exactly the rows that attend it; weightless-rows: a
+    query whose every score is -inf contributes nothing to any gradient (SPEC §5); zero-value-dim:
     Dv = 0 keeps the true lse; float16: float32 accumulation, outputs in float16."""
     simulate(check)
 

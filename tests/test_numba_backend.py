@@ -15,7 +15,9 @@ from longnet_ref import dilated_attention, dilated_attention_backward
 from longnet_ref.backends import numba_cpu
 from longnet_ref.backends.numba_exp import exp_shifted
 
+from . import oracle
 from .strategies import Problem, problems
+from .tolerances import NUMBA
 
 # The kernels sum in blocks of 128 rows and use their own exp (max relative error 1.5e-7 in
 # float32, 4.5e-16 in float64: the bound numba_exp states and the exp test below checks):
@@ -309,3 +311,44 @@ def test_a_nan_query_does_not_reach_the_gradient_of_a_key_it_does_not_attend(dty
         dq, dk, dv = dilated_attention_backward(dout, q, k, v, out, lse, [2], [1], causal=True, backend="numba")
     assert np.isnan(dv[0, 0, 0, 0]) and np.isfinite(dv[0, 1, 0, 0]) and np.isfinite(dk[0, 1, 0, 0])
     assert np.isnan(dq[0, 0, 0, 0]) and np.isfinite(dq[0, 1, 0, 0])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gathered_segment_kernels_give_a_row_without_weight_no_gradient(causal):
+    """SPEC §5 on the distributed backend's gathered-segment kernels (``segment_forward`` /
+    ``segment_backward``, reached only through shared branches): a query row whose every score is
+    ``-inf`` gets ``out = 0``, ``lse = -inf``, ``dq = 0``, and adds nothing to ``dk``, ``dv`` (not
+    even its NaN ``dout`` or the NaN ``Dsum = dO . O`` of that row). Expected values from the loop
+    oracle: the segment's rows as one dense softmax, this rank's queries at rows ``first ..``."""
+    rng = np.random.default_rng(4)
+    size, first, nq = 40, 3, 20  # the segment's rows; this rank's queries are rows 3 .. 22
+    keys = np.abs(rng.standard_normal((1, 2, size, 3))) + 0.5  # (B, Hs, T, D), all positive
+    values = rng.standard_normal((1, 2, size, 4))
+    q_rows, dout_rows = rng.standard_normal((1, 2, nq, 3)), rng.standard_normal((1, 2, nq, 4))
+    q_rows[0, 1, 5] = -np.inf  # segment row first + 5 of head 1: every score -inf
+    dout_rows[0, 1, 5] = np.nan
+    scale = 0.5
+    # the oracle on the segment laid out as a sequence (B, T, Hs, .); other rows' queries are 0
+    # with dout 0, so they add nothing to dk, dv
+    rows = (slice(None), slice(first, first + nq))
+    q_full, dout_full = np.zeros((1, size, 2, 3)), np.zeros((1, size, 2, 4))
+    q_full[rows], dout_full[rows] = q_rows.transpose(0, 2, 1, 3), dout_rows.transpose(0, 2, 1, 3)
+    k_seq, v_seq = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)
+    want_out, want_lse = oracle.attention(q_full, k_seq, v_seq, scale=scale, causal=causal)
+    want_dq, want_dk, want_dv = oracle.attention_gradients(dout_full, q_full, k_seq, v_seq, scale=scale, causal=causal)
+
+    out, lse = numba_cpu.segment_forward(q_rows, keys, values, first, causal, scale)
+    with np.errstate(invalid="ignore"):  # NaN * 0 in Dsum of the row without weight, as distributed computes it
+        dsum = np.sum(dout_rows * out, -1)  # (B, Hs, nq): NaN on that row
+    dq, dk, dv = numba_cpu.segment_backward(q_rows, keys, values, dout_rows, lse, dsum, first, causal, scale)
+
+    assert lse[0, 1, 5] == -np.inf and (out[0, 1, 5] == 0).all() and (dq[0, 1, 5] == 0).all()
+    tolerance = NUMBA[np.dtype(np.float64)]  # the kernels' block sums against the float64 oracle
+    np.testing.assert_allclose(out, want_out[rows].transpose(0, 2, 1, 3), err_msg="out", **tolerance)
+    np.testing.assert_array_equal(np.isinf(lse), np.isinf(want_lse[rows].transpose(0, 2, 1)))
+    finite = np.isfinite(lse)
+    np.testing.assert_allclose(lse[finite], want_lse[rows].transpose(0, 2, 1)[finite], err_msg="lse", **tolerance)
+    expected = (want_dq[rows].transpose(0, 2, 1, 3), want_dk.transpose(0, 2, 1, 3), want_dv.transpose(0, 2, 1, 3))
+    for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), expected):
+        assert np.isfinite(got).all(), name
+        np.testing.assert_allclose(got, want, err_msg=name, **tolerance)

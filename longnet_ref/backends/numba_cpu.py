@@ -282,14 +282,49 @@ def mix_into_output(out, lse, b, h, segment, q0, m, l, acc):
             lse[b, row, h] = new
 
 
+@njit(cache=True)
+def attend_query_block(q_blk, k, v, b, h, segment, size, q0, causal):
+    """Online softmax of one query block against the keys it attends in its sparse segment (SPEC §3).
+
+    ``q_blk (nq, D)``: rows ``q0 .. q0 + nq - 1`` of ``segment``, pre-scaled; ``k, v (B, N, H, .)``
+    read at ``row_of(segment, t)`` for ``t < size`` (all of them, or causally those up to the
+    block's last row), key block by key block:
+
+        S = Q_blk K_blk^T,  m' = max(m, rowmax S),  P = exp(S - m'),
+        l = l e^{m - m'} + rowsum P,  acc = acc e^{m - m'} + P V_blk
+
+    Returns ``m, l (nq,)`` and ``acc (nq, Dv)``: ``o_i = acc / l``, ``lse_i = m + log l``.
+    The query-block body of both forward kernels, :func:`forward_branch` and
+    :func:`gathered_forward`.
+    """
+    nq, dim = q_blk.shape
+    value_dim = v.shape[3]
+    one = q_blk.dtype.type(1.0)
+    k_blk = np.empty((BLOCK_K, dim), q_blk.dtype)
+    v_blk = np.empty((BLOCK_K, value_dim), q_blk.dtype)
+    scores_flat = np.empty(nq * BLOCK_K, q_blk.dtype)  # flat: every (rows, nk) view is contiguous
+    p_flat, pv_flat = np.empty(nq * BLOCK_K, q_blk.dtype), np.empty(nq * value_dim, q_blk.dtype)
+    m = np.full(nq, -np.inf, q_blk.dtype)  # max so far
+    l = np.zeros(nq, q_blk.dtype)  # softmax denominator so far
+    acc = np.zeros((nq, value_dim), q_blk.dtype)  # numerator P V so far
+    k_end = min(size, causal_key_count(q0 + nq - 1)) if causal else size
+    for k0 in range(0, k_end, BLOCK_K):
+        nk = min(BLOCK_K, k_end - k0)
+        gather(k, b, h, segment, k0, nk, k_blk, one)
+        gather(v, b, h, segment, k0, nk, v_blk, one)
+        i0 = first_attending_row(q0, k0, causal)  # causal diagonal: skip rows that see no key
+        scores = scores_flat[: (nq - i0) * nk].reshape((nq - i0, nk))
+        np.dot(q_blk[i0:], k_blk[:nk].T, scores)
+        online_softmax_step(scores, v_blk[:nk], m[i0:], l[i0:], acc[i0:], q0 + i0, k0, causal, p_flat, pv_flat)
+    return m, l, acc
+
+
 @njit(cache=True, parallel=True)
 def forward_branch(q, k, v, w, r, offsets, causal, scale, block_q, out, lse):
     """One branch of the forward, mixed into ``out (B, N, H, Dv)``, ``lse (B, N, H)`` in place."""
     batch, n, heads, dim = q.shape
-    value_dim = v.shape[3]
     num_segments = (n + w - 1) // w
     blocks = blocks_per_segment(n, w, r, block_q)
-    one = q.dtype.type(1.0)
     for item in prange(batch * heads * num_segments * blocks):
         b, h, o, s, q0, nq, size = block_of_item(item, n, heads, num_segments, blocks, w, r, offsets, block_q)
         segment = Segment(w, r, o, s)
@@ -297,22 +332,7 @@ def forward_branch(q, k, v, w, r, offsets, causal, scale, block_q, out, lse):
             continue
         q_blk = np.empty((nq, dim), q.dtype)
         gather(q, b, h, segment, q0, nq, q_blk, scale)  # pre-scaled: S = (scale Q) K^T
-        k_blk = np.empty((BLOCK_K, dim), q.dtype)
-        v_blk = np.empty((BLOCK_K, value_dim), q.dtype)
-        scores_flat = np.empty(nq * BLOCK_K, q.dtype)  # flat: every (rows, nk) view is contiguous
-        p_flat, pv_flat = np.empty(nq * BLOCK_K, q.dtype), np.empty(nq * value_dim, q.dtype)
-        m = np.full(nq, -np.inf, q.dtype)  # max so far
-        l = np.zeros(nq, q.dtype)  # softmax denominator so far
-        acc = np.zeros((nq, value_dim), q.dtype)  # numerator P V so far
-        k_end = min(size, causal_key_count(q0 + nq - 1)) if causal else size
-        for k0 in range(0, k_end, BLOCK_K):
-            nk = min(BLOCK_K, k_end - k0)
-            gather(k, b, h, segment, k0, nk, k_blk, one)
-            gather(v, b, h, segment, k0, nk, v_blk, one)
-            i0 = first_attending_row(q0, k0, causal)  # causal diagonal: skip rows that see no key
-            scores = scores_flat[: (nq - i0) * nk].reshape((nq - i0, nk))
-            np.dot(q_blk[i0:], k_blk[:nk].T, scores)
-            online_softmax_step(scores, v_blk[:nk], m[i0:], l[i0:], acc[i0:], q0 + i0, k0, causal, p_flat, pv_flat)
+        m, l, acc = attend_query_block(q_blk, k, v, b, h, segment, size, q0, causal)
         mix_into_output(out, lse, b, h, segment, q0, m, l, acc)
 
 
@@ -327,15 +347,21 @@ def probabilities(q_blk, k_blk, lse_blk, q0, k0, causal, scores, p):
     exp_shifted_block(scores, lse_blk, p)
     if causal:  # after the exp: exp(-inf - LSE) would be NaN for a row whose LSE is NaN (SPEC §7)
         mask_future(p, q0, k0, 0.0)
+    for i in range(p.shape[0]):
+        if lse_blk[i] == np.inf:  # a row without weight (see backward_lse): P = 0, even
+            p[i, :] = 0.0  # where its zeroed q meets an infinite key (0 * inf = NaN)
 
 
 @njit(cache=True)
-def score_gradient(p, do_blk, v_blk, dsum_blk, q0, k0, causal):
-    """``dS = P * (dO V^T - Dsum)``, exactly 0 on unattended pairs (even if dO V^T is NaN)."""
+def score_gradient(p, do_blk, v_blk, lse_blk, dsum_blk, q0, k0, causal):
+    """``dS = P * (dO V^T - Dsum)``, exactly 0 on unattended pairs (even if dO V^T is NaN) and on
+    the rows without weight (``lse_blk = +inf``, see :func:`backward_lse`)."""
     ds = np.dot(do_blk, v_blk.T)  # dP
     nq, nk = ds.shape
     for i in range(nq):
         limit = nk if not causal else min(nk, max(0, causal_key_count(q0 + i) - k0))
+        if lse_blk[i] == np.inf:
+            limit = 0  # attends no key: its dP may be 0 * inf = NaN
         for j in range(limit):
             ds[i, j] = p[i, j] * (ds[i, j] - dsum_blk[i])
         for j in range(limit, nk):
@@ -343,12 +369,24 @@ def score_gradient(p, do_blk, v_blk, dsum_blk, q0, k0, causal):
     return ds
 
 
+@njit(cache=True, inline="always")
+def backward_lse(lse):
+    """The ``LSE`` the backward uses for a query row: ``+inf`` for a row without weight (SPEC §5).
+
+    Such a row (``LSE = -inf``: every score ``-inf``) contributes nothing: with ``+inf``,
+    ``P = exp(S - LSE) = 0`` on its row (with ``-inf`` it would be ``exp(S + inf) = inf``), and
+    :func:`probabilities` and :func:`score_gradient` keep its ``P`` and ``dS`` exactly 0. Its
+    ``q`` and ``dO`` rows enter the kernels as 0 (:func:`_clear_rows_without_weight`).
+    """
+    return np.inf if lse == -np.inf else lse
+
+
 @njit(cache=True)
 def gather_row_statistics(lse, dsum, b, h, segment, q0, nq, lse_blk, dsum_blk):
-    """``LSE`` and ``Dsum`` of a query block; an uncovered row (``LSE = -inf``) gets ``+inf``: P = 0."""
+    """``LSE`` (by :func:`backward_lse`) and ``Dsum`` of a query block."""
     for i in range(nq):
         row = row_of(segment, q0 + i)
-        lse_blk[i] = lse[b, row, h] if lse[b, row, h] != -np.inf else np.inf
+        lse_blk[i] = backward_lse(lse[b, row, h])
         dsum_blk[i] = dsum[b, row, h]
 
 
@@ -358,7 +396,7 @@ def block_pair_backward(q_blk, do_blk, k_blk, v_blk, lse_blk, dsum_blk, q0, k0, 
     gradient blocks (``dq_blk``: ``dS K`` without the scale; ``dk_blk`` gets it from ``q_blk``)."""
     probabilities(q_blk, k_blk, lse_blk, q0, k0, causal, scores, p)
     attended_dot_add(dv_blk, p, do_blk, True, q0, k0, causal)  # dV += P^T dO
-    ds = score_gradient(p, do_blk, v_blk, dsum_blk, q0, k0, causal)
+    ds = score_gradient(p, do_blk, v_blk, lse_blk, dsum_blk, q0, k0, causal)
     attended_dot_add(dk_blk, ds, q_blk, True, q0, k0, causal)  # dK += dS^T (scale Q)
     attended_dot_add(dq_blk, ds, k_blk, False, q0, k0, causal)  # dQ += dS K
 
@@ -440,7 +478,7 @@ def backward_keys_branch(q, k, v, dout, lse, dsum, w, r, offsets, causal, scale,
             gather_row_statistics(lse, dsum, b, h, segment, q0, nq, lse_blk, dsum_blk)
             probabilities(q_blk[:nq], k_blk, lse_blk[:nq], q0, k0, causal, scores[:nq], p[:nq])
             attended_dot_add(dv_blk, p[:nq], do_blk[:nq], True, q0, k0, causal)
-            ds = score_gradient(p[:nq], do_blk[:nq], v_blk, dsum_blk[:nq], q0, k0, causal)
+            ds = score_gradient(p[:nq], do_blk[:nq], v_blk, lse_blk[:nq], dsum_blk[:nq], q0, k0, causal)
             attended_dot_add(dk_blk, ds, q_blk[:nq], True, q0, k0, causal)  # q_blk carries the scale
         scatter_add(dk, b, h, segment, k0, nk, dk_blk, one)
         scatter_add(dv, b, h, segment, k0, nk, dv_blk, one)
@@ -479,7 +517,7 @@ def backward_queries_branch(q, k, v, dout, lse, dsum, w, r, offsets, causal, sca
             scores = scores_flat[: (nq - i0) * nk].reshape((nq - i0, nk))
             p = p_flat[: (nq - i0) * nk].reshape((nq - i0, nk))
             probabilities(q_blk[i0:], k_blk[:nk], lse_blk[i0:], q0 + i0, k0, causal, scores, p)
-            ds = score_gradient(p, do_blk[i0:], v_blk[:nk], dsum_blk[i0:], q0 + i0, k0, causal)
+            ds = score_gradient(p, do_blk[i0:], v_blk[:nk], lse_blk[i0:], dsum_blk[i0:], q0 + i0, k0, causal)
             attended_dot_add(dq_blk[i0:], ds, k_blk[:nk], False, q0 + i0, k0, causal)
         scatter_add(dq, b, h, segment, q0, nq, dq_blk, scale)
 
@@ -493,9 +531,12 @@ def backward_queries_branch(q, k, v, dout, lse, dsum, w, r, offsets, causal, sca
 @njit(cache=True, parallel=True)
 def gathered_forward(q_rows, keys, values, first_query, causal, scale, block_q, out, lse):
     """``out (B, Hs, nq, Dv)``, ``lse (B, Hs, nq)`` of queries ``q_rows (B, Hs, nq, D)`` (segment
-    rows ``first_query + i``) against a whole sparse segment ``keys``, ``values (B, Hs, T, .)``."""
+    rows ``first_query + i``) against a whole sparse segment ``keys``, ``values (B, T, Hs, .)``
+    (rows first: the layout :func:`attend_query_block` reads, with ``Segment(T, 1, 0, 0)``
+    mapping segment row ``t`` to row ``t``)."""
     batch, heads, nq_all, dim = q_rows.shape
-    size, value_dim = keys.shape[2], values.shape[3]
+    size = keys.shape[1]
+    segment = Segment(size, 1, 0, 0)  # the gathered rows are the segment itself
     blocks = (nq_all + block_q - 1) // block_q
     for item in prange(batch * heads * blocks):
         b, h, _, index = work_item(item, heads, 1, blocks)
@@ -506,23 +547,12 @@ def gathered_forward(q_rows, keys, values, first_query, causal, scale, block_q, 
         for i in range(nq):
             for c in range(dim):
                 q_blk[i, c] = q_rows[b, h, i_start + i, c] * scale  # pre-scaled: S = (scale Q) K^T
-        scores_flat = np.empty(nq * BLOCK_K, q_rows.dtype)
-        p_flat, pv_flat = np.empty(nq * BLOCK_K, q_rows.dtype), np.empty(nq * value_dim, q_rows.dtype)
-        m = np.full(nq, -np.inf, q_rows.dtype)
-        l = np.zeros(nq, q_rows.dtype)
-        acc = np.zeros((nq, value_dim), q_rows.dtype)
-        k_end = min(size, causal_key_count(q0 + nq - 1)) if causal else size
-        for k0 in range(0, k_end, BLOCK_K):
-            k1 = min(k_end, k0 + BLOCK_K)
-            i0 = first_attending_row(q0, k0, causal)
-            scores = scores_flat[: (nq - i0) * (k1 - k0)].reshape((nq - i0, k1 - k0))
-            np.dot(q_blk[i0:], keys[b, h, k0:k1].T, scores)
-            online_softmax_step(scores, values[b, h, k0:k1], m[i0:], l[i0:], acc[i0:], q0 + i0, k0, causal, p_flat, pv_flat)
+        m, l, acc = attend_query_block(q_blk, keys, values, b, h, segment, size, q0, causal)
         for i in range(nq):
             if l[i] == 0.0:
                 continue  # no key attended: out 0, lse -inf (SPEC §3), as initialised
             lse[b, h, i_start + i] = m[i] + np.log(l[i])
-            for c in range(value_dim):
+            for c in range(acc.shape[1]):
                 out[b, h, i_start + i, c] = acc[i, c] / l[i]
 
 
@@ -541,7 +571,7 @@ def gathered_backward(q_rows, keys, values, dout_rows, lse_rows, dsum_rows, firs
                 q_seg[i, c] = q_rows[b, h, i, c] * scale  # pre-scaled
         lse_seg = np.empty(nq_all, q_rows.dtype)
         for i in range(nq_all):
-            lse_seg[i] = lse_rows[b, h, i] if lse_rows[b, h, i] != -np.inf else np.inf  # uncovered: P = 0
+            lse_seg[i] = backward_lse(lse_rows[b, h, i])
         scores_flat, p_flat = np.empty(block_q * BLOCK_K, q_rows.dtype), np.empty(block_q * BLOCK_K, q_rows.dtype)
         dq_seg = np.zeros((nq_all, dim), q_rows.dtype)
         for k0 in range(0, size, BLOCK_K):
@@ -567,7 +597,8 @@ def segment_forward(q_rows, keys, values, first_query, causal, scale):
     ``q_rows (B, Hs, nq, D)``, ``keys (B, Hs, T, D)``, ``values (B, Hs, T, Dv)`` ->
     ``(out (B, Hs, nq, Dv), lse (B, Hs, nq))``: the branch's ``o_i`` and ``lse_i`` of SPEC §3.
     """
-    q_rows, keys, values = (_kernel_input(x) for x in (q_rows, keys, values))
+    q_rows = _kernel_input(q_rows)
+    keys, values = (_kernel_input(x.transpose(0, 2, 1, 3)) for x in (keys, values))  # (B, T, Hs, .): rows first
     batch, heads, nq, _ = q_rows.shape
     out = np.zeros((batch, heads, nq, values.shape[3]), q_rows.dtype)
     lse = np.full((batch, heads, nq), -np.inf, q_rows.dtype)
@@ -584,6 +615,7 @@ def segment_backward(q_rows, keys, values, dout_rows, lse_rows, dsum_rows, first
     rows (SPEC §5): ``dq (B, Hs, nq, D)``, partial ``dk (B, Hs, T, D)`` and ``dv (B, Hs, T, Dv)``."""
     arrays = (q_rows, keys, values, dout_rows, lse_rows, dsum_rows)
     q_rows, keys, values, dout_rows, lse_rows, dsum_rows = (_kernel_input(x) for x in arrays)
+    weightless, q_rows, dout_rows = _clear_rows_without_weight(lse_rows, q_rows, dout_rows)
     dq, dk, dv = np.zeros_like(q_rows), np.zeros_like(keys), np.zeros_like(values)
     if q_rows.shape[2] and keys.shape[2]:
         with threadpool_limits(1, user_api="blas"):
@@ -591,7 +623,24 @@ def segment_backward(q_rows, keys, values, dout_rows, lse_rows, dsum_rows, first
                 q_rows, keys, values, dout_rows, lse_rows, dsum_rows, int(first_query), bool(causal),
                 q_rows.dtype.type(scale), QUERY_BLOCK[causal], dq, dk, dv,
             )
+    if weightless is not None:
+        dq[weightless] = 0.0  # a row without weight has no gradient, even against an infinite key
     return dq, dk, dv
+
+
+def _clear_rows_without_weight(lse, q, dout):
+    """SPEC §5: a query row without weight (``LSE = -inf``: every score ``-inf``) contributes 0.
+
+    Its ``q`` and ``dO`` rows (``-inf``, perhaps NaN) enter the kernels as 0, so the zeros of
+    ``P`` and ``dS`` on that row (:func:`backward_lse`) never multiply an infinity.
+    ``lse (..., L)``, ``q (..., L, D)``, ``dout (..., L, Dv)``, with the same leading axes.
+    Returns ``(weightless (..., L) or None, q, dout)``; the inputs when there is no such row.
+    """
+    weightless = lse == -np.inf
+    if not weightless.any():
+        return None, q, dout
+    keep = ~weightless[..., None]
+    return weightless, np.where(keep, q, 0), np.where(keep, dout, 0)
 
 
 def segments_per_branch(batch, n, heads, segment_length):
@@ -630,6 +679,7 @@ def forward(q, k, v, branches, causal, scale, offsets):
 def backward(dout, q, k, v, out, lse, branches, causal, scale, offsets):
     """Exact gradient (SPEC §5); inputs validated by ``longnet_ref.attention``."""
     dout, q, k, v, out, lse = (_kernel_input(x) for x in (dout, q, k, v, out, lse))
+    weightless, q, dout = _clear_rows_without_weight(lse, q, dout)
     dsum = (dout * out).sum(axis=-1)  # (B, N, H)  Dsum = rowsum(dO * O)
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     if q.shape[1] == 0:
@@ -646,6 +696,8 @@ def backward(dout, q, k, v, out, lse, branches, causal, scale, offsets):
             else:  # too few segments to keep every core busy: split segments into blocks
                 backward_keys_branch(*args, dk, dv)
                 backward_queries_branch(*args, dq)
+    if weightless is not None:
+        dq[weightless] = 0.0  # a row without weight has no gradient, even against an infinite key
     return dq, dk, dv
 
 
