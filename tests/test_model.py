@@ -1,12 +1,17 @@
 """The LongNet language model (``longnet_ref.model``): gradients, drop-in equivalence, learning, bad input."""
 
 import dataclasses
+import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
+from scipy.special import logsumexp
 
 from longnet_ref import model as lm
-from longnet_ref.dense import dense_attention
+
+from . import oracle
+from .tolerances import F32, FINITE_DIFFERENCE_STEP, FINITE_DIFFERENCES, MODEL_F64, SUMMATION
 
 KINDS = ("dilated", "dense", "window")
 
@@ -23,33 +28,6 @@ def tiny_batch(config, n=8, batch=2, seed=0):
     targets = rng.integers(0, config.vocab_size, (batch, n))
     mask = rng.random((batch, n)) < 0.7
     return tokens, targets, mask
-
-
-@pytest.mark.parametrize("rope", [True, False], ids=["rope", "no-rope"])
-@pytest.mark.parametrize("kind", KINDS)
-def test_whole_model_gradient_matches_central_differences(kind, rope):
-    """``<grad, u>`` equals ``(L(theta + e u) - L(theta - e u)) / 2e`` along random directions ``u``.
-
-    float64 with ``e = 1e-6``: the truncation error ``e^2 L''' / 6`` measured ~1e-9 here (the
-    perturbed weights make ``L'''`` large; it shrinks 100x per 10x smaller ``e``) and the
-    rounding error ``|L| eps_64 / e ~ 1e-9``; the bound ``1e-6 max(|numeric|, 1e-2)`` is 10x
-    above both yet catches any missing or wrong term (a wrong gradient is off by O(1)). A direction per parameter tensor checks every
-    tensor on its own, so an error in a small tensor cannot hide behind a large one.
-    """
-    config = tiny_config(attention=kind, rope=rope, window=3 if kind == "window" else None)
-    params = lm.init_params(config)
-    rng = np.random.default_rng(1)
-    params = {k: v + 0.3 * rng.standard_normal(v.shape) for k, v in params.items()}  # off the symmetric init
-    tokens, targets, mask = tiny_batch(config)
-    _, grads = lm.loss_and_grads(config, params, tokens, targets, mask)
-    eps = 1e-6
-    for name in params:
-        u = rng.standard_normal(params[name].shape)
-        plus = lm.loss_and_grads(config, params | {name: params[name] + eps * u}, tokens, targets, mask)[0]
-        minus = lm.loss_and_grads(config, params | {name: params[name] - eps * u}, tokens, targets, mask)[0]
-        numeric = (plus - minus) / (2 * eps)
-        analytic = float(np.sum(grads[name] * u))
-        assert abs(numeric - analytic) <= 1e-6 * max(abs(numeric), 1e-2), name
 
 
 def test_gradients_have_the_params_names_shapes_and_dtype():
@@ -82,34 +60,134 @@ def test_one_full_segment_without_dilation_equals_the_dense_model(n):
         np.testing.assert_allclose(grads_a[name], grads_b[name], rtol=1e-9, atol=1e-12, err_msg=name)
 
 
-def test_forward_matches_a_plain_transformer_written_out_here():
-    """An independent one-layer forward (written from the equations with ``dense_attention``)."""
-    config = tiny_config(attention="dense", n_layers=1, rope=False)
-    params = lm.init_params(config)
-    rng = np.random.default_rng(5)
-    params = {k: v + 0.2 * rng.standard_normal(v.shape) for k, v in params.items()}
-    tokens = rng.integers(0, config.vocab_size, (2, 7))
+# ---- the model written out from its equations ---------------------------------------------------
+#
+# An independent forward: every layer is written here from the equations of the module docstring
+# (GPT-2 pre-norm blocks, tied head), attention by the loop oracle of ``tests/oracle.py`` (which
+# shares no code with the library), RoPE as a complex rotation ``(x_2j + i x_2j+1) e^{i n theta_j}``
+# (not the library's cos/sin pairs), the loss as ``logsumexp - z_target`` averaged over the mask.
+# A bug in a library layer mirrored in its backward is invisible to finite differences of the
+# library's own forward; here both the logits and the gradient meet an outside computation.
 
-    def layernorm(x, name):
-        mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
-        return (x - mu) / np.sqrt(var + 1e-5) * params[name + ".weight"] + params[name + ".bias"]
 
-    def linear(x, name):
-        return x @ params[name + ".weight"].T + params[name + ".bias"]
+def independent_layernorm(x, weight, bias):
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)  # biased variance, eps 1e-5 (torch)
+    return (x - mu) / np.sqrt(var + 1e-5) * weight + bias
 
-    def gelu(x):  # tanh form (GPT-2)
-        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
-    B, N, C, H = 2, 7, config.d_model, config.n_heads
-    x = params["wte.weight"][tokens]
-    h = layernorm(x, "h.0.ln_1")
-    q, k, v = (linear(h, f"h.0.attn.{p}_proj").reshape(B, N, H, C // H) for p in "qkv")
-    x = x + linear(dense_attention(q, k, v, causal=True).reshape(B, N, C), "h.0.attn.out_proj")
-    x = x + linear(gelu(linear(layernorm(x, "h.0.ln_2"), "h.0.mlp.fc1")), "h.0.mlp.fc2")
-    expected = layernorm(x, "ln_f") @ params["wte.weight"].T
+def independent_gelu(x):  # the tanh approximation (GPT-2)
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def independent_rope(x, positions):
+    """Rotate pair ``j`` of every head at position ``n`` by ``n * 10000^(-2j/D)``, as complex numbers."""
+    head_dim = x.shape[-1]
+    angle = np.asarray(positions, np.float64)[..., None] * 10000.0 ** (-np.arange(0, head_dim, 2) / head_dim)  # (.., N, D/2)
+    z = (x[..., 0::2] + 1j * x[..., 1::2]) * np.exp(1j * angle)[..., None, :]  # (B, N, H, D/2)
+    return np.stack([z.real, z.imag], axis=-1).reshape(x.shape)
+
+
+def independent_window(config):
+    """``W = ceil(sum_i w_i / r_i^2)`` (the same per-token cost), unless the config gives it."""
+    if config.window is not None:
+        return config.window
+    return math.ceil(sum(Fraction(w, r * r) for w, r in zip(config.segment_lengths, config.dilation_rates)))
+
+
+def independent_attention(config, params, prefix, x, positions):
+    """Projections, RoPE at ``positions``, the kind's attention by the loop oracle, ``out_proj``."""
+    B, N, C = x.shape
+    H = config.n_heads
+    linear = lambda t, name: t @ params[f"{prefix}{name}.weight"].T + params[f"{prefix}{name}.bias"]
+    q, k, v = (linear(x, f"{p}_proj").reshape(B, N, H, C // H) for p in "qkv")  # (B, N, H, D)
+    if config.rope:
+        q, k = independent_rope(q, positions), independent_rope(k, positions)
+    if config.attention == "dense":
+        o, _ = oracle.attention(q, k, v, causal=config.causal)
+    else:
+        branches = (config.segment_lengths, config.dilation_rates) if config.attention == "dilated" else ([independent_window(config)], [1])
+        o, _ = oracle.dilated_attention(q, k, v, *branches, causal=config.causal, offsets=config.offsets)
+    return linear(o.reshape(B, N, C), "out_proj")
+
+
+def independent_logits(config, params, tokens):
+    """``logits = LN_f(x^L) E^T`` with ``x^l = x' + MLP(LN_2(x'))``, ``x' = x + Attn(LN_1(x))``, ``x^0 = E[t]``."""
+    p = params
+    linear = lambda t, name: t @ p[name + ".weight"].T + p[name + ".bias"]
+    x = p["wte.weight"][tokens]  # (B, N, C)
+    positions = np.arange(tokens.shape[1])
+    for layer in range(config.n_layers):
+        h = f"h.{layer}."
+        x = x + independent_attention(config, p, h + "attn.", independent_layernorm(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"]), positions)
+        hidden = independent_gelu(linear(independent_layernorm(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"]), h + "mlp.fc1"))
+        x = x + linear(hidden, h + "mlp.fc2")
+    return independent_layernorm(x, p["ln_f.weight"], p["ln_f.bias"]) @ p["wte.weight"].T  # (B, N, V)
+
+
+def independent_loss(config, params, tokens, targets, mask):
+    """``(1/|mask|) sum_{(b, n) in mask} (logsumexp(z[b, n]) - z[b, n, targets[b, n]])``."""
+    z = independent_logits(config, params, tokens)
+    picked = np.take_along_axis(z, targets[..., None], -1)[..., 0]
+    return float(((logsumexp(z, axis=-1) - picked) * mask).sum() / mask.sum())
+
+
+INDEPENDENT_CASES = {
+    "dilated": {},
+    "dilated-torchscale-3-heads": {"offsets": "torchscale", "n_heads": 4, "d_model": 8, "rope": False, "segment_lengths": (3, 8), "dilation_rates": (2, 3)},
+    "dilated-non-causal": {"causal": False, "segment_lengths": (4, 3), "dilation_rates": (2, 1)},
+    "dense": {"attention": "dense"},
+    "window": {"attention": "window", "window": 3},
+    "window-derived": {"attention": "window", "causal": False},  # W = ceil(2/1 + 4/4) = 3
+}
+
+
+def perturbed(config, scale=0.3, seed=1):
+    """Off the init (zero biases, unit gains, tiny weights), so every term of every layer matters."""
+    rng = np.random.default_rng(seed)
+    return {k: v + scale * rng.standard_normal(v.shape).astype(v.dtype) for k, v in lm.init_params(config).items()}
+
+
+@pytest.mark.parametrize("case", list(INDEPENDENT_CASES))
+def test_forward_and_masked_loss_equal_the_model_written_out_from_its_equations(case):
+    config = tiny_config(**INDEPENDENT_CASES[case])
+    params = perturbed(config)
+    tokens, targets, mask = tiny_batch(config, n=9)
+    assert 0 < mask.sum() < mask.size  # a partial mask: the loss must skip the unmasked targets
     logits, _ = lm.forward(config, params, tokens)
-    # float64, the same operations in a different grouping: agreement to rounding
-    np.testing.assert_allclose(logits, expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(logits, independent_logits(config, params, tokens), **MODEL_F64)
+    loss, _ = lm.loss_and_grads(config, params, tokens, targets, mask)
+    np.testing.assert_allclose(loss, independent_loss(config, params, tokens, targets, mask), **MODEL_F64)
+    full_loss, _ = lm.loss_and_grads(config, params, tokens, targets)  # mask=None: every target
+    np.testing.assert_allclose(full_loss, independent_loss(config, params, tokens, targets, np.ones_like(mask)), **MODEL_F64)
+
+
+@pytest.mark.parametrize("case", ["dilated", "dense", "window-derived", "dilated-torchscale-3-heads"])
+def test_gradients_are_the_derivatives_of_the_independent_loss(case):
+    """``<grad, u>`` of ``loss_and_grads`` equals the central difference of the *independent* loss
+    along a random ``u`` per tensor, with a partial mask: a bug in the library's forward mirrored in
+    its backward (same wrong function, consistent gradient) fails here."""
+    config = tiny_config(**INDEPENDENT_CASES[case])
+    params = perturbed(config)
+    tokens, targets, mask = tiny_batch(config, n=7)
+    _, grads = lm.loss_and_grads(config, params, tokens, targets, mask)
+    rng = np.random.default_rng(4)
+    eps = FINITE_DIFFERENCE_STEP
+    for name in params:
+        u = rng.standard_normal(params[name].shape)
+        plus = independent_loss(config, params | {name: params[name] + eps * u}, tokens, targets, mask)
+        minus = independent_loss(config, params | {name: params[name] - eps * u}, tokens, targets, mask)
+        numeric, analytic = (plus - minus) / (2 * eps), float(np.sum(grads[name] * u))
+        assert abs(numeric - analytic) <= FINITE_DIFFERENCES["atol"] + FINITE_DIFFERENCES["rtol"] * abs(numeric), (name, numeric, analytic)
+
+
+def test_float32_model_equals_the_independent_float64_model():
+    config = tiny_config(dtype="float32")
+    params = perturbed(config)
+    tokens, _, _ = tiny_batch(config, n=9)
+    logits, _ = lm.forward(config, params, tokens)
+    assert logits.dtype == np.float32
+    params64 = {k: v.astype(np.float64) for k, v in params.items()}
+    np.testing.assert_allclose(logits, independent_logits(dataclasses.replace(config, dtype="float64"), params64, tokens), **SUMMATION[F32])
 
 
 def test_the_model_is_causal():
