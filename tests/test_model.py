@@ -2,16 +2,14 @@
 
 import dataclasses
 import math
-from fractions import Fraction
 
 import numpy as np
 import pytest
-from scipy.special import logsumexp
 
 from longnet_ref import model as lm
 
 from . import oracle
-from .tolerances import F32, FINITE_DIFFERENCE_STEP, FINITE_DIFFERENCES, MODEL_F64, SUMMATION
+from .tolerances import F32, FINITE_DIFFERENCE_STEP, FINITE_DIFFERENCES, MODEL_F64, SUMMATION, sample_mean_atol, sample_std_rtol
 
 KINDS = ("dilated", "dense", "window")
 
@@ -60,76 +58,10 @@ def test_one_full_segment_without_dilation_equals_the_dense_model(n):
         np.testing.assert_allclose(grads_a[name], grads_b[name], rtol=1e-9, atol=1e-12, err_msg=name)
 
 
-# ---- the model written out from its equations ---------------------------------------------------
+# ---- the model written out from its equations (tests/oracle.py) -----------------------------------
 #
-# An independent forward: every layer is written here from the equations of the module docstring
-# (GPT-2 pre-norm blocks, tied head), attention by the loop oracle of ``tests/oracle.py`` (which
-# shares no code with the library), RoPE as a complex rotation ``(x_2j + i x_2j+1) e^{i n theta_j}``
-# (not the library's cos/sin pairs), the loss as ``logsumexp - z_target`` averaged over the mask.
 # A bug in a library layer mirrored in its backward is invisible to finite differences of the
 # library's own forward; here both the logits and the gradient meet an outside computation.
-
-
-def independent_layernorm(x, weight, bias):
-    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)  # biased variance, eps 1e-5 (torch)
-    return (x - mu) / np.sqrt(var + 1e-5) * weight + bias
-
-
-def independent_gelu(x):  # the tanh approximation (GPT-2)
-    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
-
-
-def independent_rope(x, positions):
-    """Rotate pair ``j`` of every head at position ``n`` by ``n * 10000^(-2j/D)``, as complex numbers."""
-    head_dim = x.shape[-1]
-    angle = np.asarray(positions, np.float64)[..., None] * 10000.0 ** (-np.arange(0, head_dim, 2) / head_dim)  # (.., N, D/2)
-    z = (x[..., 0::2] + 1j * x[..., 1::2]) * np.exp(1j * angle)[..., None, :]  # (B, N, H, D/2)
-    return np.stack([z.real, z.imag], axis=-1).reshape(x.shape)
-
-
-def independent_window(config):
-    """``W = ceil(sum_i w_i / r_i^2)`` (the same per-token cost), unless the config gives it."""
-    if config.window is not None:
-        return config.window
-    return math.ceil(sum(Fraction(w, r * r) for w, r in zip(config.segment_lengths, config.dilation_rates)))
-
-
-def independent_attention(config, params, prefix, x, positions):
-    """Projections, RoPE at ``positions``, the kind's attention by the loop oracle, ``out_proj``."""
-    B, N, C = x.shape
-    H = config.n_heads
-    linear = lambda t, name: t @ params[f"{prefix}{name}.weight"].T + params[f"{prefix}{name}.bias"]
-    q, k, v = (linear(x, f"{p}_proj").reshape(B, N, H, C // H) for p in "qkv")  # (B, N, H, D)
-    if config.rope:
-        q, k = independent_rope(q, positions), independent_rope(k, positions)
-    if config.attention == "dense":
-        o, _ = oracle.attention(q, k, v, causal=config.causal)
-    else:
-        branches = (config.segment_lengths, config.dilation_rates) if config.attention == "dilated" else ([independent_window(config)], [1])
-        o, _ = oracle.dilated_attention(q, k, v, *branches, causal=config.causal, offsets=config.offsets)
-    return linear(o.reshape(B, N, C), "out_proj")
-
-
-def independent_logits(config, params, tokens):
-    """``logits = LN_f(x^L) E^T`` with ``x^l = x' + MLP(LN_2(x'))``, ``x' = x + Attn(LN_1(x))``, ``x^0 = E[t]``."""
-    p = params
-    linear = lambda t, name: t @ p[name + ".weight"].T + p[name + ".bias"]
-    x = p["wte.weight"][tokens]  # (B, N, C)
-    positions = np.arange(tokens.shape[1])
-    for layer in range(config.n_layers):
-        h = f"h.{layer}."
-        x = x + independent_attention(config, p, h + "attn.", independent_layernorm(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"]), positions)
-        hidden = independent_gelu(linear(independent_layernorm(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"]), h + "mlp.fc1"))
-        x = x + linear(hidden, h + "mlp.fc2")
-    return independent_layernorm(x, p["ln_f.weight"], p["ln_f.bias"]) @ p["wte.weight"].T  # (B, N, V)
-
-
-def independent_loss(config, params, tokens, targets, mask):
-    """``(1/|mask|) sum_{(b, n) in mask} (logsumexp(z[b, n]) - z[b, n, targets[b, n]])``."""
-    z = independent_logits(config, params, tokens)
-    picked = np.take_along_axis(z, targets[..., None], -1)[..., 0]
-    return float(((logsumexp(z, axis=-1) - picked) * mask).sum() / mask.sum())
-
 
 INDEPENDENT_CASES = {
     "dilated": {},
@@ -154,11 +86,11 @@ def test_forward_and_masked_loss_equal_the_model_written_out_from_its_equations(
     tokens, targets, mask = tiny_batch(config, n=9)
     assert 0 < mask.sum() < mask.size  # a partial mask: the loss must skip the unmasked targets
     logits, _ = lm.forward(config, params, tokens)
-    np.testing.assert_allclose(logits, independent_logits(config, params, tokens), **MODEL_F64)
+    np.testing.assert_allclose(logits, oracle.lm_logits(config, params, tokens), **MODEL_F64)
     loss, _ = lm.loss_and_grads(config, params, tokens, targets, mask)
-    np.testing.assert_allclose(loss, independent_loss(config, params, tokens, targets, mask), **MODEL_F64)
+    np.testing.assert_allclose(loss, oracle.lm_loss(config, params, tokens, targets, mask), **MODEL_F64)
     full_loss, _ = lm.loss_and_grads(config, params, tokens, targets)  # mask=None: every target
-    np.testing.assert_allclose(full_loss, independent_loss(config, params, tokens, targets, np.ones_like(mask)), **MODEL_F64)
+    np.testing.assert_allclose(full_loss, oracle.lm_loss(config, params, tokens, targets, np.ones_like(mask)), **MODEL_F64)
 
 
 @pytest.mark.parametrize("case", ["dilated", "dense", "window-derived", "dilated-torchscale-3-heads"])
@@ -174,8 +106,8 @@ def test_gradients_are_the_derivatives_of_the_independent_loss(case):
     eps = FINITE_DIFFERENCE_STEP
     for name in params:
         u = rng.standard_normal(params[name].shape)
-        plus = independent_loss(config, params | {name: params[name] + eps * u}, tokens, targets, mask)
-        minus = independent_loss(config, params | {name: params[name] - eps * u}, tokens, targets, mask)
+        plus = oracle.lm_loss(config, params | {name: params[name] + eps * u}, tokens, targets, mask)
+        minus = oracle.lm_loss(config, params | {name: params[name] - eps * u}, tokens, targets, mask)
         numeric, analytic = (plus - minus) / (2 * eps), float(np.sum(grads[name] * u))
         assert abs(numeric - analytic) <= FINITE_DIFFERENCES["atol"] + FINITE_DIFFERENCES["rtol"] * abs(numeric), (name, numeric, analytic)
 
@@ -187,7 +119,7 @@ def test_float32_model_equals_the_independent_float64_model():
     logits, _ = lm.forward(config, params, tokens)
     assert logits.dtype == np.float32
     params64 = {k: v.astype(np.float64) for k, v in params.items()}
-    np.testing.assert_allclose(logits, independent_logits(dataclasses.replace(config, dtype="float64"), params64, tokens), **SUMMATION[F32])
+    np.testing.assert_allclose(logits, oracle.lm_logits(dataclasses.replace(config, dtype="float64"), params64, tokens), **SUMMATION[F32])
 
 
 def test_the_model_is_causal():
@@ -208,6 +140,35 @@ def test_init_is_deterministic_from_the_seed():
     c = lm.init_params(tiny_config(seed=8))
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert not np.array_equal(a["wte.weight"], c["wte.weight"])
+
+
+def assert_normal_sample(values, std, name):
+    """Mean 0 and standard deviation ``std`` within the sampling error (tests/tolerances.py)."""
+    assert abs(values.mean()) <= sample_mean_atol(values.size, std), name
+    assert values.std() == pytest.approx(std, rel=sample_std_rtol(values.size, kurtosis=3)), name
+
+
+def test_init_statistics_follow_gpt2_for_every_tensor_class():
+    """N(0, 0.02^2) weights and embedding, N(0, (0.02/sqrt(2L))^2) for the two projections that
+    write into the residual stream (out_proj, fc2), biases 0, LayerNorm gains 1; L = 3 layers so
+    that sqrt(2L) differs from sqrt(L), sqrt(2(L+1)), 2L by more than the sampling error."""
+    config = lm.LongNetConfig(vocab_size=96, d_model=128, n_layers=3, n_heads=4, dtype="float32", seed=11)
+    params = lm.init_params(config)
+    residual_std = 0.02 / math.sqrt(2 * 3)
+    for name, value in params.items():
+        assert value.dtype == np.float32, name
+        values = value.astype(np.float64)
+        if name.endswith(("ln_1.weight", "ln_2.weight")) or name == "ln_f.weight":
+            np.testing.assert_array_equal(values, 1.0, err_msg=name)
+        elif name.endswith(".bias"):
+            np.testing.assert_array_equal(values, 0.0, err_msg=name)
+        elif name.endswith(("attn.out_proj.weight", "mlp.fc2.weight")):
+            assert_normal_sample(values, residual_std, name)
+        else:  # wte, q/k/v projections, fc1
+            assert_normal_sample(values, 0.02, name)
+    # every layer draws its own values
+    assert not np.array_equal(params["h.0.attn.q_proj.weight"], params["h.1.attn.q_proj.weight"])
+    assert not np.array_equal(params["h.0.attn.q_proj.weight"], params["h.0.attn.k_proj.weight"])
 
 
 def test_overfits_a_tiny_fixed_batch():

@@ -89,3 +89,23 @@ LAYER_F64 = dict(rtol=1e-10, atol=1e-11)
 # sums of <= 4C = 32 terms and softmaxes over <= 11 keys/tokens, summed in different orders:
 # ~1e-14 relative; 1e-9 leaves room and still fails any wrong term (O(1e-2) or more).
 MODEL_F64 = dict(rtol=1e-9, atol=1e-10)
+
+# Initialisation statistics: a sample of n i.i.d. draws. The sample standard deviation's
+# standard error is sigma sqrt((kappa - 1) / (4 n)) (kappa: the kurtosis, 3 for a normal, 9/5 for a
+# uniform), the sample mean's sigma / sqrt(n). Six standard errors: a correct init fails with
+# probability < 2e-9 (and the seeds are fixed, so a run is deterministic), while a wrong gain
+# (1 vs 1/sqrt(2), sqrt(L) vs sqrt(2L): >= 15 % off) is many standard errors out at n >= 4096.
+# The maximum of n uniform draws on [-a, a] falls below a (1 - delta) with probability
+# (1 - delta)^n: delta = 1e-3 at n >= 16384 gives < 1e-7.
+INIT_STANDARD_ERRORS = 6
+UNIFORM_MAX_SLACK = 1e-3
+
+
+def sample_std_rtol(count, kurtosis):
+    """Relative tolerance of a sample standard deviation of ``count`` draws (see above)."""
+    return INIT_STANDARD_ERRORS * ((kurtosis - 1) / (4 * count)) ** 0.5
+
+
+def sample_mean_atol(count, std):
+    """Absolute tolerance of a sample mean of ``count`` draws of standard deviation ``std``."""
+    return INIT_STANDARD_ERRORS * std / count**0.5
