@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
+from scipy.stats import chisquare
 
 from longnet_ref import model as lm
 from longnet_ref.cli import main
-from longnet_ref.generate import Decoder, generate, new_caches
+from longnet_ref.generate import Decoder, generate, new_caches, sample
 
 CASES = {
     # ragged segments (N = 23 is no multiple of any w), r > w, more heads than dilation and fewer
@@ -80,6 +81,82 @@ def test_sampling_is_deterministic_from_the_seed_and_respects_top_k():
     np.testing.assert_array_equal(a, b)
     top1 = generate(config, params, prompt, 8, temperature=1.0, top_k=1, seed=6)
     np.testing.assert_array_equal(top1, generate(config, params, prompt, 8, temperature=0))
+
+
+def softmax_with_temperature(logits, temperature):
+    """``softmax(z / T)`` of one row, in float64, written out."""
+    z = np.asarray(logits, np.float64) / temperature
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def frequencies_fit(counts, probabilities):
+    """Pearson's chi-square goodness of fit: True unless ``p < 1e-6``. Bins expected below 5 draws are
+    pooled (the chi-square approximation needs >= 5 per bin). The seeds are fixed, so the verdict is
+    deterministic; 1e-6 keeps a correct sampler passing for any seed with near certainty, while a wrong
+    temperature (softmax(z T) instead of softmax(z / T)) gives p far below 1e-100 at these sizes."""
+    expected = probabilities * counts.sum()
+    big = expected >= 5
+    observed = np.append(counts[big], counts[~big].sum())
+    expected = np.append(expected[big], expected[~big].sum())
+    if expected[-1] == 0:
+        observed, expected = observed[:-1], expected[:-1]
+    return chisquare(observed, expected).pvalue > 1e-6
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0, 0.8])
+def test_sampling_draws_from_the_softmax_of_the_logits_over_the_temperature(temperature):
+    logits = np.array([0.0, 1.0, 2.0, 3.0, -1.0, 2.5])
+    draws = sample(np.tile(logits, (6000, 1)), np.random.default_rng(11), temperature)  # (B,) one token per row
+    assert draws.shape == (6000,)
+    counts = np.bincount(draws, minlength=6)
+    assert frequencies_fit(counts, softmax_with_temperature(logits, temperature))
+    assert not frequencies_fit(counts, softmax_with_temperature(logits, 1.0))  # the test tells temperatures apart
+
+
+def test_top_k_sampling_draws_from_the_k_largest_renormalised():
+    logits = np.array([0.0, 1.0, 2.0, 3.0, -1.0, 2.5])
+    draws = sample(np.tile(logits, (6000, 1)), np.random.default_rng(12), 0.7, top_k=3)
+    counts = np.bincount(draws, minlength=6)
+    assert counts[[0, 1, 4]].sum() == 0  # only tokens 2, 5, 3 (the three largest)
+    kept = np.where(np.isin(np.arange(6), [2, 3, 5]), logits, -np.inf)
+    assert frequencies_fit(counts, softmax_with_temperature(kept, 0.7))
+
+
+def test_greedy_sampling_is_the_arg_max_of_each_row():
+    logits = np.random.default_rng(0).standard_normal((50, 9))
+    np.testing.assert_array_equal(sample(logits, np.random.default_rng(0), 0), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("max_new_tokens", [0, 1, 4])
+def test_generate_emits_exactly_max_new_tokens_after_the_prompt(max_new_tokens):
+    config = config_for("dilated")
+    params = perturbed_params(config)
+    prompt = np.array([[3, 1, 4], [1, 5, 9]])
+    streamed = []
+    out = generate(config, params, prompt, max_new_tokens, temperature=0.9, seed=1, on_token=streamed.append)
+    assert out.shape == (2, 3 + max_new_tokens)
+    np.testing.assert_array_equal(out[:, :3], prompt)
+    assert len(streamed) == max_new_tokens
+    for i, token in enumerate(streamed):
+        np.testing.assert_array_equal(token, out[:, 3 + i])
+    assert generate(config, params, prompt[0], max_new_tokens, seed=1).shape == (3 + max_new_tokens,)
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.6, None), (1.7, 4)])
+def test_generated_tokens_follow_the_forwards_softmax_over_the_temperature(temperature, top_k):
+    """3000 copies of one prompt, one new token each: their frequencies are ``softmax(z / T)`` of the
+    full forward's last logits (restricted to the ``top_k`` largest)."""
+    config = config_for("window")
+    params = perturbed_params(config)
+    prompt = np.array([2, 7, 1, 8])
+    logits, _ = lm.forward(config, params, prompt[None])
+    z = logits[0, -1]
+    if top_k is not None:
+        z = np.where(z >= np.sort(z)[-top_k], z, -np.inf)
+    out = generate(config, params, np.tile(prompt, (3000, 1)), 1, temperature=temperature, top_k=top_k, seed=3)
+    counts = np.bincount(out[:, -1], minlength=config.vocab_size)
+    assert frequencies_fit(counts, softmax_with_temperature(z, temperature))
 
 
 def test_the_dilated_caches_stay_bounded_while_generating():
