@@ -5,11 +5,11 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from longnet_ref import dilated_attention, dilated_attention_backward, multiplicity
+from longnet_ref import dense_attention, dilated_attention, dilated_attention_backward, multiplicity
 
 from . import oracle
 from .strategies import Problem, problems
-from .tolerances import LARGE_SCORES_GRAD, LARGE_SCORES_LSE, LARGE_SCORES_OUT
+from .tolerances import LARGE_SCORES_GRAD, LARGE_SCORES_LSE, LARGE_SCORES_OUT, SUMMATION
 
 
 @settings(max_examples=100, deadline=None)
@@ -174,3 +174,25 @@ def test_a_query_whose_every_score_is_minus_infinity_has_no_weight_and_no_gradie
     np.testing.assert_allclose(dq, want_dq, rtol=1e-10, atol=1e-11)
     np.testing.assert_allclose(dv, want_dv, rtol=1e-10, atol=1e-11)
     assert (dq[0, 5, 0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_dense_attention_never_reads_a_key_that_a_minus_inf_bias_masks_for_every_row(dtype, bad):
+    """Keys 3 and 7 hold NaN or Inf and a ``-inf`` bias masks them for every query: the masked score
+    is replaced, not added to (``NaN + -inf = NaN`` would reach every row through the row max), so
+    every output and lse is finite and equals the loop oracle, which never reads a masked pair."""
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((2, 10, 2, 3)).astype(dtype) for _ in range(3))
+    k[:, [3, 7]] = bad
+    bias = rng.standard_normal((1, 2, 10, 10))
+    bias[..., [3, 7]] = -np.inf
+    bias[0, 1, 5, :] = -np.inf  # and one row with no key at all: out 0, lse -inf
+    for causal in (False, True):
+        with np.errstate(invalid="ignore"):  # the masked NaN scores are computed, then replaced
+            out, lse = dense_attention(q, k, v, bias=bias, causal=causal, return_lse=True)
+        want_out, want_lse = oracle.attention(q, k, v, bias=bias, causal=causal)
+        assert np.isfinite(out).all()
+        np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
+        np.testing.assert_allclose(out, want_out, **SUMMATION[np.dtype(dtype)])
+        np.testing.assert_allclose(lse, want_lse, **SUMMATION[np.dtype(dtype)])

@@ -16,16 +16,9 @@ from longnet_ref.backends import numba_cpu
 from longnet_ref.backends.numba_exp import exp_shifted
 
 from .strategies import Problem, problems
+from .tolerances import NUMBA
 
-# The kernels sum in blocks of 128 rows and use their own exp (max relative error 1.5e-7 in
-# float32, 4.5e-16 in float64: the bound numba_exp states and the exp test below checks):
-# against the reference they differ by rounding only.
-# float64: sums of <= ~3000 terms of unit roundoff 1.1e-16 -> ~3e-13 relative; 1e-12 covers it.
-# float32: the same sums at 6e-8 plus the exp's 1.5e-7 -> ~2e-4 worst case, ~1e-6 typical.
-AGREEMENT = {
-    np.dtype(np.float64): {"rtol": 1e-12, "atol": 1e-12},
-    np.dtype(np.float32): {"rtol": 2e-4, "atol": 2e-5},
-}
+AGREEMENT = NUMBA  # tests/tolerances.py: the kernels against the reference, rounding only
 
 
 def both_backends(problem):
@@ -309,3 +302,46 @@ def test_a_nan_query_does_not_reach_the_gradient_of_a_key_it_does_not_attend(dty
         dq, dk, dv = dilated_attention_backward(dout, q, k, v, out, lse, [2], [1], causal=True, backend="numba")
     assert np.isnan(dv[0, 0, 0, 0]) and np.isfinite(dv[0, 1, 0, 0]) and np.isfinite(dk[0, 1, 0, 0])
     assert np.isnan(dq[0, 0, 0, 0]) and np.isfinite(dq[0, 1, 0, 0])
+
+
+def gradient_given_statistics(q_rows, keys, values, dout_rows, lse, dsum, first_query, causal, scale):
+    """Plain NumPy, float64: the exact gradient of segment rows given the *global* ``lse`` and
+    ``Dsum`` (SPEC §5), ``P = exp(S - lse)`` and ``P = 0`` on a row with ``lse = -inf`` (no key)."""
+    q, k, v, do, lse, dsum = (x.astype(np.float64) for x in (q_rows, keys, values, dout_rows, lse, dsum))
+    scores = scale * q @ np.swapaxes(k, -1, -2)  # (B, Hs, nq, T)
+    if causal:
+        query_t = first_query + np.arange(q.shape[2])[:, None]
+        scores = np.where(np.arange(k.shape[2])[None, :] <= query_t, scores, -np.inf)
+    uncovered = np.isneginf(lse)[..., None]  # (B, Hs, nq, 1)
+    p = np.where(uncovered, 0.0, np.exp(scores - np.where(uncovered, 0.0, lse[..., None])))
+    ds = p * (do @ np.swapaxes(v, -1, -2) - dsum[..., None])
+    return scale * ds @ k, scale * np.swapaxes(ds, -1, -2) @ q, np.swapaxes(p, -1, -2) @ do
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.data(), st.sampled_from([np.float32, np.float64]))
+def test_gathered_backward_gives_rows_with_lse_minus_inf_no_gradient_and_never_reads_unattended_nan(data, dtype):
+    """Rows no branch covers arrive with ``lse = -inf``: their ``P`` is 0 (not ``exp(S + inf)``), so
+    their ``dq`` is 0 and they add nothing to ``dk, dv``. Causally, keys after the last query row
+    are never attended: NaN there must not reach any gradient. Several key blocks (size <= 300)."""
+    size = data.draw(st.integers(2, 300), label="keys")
+    first = data.draw(st.integers(0, size - 2), label="first query")
+    nq = data.draw(st.integers(1, size - first - 1), label="query rows")  # >= 1 key after the last query
+    batch, heads, dim, value_dim = 1, data.draw(st.integers(1, 2)), data.draw(st.integers(1, 6)), data.draw(st.integers(1, 6))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    q_rows, dout_rows = rng.standard_normal((batch, heads, nq, dim)), rng.standard_normal((batch, heads, nq, value_dim))
+    keys, values = rng.standard_normal((batch, heads, size, dim)), rng.standard_normal((batch, heads, size, value_dim))
+    scale = 1 / np.sqrt(dim)
+    out, lse, _ = attention_of_rows(q_rows, keys, values, dout_rows, first, True, scale)
+    dsum = np.sum(dout_rows * out, -1)
+    lse[rng.random(lse.shape) < 0.4] = -np.inf
+    lse[0, 0, 0] = -np.inf  # at least one uncovered row
+    expected = gradient_given_statistics(q_rows, keys, values, dout_rows, lse, dsum, first, True, scale)
+    unattended = slice(first + nq, size)
+    keys[:, :, unattended], values[:, :, unattended] = np.nan, np.inf
+    arrays = (x.astype(dtype) for x in (q_rows, keys, values, dout_rows, lse, dsum))
+    grads = numba_cpu.segment_backward(*arrays, first, True, scale)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, expected):
+        assert np.isfinite(got).all(), name
+        np.testing.assert_allclose(got, want, err_msg=name, **AGREEMENT[np.dtype(dtype)])
+    assert not grads[0][np.isneginf(lse)].any()  # uncovered rows: dq exactly 0
