@@ -123,6 +123,13 @@ def test_top_k_sampling_draws_from_the_k_largest_renormalised():
     assert frequencies_fit(counts, softmax_with_temperature(kept, 0.7))
 
 
+def test_sampling_is_stable_for_huge_logits():
+    """``exp`` of logits ~1e3 / T overflows unless the row max is subtracted first."""
+    logits = np.array([[1000.0, 0.0, -1000.0], [-1000.0, 0.0, 999.0]])
+    for temperature in (1.0, 0.5):
+        np.testing.assert_array_equal(sample(logits, np.random.default_rng(0), temperature), [0, 2])
+
+
 def test_greedy_sampling_is_the_arg_max_of_each_row():
     logits = np.random.default_rng(0).standard_normal((50, 9))
     np.testing.assert_array_equal(sample(logits, np.random.default_rng(0), 0), logits.argmax(-1))

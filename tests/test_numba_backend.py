@@ -18,7 +18,6 @@ from longnet_ref.backends.numba_exp import exp_shifted
 from .strategies import Problem, problems
 from .tolerances import NUMBA
 
-AGREEMENT = NUMBA  # tests/tolerances.py: the kernels against the reference, rounding only
 
 
 def both_backends(problem):
@@ -35,7 +34,7 @@ def assert_agree(problem):
     results = both_backends(problem)
     for name, fast, ref in zip(("out", "lse", "dq", "dk", "dv"), results["numba"], results["numpy"]):
         assert fast.dtype == ref.dtype and fast.shape == ref.shape, name
-        np.testing.assert_allclose(fast, ref, err_msg=name, **AGREEMENT[problem.dtype])
+        np.testing.assert_allclose(fast, ref, err_msg=name, **NUMBA[problem.dtype])
 
 
 @settings(max_examples=150, deadline=None)
@@ -101,7 +100,7 @@ def test_numba_nan_and_inf_reach_the_same_rows_as_the_reference(problem, data, w
     for name, fast, ref in zip(("out", "lse", "dq", "dk", "dv"), results["numba"], results["numpy"]):
         np.testing.assert_array_equal(np.isnan(fast), np.isnan(ref), err_msg=name)
         finite = np.isfinite(ref)
-        np.testing.assert_allclose(fast[finite], ref[finite], err_msg=name, **AGREEMENT[problem.dtype])
+        np.testing.assert_allclose(fast[finite], ref[finite], err_msg=name, **NUMBA[problem.dtype])
 
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="one core: 1 thread vs 1 thread would prove nothing")
@@ -285,7 +284,7 @@ def test_gathered_segment_kernels_match_plain_attention(data, causal, dtype):
     # the backward takes the global LSE and Dsum = rowsum(dO * O): here those of this one softmax
     dsum = np.sum(dout_rows.astype(np.float64) * out, -1).astype(dtype)
     fast_grads = numba_cpu.segment_backward(q_rows, keys, values, dout_rows, lse.astype(dtype), dsum, first, causal, scale)
-    tolerance = AGREEMENT[np.dtype(dtype)]  # rounding of the kernels' sums against a float64 oracle
+    tolerance = NUMBA[np.dtype(dtype)]  # rounding of the kernels' sums against a float64 oracle
     for name, fast, expected in zip(("out", "lse", "dq", "dk", "dv"), (fast_out, fast_lse, *fast_grads), (out, lse, *grads)):
         assert fast.dtype == dtype, name
         np.testing.assert_allclose(fast, expected, err_msg=name, **tolerance)
@@ -343,5 +342,5 @@ def test_gathered_backward_gives_rows_with_lse_minus_inf_no_gradient_and_never_r
     grads = numba_cpu.segment_backward(*arrays, first, True, scale)
     for name, got, want in zip(("dq", "dk", "dv"), grads, expected):
         assert np.isfinite(got).all(), name
-        np.testing.assert_allclose(got, want, err_msg=name, **AGREEMENT[np.dtype(dtype)])
+        np.testing.assert_allclose(got, want, err_msg=name, **NUMBA[np.dtype(dtype)])
     assert not grads[0][np.isneginf(lse)].any()  # uncovered rows: dq exactly 0
