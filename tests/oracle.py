@@ -4,8 +4,8 @@ Everything the library computes is recomputed here from the SPEC text alone, slo
 float64, so that a bug in a helper the library shares between its implementations (the index
 sets, the softmax core, the backward formulas, the scale) cannot also hide in the oracle:
 
-- the selected rows of a segment by testing every position of the segment (not a formula for
-  the row count), the ``"torchscale"`` offsets by padding the heads and cutting them into
+- the selected rows of a segment by testing every position (not a formula for the row count or
+  the library's segment tables), the ``"torchscale"`` offsets by padding the heads and cutting them into
   blocks, the causal rule as ``key <= query``;
 - the softmax by a log-sum-exp written here (``logsumexp``) over the attended keys of one query row;
 - the backward from the chain rule through the softmax Jacobian ``diag(a) - a a^T``, not from
@@ -41,24 +41,26 @@ def head_offset(h, dilation, num_heads, rule):
     return blocks[h]
 
 
-def branch_keys(p, h, n, num_heads, w, r, rule, causal):
-    """``K_i(p)`` of SPEC §3 for head ``h``, or ``None`` when branch ``(w, r)`` does not select ``p``."""
-    start = p - p % w  # the segment [start, start + w) that holds p
+def selected_rows(n, h, num_heads, w, r, rule):
+    """SPEC §2, tested position by position: ``x`` is selected by head ``h`` of branch ``(w, r)`` iff its
+    place ``x mod w`` in its segment is at least the head's offset and a multiple of ``r`` past it."""
+    within = np.arange(n) % w  # the row's place in its segment [x - x mod w, x - x mod w + w)
     o = head_offset(h, r, num_heads, rule)
-    selected = [x for x in range(start, min(start + w, n)) if x - start >= o and (x - start - o) % r == 0]
-    if p not in selected:
-        return None
-    return [x for x in selected if not causal or x <= p]
+    return (within >= o) & ((within - o) % r == 0)  # (N,)
 
 
 def multiplicity(n, num_heads, segment_lengths, dilation_rates, causal, rule):
-    """``m[h, p, k]``: the number of branches in which head ``h``'s query ``p`` attends key ``k`` (SPEC §4)."""
+    """``m[h, p, k]``: the number of branches in which head ``h``'s query ``p`` attends key ``k`` (SPEC §4):
+    both selected, in the same segment, and (causal) ``k <= p``."""
+    positions = np.arange(n)
     m = np.zeros((num_heads, n, n), int)
     for h in range(num_heads):
-        for p in range(n):
-            for w, r in zip(segment_lengths, dilation_rates):
-                for key in branch_keys(p, h, n, num_heads, w, r, rule, causal) or []:
-                    m[h, p, key] += 1
+        for w, r in zip(segment_lengths, dilation_rates):
+            selected = selected_rows(n, h, num_heads, w, r, rule)
+            linked = selected[:, None] & selected[None, :] & (positions[:, None] // w == positions[None, :] // w)  # (N, N)
+            if causal:
+                linked &= positions[None, :] <= positions[:, None]
+            m[h] += linked
     return m
 
 
