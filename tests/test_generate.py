@@ -8,6 +8,8 @@ from longnet_ref import model as lm
 from longnet_ref.cli import main
 from longnet_ref.generate import Decoder, generate, new_caches, sample
 
+from .tolerances import CHI_SQUARE_P_VALUE
+
 CASES = {
     # ragged segments (N = 23 is no multiple of any w), r > w, more heads than dilation and fewer
     "dilated": {"attention": "dilated", "segment_lengths": (4, 8, 3), "dilation_rates": (1, 2, 5)},
@@ -91,17 +93,15 @@ def softmax_with_temperature(logits, temperature):
 
 
 def frequencies_fit(counts, probabilities):
-    """Pearson's chi-square goodness of fit: True unless ``p < 1e-6``. Bins expected below 5 draws are
-    pooled (the chi-square approximation needs >= 5 per bin). The seeds are fixed, so the verdict is
-    deterministic; 1e-6 keeps a correct sampler passing for any seed with near certainty, while a wrong
-    temperature (softmax(z T) instead of softmax(z / T)) gives p far below 1e-100 at these sizes."""
+    """Pearson's chi-square goodness of fit at ``CHI_SQUARE_P_VALUE`` (tests/tolerances.py). Bins
+    expected below 5 draws are pooled (the chi-square approximation needs >= 5 per bin)."""
     expected = probabilities * counts.sum()
     big = expected >= 5
     observed = np.append(counts[big], counts[~big].sum())
     expected = np.append(expected[big], expected[~big].sum())
     if expected[-1] == 0:
         observed, expected = observed[:-1], expected[:-1]
-    return chisquare(observed, expected).pvalue > 1e-6
+    return chisquare(observed, expected).pvalue > CHI_SQUARE_P_VALUE
 
 
 @pytest.mark.parametrize("temperature", [0.5, 2.0, 0.8])

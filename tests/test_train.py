@@ -22,13 +22,15 @@ from longnet_ref.train import (
     train_step,
 )
 
+from .tolerances import FLOAT32_RECOMPUTED, HAND_F64
+
 # ---- schedule, clipping, AdamW ------------------------------------------------------------------
 
 
 def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_min_lr():
     tc = TrainConfig(steps=110, lr=1.0, min_lr=0.1, warmup=10)
     for t in range(1, 111):
-        assert learning_rate(t, tc) == pytest.approx(schedule_by_hand(t, 1.0, 0.1, 10, 110), rel=1e-12), t
+        np.testing.assert_allclose(learning_rate(t, tc), schedule_by_hand(t, 1.0, 0.1, 10, 110), err_msg=str(t), **HAND_F64)
     assert learning_rate(1, TrainConfig(steps=5, lr=0.5, min_lr=0.1, warmup=0)) == pytest.approx(schedule_by_hand(1, 0.5, 0.1, 0, 5))
     assert learning_rate(1, tc) == pytest.approx(0.1)
     assert learning_rate(5, tc) == pytest.approx(0.5)
@@ -97,8 +99,7 @@ def test_adamw_follows_the_paper_update_over_several_steps():
         for name in names:
             decay = tc.weight_decay if name == "h.0.mlp.fc1.weight" else 0.0
             expected = adamw_by_hand(start[name], gradients[name][: step + 1], lrs[: step + 1], tc.beta1, tc.beta2, tc.eps, decay)[-1]
-            # a handful of float64 operations on O(1) numbers: agreement to ~1e-15
-            assert params[name][0, 0] == pytest.approx(expected, rel=1e-12, abs=1e-14), (name, step + 1)
+            np.testing.assert_allclose(params[name][0, 0], expected, err_msg=f"{name} step {step + 1}", **HAND_F64)
 
 
 def test_adamw_keeps_the_float32_dtype():
@@ -127,16 +128,16 @@ def test_train_step_uses_the_schedule_from_step_one_and_applies_that_lr():
     loss, grads = lm.loss_and_grads(state.config, before, batch.tokens, batch.targets, batch.mask)
     record = train_step(state, task)
     assert record["step"] == 1 and state.step == 1
-    assert record["lr"] == pytest.approx(0.01 / 3, rel=1e-12)
-    assert record["loss"] == pytest.approx(loss, rel=1e-6)  # float32 model: the same computation
-    assert record["grad_norm"] == pytest.approx(math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads.values())), rel=1e-5)
+    np.testing.assert_allclose(record["lr"], 0.01 / 3, **HAND_F64)
+    np.testing.assert_allclose(record["loss"], loss, **FLOAT32_RECOMPUTED)
+    np.testing.assert_allclose(record["grad_norm"], math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads.values())), **FLOAT32_RECOMPUTED)
     g = grads["ln_f.bias"].astype(np.float64)
     moved = state.params["ln_f.bias"].astype(np.float64) - before["ln_f.bias"]
     big = np.abs(g) > 1e-4  # where eps and float32 rounding are negligible: the step is lr_1 sign(g)
     assert big.sum() >= 4
-    np.testing.assert_allclose(moved[big], -record["lr"] * np.sign(g[big]), rtol=1e-3)
+    np.testing.assert_allclose(moved[big], -record["lr"] * np.sign(g[big]), **FLOAT32_RECOMPUTED)
     lrs = [record["lr"]] + [train_step(state, task)["lr"] for _ in range(7)]
-    np.testing.assert_allclose(lrs, [schedule_by_hand(t, 0.01, 0.002, 3, 8) for t in range(1, 9)], rtol=1e-12)
+    np.testing.assert_allclose(lrs, [schedule_by_hand(t, 0.01, 0.002, 3, 8) for t in range(1, 9)], **HAND_F64)
 
 
 def test_train_step_clips_the_gradient_before_the_moments():
@@ -151,7 +152,7 @@ def test_train_step_clips_the_gradient_before_the_moments():
     train_step(state, task)
     for name in ("ln_f.bias", "wte.weight", "h.1.mlp.fc2.weight"):
         expected = (1 - state.train.beta1) * grads[name].astype(np.float64) * 0.05 / norm
-        np.testing.assert_allclose(state.optimizer.m[name], expected, rtol=1e-4, atol=1e-9, err_msg=name)  # float32
+        np.testing.assert_allclose(state.optimizer.m[name], expected, err_msg=name, **FLOAT32_RECOMPUTED)
 
 
 def test_weight_decay_applies_to_linear_matrices_only():

@@ -111,3 +111,17 @@ def sample_std_rtol(count, kurtosis):
 def sample_mean_atol(count, std):
     """Absolute tolerance of a sample mean of ``count`` draws of standard deviation ``std``."""
     return INIT_STANDARD_ERRORS * std / count**0.5
+
+# A handful of float64 operations on O(1) numbers, the library's against a transcription by hand
+# (AdamW steps, the schedule, a RoPE dot product): ~10 roundings of 1.1e-16: 1e-12 leaves room.
+HAND_F64 = dict(rtol=1e-12, atol=1e-14)
+
+# A float32 quantity (loss, gradient norm, first moment, a parameter's first step) against the same
+# quantity recomputed from float32 gradients in float64: float32 rounding of sums of <= ~1e4 terms,
+# ~1e-6 relative; 1e-5 leaves room (a wrong lr, clip factor or beta is off by >= 1e-2).
+FLOAT32_RECOMPUTED = dict(rtol=1e-5, atol=1e-9)
+
+# Chi-square goodness of fit of seeded samples: a correct sampler is rejected with probability
+# 1e-6 for a random seed (the seeds are fixed, so a run is deterministic); a wrong temperature
+# or a wrong top-k gives p < 1e-100 at the sample sizes used (>= 3000 draws).
+CHI_SQUARE_P_VALUE = 1e-6
