@@ -121,6 +121,10 @@ def test_top_k_sampling_draws_from_the_k_largest_renormalised():
     assert counts[[0, 1, 4]].sum() == 0  # only tokens 2, 5, 3 (the three largest)
     kept = np.where(np.isin(np.arange(6), [2, 3, 5]), logits, -np.inf)
     assert frequencies_fit(counts, softmax_with_temperature(kept, 0.7))
+    # top_k = V - 1 drops only the smallest logit (token 4, probability 0.0018 without top-k: ~11 of 6000)
+    counts = np.bincount(sample(np.tile(logits, (6000, 1)), np.random.default_rng(13), 0.7, top_k=5), minlength=6)
+    assert counts[4] == 0
+    assert frequencies_fit(counts, softmax_with_temperature(np.where(np.arange(6) == 4, -np.inf, logits), 0.7))
 
 
 def test_sampling_is_stable_for_huge_logits():

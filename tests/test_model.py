@@ -68,6 +68,7 @@ INDEPENDENT_CASES = {
     "dilated-torchscale-3-heads": {"offsets": "torchscale", "n_heads": 4, "d_model": 8, "rope": False, "segment_lengths": (3, 8), "dilation_rates": (2, 3)},
     "dilated-non-causal": {"causal": False, "segment_lengths": (4, 3), "dilation_rates": (2, 1)},
     "dense": {"attention": "dense"},
+    "dense-non-causal": {"attention": "dense", "causal": False},
     "window": {"attention": "window", "window": 5},  # not the derived 3
     "window-derived": {"attention": "window", "causal": False},  # W = ceil(2/1 + 4/4) = 3
 }
