@@ -81,6 +81,7 @@ def test_sampling_is_deterministic_from_the_seed_and_respects_top_k():
     a = generate(config, params, prompt, 8, temperature=1.0, seed=5)
     b = generate(config, params, prompt, 8, temperature=1.0, seed=5)
     np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, generate(config, params, prompt, 8, temperature=1.0, seed=6))  # the seed is used
     top1 = generate(config, params, prompt, 8, temperature=1.0, top_k=1, seed=6)
     np.testing.assert_array_equal(top1, generate(config, params, prompt, 8, temperature=0))
 

@@ -1,5 +1,6 @@
 """Training (``longnet_ref.train``), data (``longnet_ref.data``) and ``longnet-ref train``."""
 
+import dataclasses
 import itertools
 import json
 import math
@@ -16,13 +17,16 @@ from longnet_ref.train import (
     TrainState,
     clip_by_global_norm,
     decays,
+    evaluate,
+    fit,
     learning_rate,
     load_checkpoint,
     save_checkpoint,
     train_step,
 )
 
-from .tolerances import FLOAT32_RECOMPUTED, HAND_F64
+from . import oracle
+from .tolerances import F32, FLOAT32_RECOMPUTED, HAND_F64, SUMMATION
 
 # ---- schedule, clipping, AdamW ------------------------------------------------------------------
 
@@ -32,6 +36,7 @@ def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_min_lr():
     for t in range(1, 111):
         np.testing.assert_allclose(learning_rate(t, tc), schedule_by_hand(t, 1.0, 0.1, 10, 110), err_msg=str(t), **HAND_F64)
     assert learning_rate(1, TrainConfig(steps=5, lr=0.5, min_lr=0.1, warmup=0)) == pytest.approx(schedule_by_hand(1, 0.5, 0.1, 0, 5))
+    assert learning_rate(150, tc) == pytest.approx(0.1)  # past the end (a resumed, extended run): min_lr, not back up
     assert learning_rate(1, tc) == pytest.approx(0.1)
     assert learning_rate(5, tc) == pytest.approx(0.5)
     assert learning_rate(10, tc) == pytest.approx(1.0)
@@ -153,6 +158,29 @@ def test_train_step_clips_the_gradient_before_the_moments():
     for name in ("ln_f.bias", "wte.weight", "h.1.mlp.fc2.weight"):
         expected = (1 - state.train.beta1) * grads[name].astype(np.float64) * 0.05 / norm
         np.testing.assert_allclose(state.optimizer.m[name], expected, err_msg=name, **FLOAT32_RECOMPUTED)
+
+
+def test_evaluate_reports_the_masked_loss_and_accuracy_of_the_independent_model():
+    """``evaluate`` on a passkey batch (mask: the last position only) against the model written out in
+    tests/oracle.py, in float64; the library runs the float32 model."""
+    state, task = small_state()
+    batch = task.batch(6, np.random.default_rng(9))
+    params64 = {k: v.astype(np.float64) for k, v in state.params.items()}
+    config64 = dataclasses.replace(state.config, dtype="float64")
+    result = evaluate(state, task, batch)
+    np.testing.assert_allclose(result["eval_loss"], oracle.lm_loss(config64, params64, batch.tokens, batch.targets, batch.mask), **SUMMATION[F32])
+    logits = oracle.lm_logits(config64, params64, batch.tokens)
+    assert result["eval_accuracy"] == pytest.approx(float((logits[:, -1].argmax(-1) == batch.targets[:, -1]).mean()))
+
+
+def test_fit_trains_to_the_last_step_and_evaluates_every_k_steps_and_at_the_end():
+    state, task = small_state()
+    state.train = dataclasses.replace(state.train, steps=5)
+    seen = []
+    records = fit(state, task, eval_every=2, eval_batch=task.batch(4, np.random.default_rng(1)), progress=False, on_record=seen.append)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and state.step == 5 and seen == records
+    assert [r["step"] for r in records if "eval_loss" in r] == [2, 4, 5]
+    assert all(r["tokens_per_s"] > 0 and math.isfinite(r["loss"]) for r in records)
 
 
 def test_weight_decay_applies_to_linear_matrices_only():
