@@ -236,6 +236,8 @@ def test_cross_entropy_is_the_mean_over_unmasked_targets_and_its_backward_the_gr
     numeric = central_differences(lambda: float(nn.cross_entropy_forward(logits, targets, mask)[0]), logits)
     np.testing.assert_allclose(dlogits, numeric, **TOL)
     assert np.all(dlogits[~mask] == 0)
+    # the upstream gradient scales it: d(c L)/dlogits = c dL/dlogits (chain rule into a larger graph)
+    np.testing.assert_allclose(nn.cross_entropy_backward(cache, dloss=2.5), 2.5 * numeric, **TOL)
 
 
 def test_cross_entropy_is_stable_for_huge_logits():
