@@ -62,16 +62,22 @@ def test_float32_incremental_logits_agree_to_float32_rounding():
     np.testing.assert_allclose(incremental, full, rtol=0, atol=1e-4 * np.abs(full).max())
 
 
-def test_greedy_generation_extends_the_prompt_with_the_forwards_arg_max():
-    """Temperature 0: each new token is the arg-max of the full forward on the sequence so far."""
-    config = config_for("dilated")
+@pytest.mark.parametrize("case", ["dilated", "dense", "window"])
+def test_greedy_generation_extends_the_prompt_with_the_forwards_arg_max(case):
+    """Temperature 0: each new token is the arg-max of the full forward on the sequence so far.
+    Four prompts, so that some row's continuation changes token (a decoder that stopped stepping,
+    or stepped the wrong token, repeats one)."""
+    config = config_for(case)
     params = perturbed_params(config)
-    prompt = np.array([3, 1, 4, 1, 5])
-    out = generate(config, params, prompt, 6, temperature=0)
-    assert out.shape == (11,) and (out[:5] == prompt).all()
-    for t in range(5, 11):
-        logits, _ = lm.forward(config, params, out[None, :t])
-        assert out[t] == logits[0, -1].argmax()
+    prompt = np.random.default_rng(3).integers(0, config.vocab_size, (4, 5))
+    out = generate(config, params, prompt, 8, temperature=0)
+    assert out.shape == (4, 13) and (out[:, :5] == prompt).all()
+    assert len(set(out[:, 5:].ravel())) > 2  # the continuations are not one repeated token
+    for t in range(5, 13):
+        logits, _ = lm.forward(config, params, out[:, :t])
+        np.testing.assert_array_equal(out[:, t], logits[:, -1].argmax(-1))
+    one = generate(config, params, prompt[0], 8, temperature=0)
+    np.testing.assert_array_equal(one, out[0])  # a 1-D prompt gives the same row, 1-D
 
 
 def test_sampling_is_deterministic_from_the_seed_and_respects_top_k():
