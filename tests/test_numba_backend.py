@@ -65,14 +65,14 @@ def longest_sparse_segment(problem):
 
 
 def test_numba_agrees_with_the_reference_on_the_spec_problems():
-    """The spec problems (N <= 96) and, in about two examples of three, problems with a sparse
+    """The spec problems (N <= 96) and, in about seven examples of ten, problems with a sparse
     segment longer than one 128-row key block (several key blocks, ragged last blocks, causal
     skipping at a nonzero key offset); the count of those is asserted, so the multi-block code is
     reached by most examples."""
     reached = []
 
     @settings(max_examples=60, deadline=None)
-    @given(st.integers(0, 2).flatmap(lambda pick: problems() if pick == 0 else multi_block_problems()))
+    @given(st.integers(0, 9).flatmap(lambda pick: multi_block_problems() if pick < 7 else problems()))  # hypothesis favours 0
     def run(problem):
         reached.append(longest_sparse_segment(problem) > numba_cpu.BLOCK_K)
         assert_agree(problem)
