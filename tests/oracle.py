@@ -4,10 +4,10 @@ Everything the library computes is recomputed here from the SPEC text alone, slo
 float64, so that a bug in a helper the library shares between its implementations (the index
 sets, the softmax core, the backward formulas, the scale) cannot also hide in the oracle:
 
-- the selected rows of a segment by testing every position of the segment (not a formula for
-  the row count), the ``"torchscale"`` offsets by padding the heads and cutting them into
+- the selected rows of a segment by testing every position (not a formula for the row count or
+  the library's segment tables), the ``"torchscale"`` offsets by padding the heads and cutting them into
   blocks, the causal rule as ``key <= query``;
-- the softmax by ``scipy.special.logsumexp`` over the attended keys of one query row;
+- the softmax by a log-sum-exp written here (``logsumexp``) over the attended keys of one query row;
 - the backward from the chain rule through the softmax Jacobian ``diag(a) - a a^T``, not from
   the FlashAttention-2 formulas the library uses.
 
@@ -21,9 +21,9 @@ A row whose logits are all ``-inf`` (no key, or an infinite query) carries no we
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
-from scipy.special import logsumexp
 
 
 def default_scale(head_dim):
@@ -42,24 +42,26 @@ def head_offset(h, dilation, num_heads, rule):
     return blocks[h]
 
 
-def branch_keys(p, h, n, num_heads, w, r, rule, causal):
-    """``K_i(p)`` of SPEC §3 for head ``h``, or ``None`` when branch ``(w, r)`` does not select ``p``."""
-    start = p - p % w  # the segment [start, start + w) that holds p
+def selected_rows(n, h, num_heads, w, r, rule):
+    """SPEC §2, tested position by position: ``x`` is selected by head ``h`` of branch ``(w, r)`` iff its
+    place ``x mod w`` in its segment is at least the head's offset and a multiple of ``r`` past it."""
+    within = np.arange(n) % w  # the row's place in its segment [x - x mod w, x - x mod w + w)
     o = head_offset(h, r, num_heads, rule)
-    selected = [x for x in range(start, min(start + w, n)) if x - start >= o and (x - start - o) % r == 0]
-    if p not in selected:
-        return None
-    return [x for x in selected if not causal or x <= p]
+    return (within >= o) & ((within - o) % r == 0)  # (N,)
 
 
 def multiplicity(n, num_heads, segment_lengths, dilation_rates, causal, rule):
-    """``m[h, p, k]``: the number of branches in which head ``h``'s query ``p`` attends key ``k`` (SPEC §4)."""
+    """``m[h, p, k]``: the number of branches in which head ``h``'s query ``p`` attends key ``k`` (SPEC §4):
+    both selected, in the same segment, and (causal) ``k <= p``."""
+    positions = np.arange(n)
     m = np.zeros((num_heads, n, n), int)
     for h in range(num_heads):
-        for p in range(n):
-            for w, r in zip(segment_lengths, dilation_rates):
-                for key in branch_keys(p, h, n, num_heads, w, r, rule, causal) or []:
-                    m[h, p, key] += 1
+        for w, r in zip(segment_lengths, dilation_rates):
+            selected = selected_rows(n, h, num_heads, w, r, rule)
+            linked = selected[:, None] & selected[None, :] & (positions[:, None] // w == positions[None, :] // w)  # (N, N)
+            if causal:
+                linked &= positions[None, :] <= positions[:, None]
+            m[h] += linked
     return m
 
 
@@ -68,6 +70,16 @@ def multiplicity_bias(m):
     bias = np.full(m.shape, -np.inf)
     bias[m > 0] = np.log(m[m > 0])
     return bias[None]
+
+
+def logsumexp(logits):
+    """``log sum_j exp(z_j) = m + log sum_j exp(z_j - m)``, ``m = max_j z_j`` (exact for an infinite
+    ``m``; NaN if any ``z_j`` is). Written out rather than ``scipy.special.logsumexp``, whose
+    per-call overhead (~1 ms) dominated the loops."""
+    m = np.max(logits)
+    if np.isinf(m):
+        return float(m)
+    return float(m + np.log(np.sum(np.exp(logits - m))))
 
 
 def _row(q, k, bias, scale, causal, b, h, p):
@@ -172,3 +184,75 @@ def central_differences(loss, x, eps):
         x[index] = saved
         grad[index] = (plus - minus) / (2 * eps)
     return grad
+
+
+# ---------------------------------------------------------------------------------------------
+# The language model of longnet_ref.model, written from its equations
+#
+# GPT-2 pre-norm blocks with a tied head; attention by the loops above; RoPE as a complex
+# rotation ``(x_2j + i x_2j+1) e^{i n theta_j}`` (not the library's cos/sin pairs); the loss as
+# ``logsumexp - z_target`` averaged over the mask. ``config`` is a ``LongNetConfig`` (read only).
+# ---------------------------------------------------------------------------------------------
+
+
+def layernorm(x, weight, bias):
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)  # biased variance, eps 1e-5 (torch)
+    return (x - mu) / np.sqrt(var + 1e-5) * weight + bias
+
+
+def gelu(x):  # the tanh approximation (GPT-2)
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def rope(x, positions):
+    """Rotate pair ``j`` of every head at position ``n`` by ``n * 10000^(-2j/D)``, as complex numbers."""
+    head_dim = x.shape[-1]
+    angle = np.asarray(positions, np.float64)[..., None] * 10000.0 ** (-np.arange(0, head_dim, 2) / head_dim)  # (.., N, D/2)
+    z = (x[..., 0::2] + 1j * x[..., 1::2]) * np.exp(1j * angle)[..., None, :]  # (B, N, H, D/2)
+    return np.stack([z.real, z.imag], axis=-1).reshape(x.shape)
+
+
+def window(config):
+    """``W = ceil(sum_i w_i / r_i^2)`` (the same per-token cost), unless the config gives it."""
+    if config.window is not None:
+        return config.window
+    return math.ceil(sum(Fraction(w, r * r) for w, r in zip(config.segment_lengths, config.dilation_rates)))
+
+
+def attention_layer(config, params, prefix, x, positions):
+    """Projections, RoPE at ``positions``, the kind's attention by the loop oracle, ``out_proj``."""
+    B, N, C = x.shape
+    H = config.n_heads
+    linear = lambda t, name: t @ params[f"{prefix}{name}.weight"].T + params[f"{prefix}{name}.bias"]
+    q, k, v = (linear(x, f"{p}_proj").reshape(B, N, H, C // H) for p in "qkv")  # (B, N, H, D)
+    if config.rope:
+        q, k = rope(q, positions), rope(k, positions)
+    if config.attention == "dense":
+        o, _ = attention(q, k, v, causal=config.causal)
+    else:
+        branches = (config.segment_lengths, config.dilation_rates) if config.attention == "dilated" else ([window(config)], [1])
+        o, _ = dilated_attention(q, k, v, *branches, causal=config.causal, offsets=config.offsets)
+    return linear(o.reshape(B, N, C), "out_proj")
+
+
+def lm_logits(config, params, tokens):
+    """``logits = LN_f(x^L) E^T`` with ``x^l = x' + MLP(LN_2(x'))``, ``x' = x + Attn(LN_1(x))``, ``x^0 = E[t]``."""
+    p = params
+    linear = lambda t, name: t @ p[name + ".weight"].T + p[name + ".bias"]
+    x = p["wte.weight"][tokens]  # (B, N, C)
+    positions = np.arange(tokens.shape[1])
+    for layer in range(config.n_layers):
+        h = f"h.{layer}."
+        x = x + attention_layer(config, p, h + "attn.", layernorm(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"]), positions)
+        hidden = gelu(linear(layernorm(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"]), h + "mlp.fc1"))
+        x = x + linear(hidden, h + "mlp.fc2")
+    return layernorm(x, p["ln_f.weight"], p["ln_f.bias"]) @ p["wte.weight"].T  # (B, N, V)
+
+
+def lm_loss(config, params, tokens, targets, mask):
+    """``(1/|mask|) sum_{(b, n) in mask} (logsumexp(z[b, n]) - z[b, n, targets[b, n]])``."""
+    z = lm_logits(config, params, tokens)
+    top = z.max(axis=-1)  # (B, N)
+    lse = top + np.log(np.exp(z - top[..., None]).sum(axis=-1))  # (B, N)
+    picked = np.take_along_axis(z, targets[..., None], -1)[..., 0]  # (B, N)
+    return float(((lse - picked) * mask).sum() / mask.sum())

@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from hypothesis import strategies as st
 
-from longnet_ref.multiplicity import multiplicity, multiplicity_bias
-
+from . import oracle
 from .tolerances import SUMMATION
 
 
@@ -61,9 +60,14 @@ class Problem:
     def tolerance(self):
         return SUMMATION[np.dtype(self.dtype)]
 
+    def multiplicity(self):
+        """``m (H, N, N)`` counted by the loop oracle's own index rule (``tests/oracle.py``), not by
+        the library's ``multiplicity``, which shares ``sparse_segments`` with the implementations."""
+        return oracle.multiplicity(self.n, self.num_heads, *self.branches, self.causal, self.offsets)
+
     def multiplicity_bias(self):
-        """The dense oracle's bias ``log m`` (SPEC §4), ``(1, H, N, N)``."""
-        return multiplicity_bias(multiplicity(self.n, self.num_heads, *self.branches, **self.index_options))
+        """The dense oracle's bias ``log m`` (SPEC §4), ``(1, H, N, N)``, from :meth:`multiplicity`."""
+        return oracle.multiplicity_bias(self.multiplicity())
 
 
 def sequence_lengths(max_n):

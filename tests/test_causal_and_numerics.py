@@ -5,7 +5,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from longnet_ref import dilated_attention, dilated_attention_backward, multiplicity
+from longnet_ref import dense_attention, dilated_attention, dilated_attention_backward, multiplicity
 
 from . import oracle
 from .strategies import Problem, problems
@@ -179,3 +179,25 @@ def test_a_query_whose_every_score_is_minus_infinity_has_no_weight_and_no_gradie
         assert np.isfinite(got).all(), name
         # float64 sums of <= 12 O(1) terms, in a different order than the oracle's
         np.testing.assert_allclose(got, expected, err_msg=name, **SUMMATION[np.dtype(np.float64)])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_dense_attention_never_reads_a_key_that_a_minus_inf_bias_masks_for_every_row(dtype, bad):
+    """Keys 3 and 7 hold NaN or Inf and a ``-inf`` bias masks them for every query: the masked score
+    is replaced, not added to (``NaN + -inf = NaN`` would reach every row through the row max), so
+    every output and lse is finite and equals the loop oracle, which never reads a masked pair."""
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((2, 10, 2, 3)).astype(dtype) for _ in range(3))
+    k[:, [3, 7]] = bad
+    bias = rng.standard_normal((1, 2, 10, 10))
+    bias[..., [3, 7]] = -np.inf
+    bias[0, 1, 5, :] = -np.inf  # and one row with no key at all: out 0, lse -inf
+    for causal in (False, True):
+        with np.errstate(invalid="ignore"):  # the masked NaN scores are computed, then replaced
+            out, lse = dense_attention(q, k, v, bias=bias, causal=causal, return_lse=True)
+        want_out, want_lse = oracle.attention(q, k, v, bias=bias, causal=causal)
+        assert np.isfinite(out).all()
+        np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
+        np.testing.assert_allclose(out, want_out, **SUMMATION[np.dtype(dtype)])
+        np.testing.assert_allclose(lse, want_lse, **SUMMATION[np.dtype(dtype)])

@@ -2,11 +2,14 @@
 
 import numpy as np
 import pytest
+from scipy.stats import chisquare
 
 from longnet_ref import model as lm
 from longnet_ref.checkpoint import load_checkpoint
 from longnet_ref.cli import main
-from longnet_ref.generate import Decoder, generate, new_caches
+from longnet_ref.generate import Decoder, generate, new_caches, sample
+
+from .tolerances import CHI_SQUARE_P_VALUE
 
 CASES = {
     # ragged segments (N = 23 is no multiple of any w), r > w, more heads than dilation and fewer
@@ -60,16 +63,22 @@ def test_float32_incremental_logits_agree_to_float32_rounding():
     np.testing.assert_allclose(incremental, full, rtol=0, atol=1e-4 * np.abs(full).max())
 
 
-def test_greedy_generation_extends_the_prompt_with_the_forwards_arg_max():
-    """Temperature 0: each new token is the arg-max of the full forward on the sequence so far."""
-    config = config_for("dilated")
+@pytest.mark.parametrize("case", ["dilated", "dense", "window"])
+def test_greedy_generation_extends_the_prompt_with_the_forwards_arg_max(case):
+    """Temperature 0: each new token is the arg-max of the full forward on the sequence so far.
+    Four prompts, so that some row's continuation changes token (a decoder that stopped stepping,
+    or stepped the wrong token, repeats one)."""
+    config = config_for(case)
     params = perturbed_params(config)
-    prompt = np.array([3, 1, 4, 1, 5])
-    out = generate(config, params, prompt, 6, temperature=0)
-    assert out.shape == (11,) and (out[:5] == prompt).all()
-    for t in range(5, 11):
-        logits, _ = lm.forward(config, params, out[None, :t])
-        assert out[t] == logits[0, -1].argmax()
+    prompt = np.random.default_rng(3).integers(0, config.vocab_size, (4, 5))
+    out = generate(config, params, prompt, 8, temperature=0)
+    assert out.shape == (4, 13) and (out[:, :5] == prompt).all()
+    assert len(set(out[:, 5:].ravel())) > 2  # the continuations are not one repeated token
+    for t in range(5, 13):
+        logits, _ = lm.forward(config, params, out[:, :t])
+        np.testing.assert_array_equal(out[:, t], logits[:, -1].argmax(-1))
+    one = generate(config, params, prompt[0], 8, temperature=0)
+    np.testing.assert_array_equal(one, out[0])  # a 1-D prompt gives the same row, 1-D
 
 
 def test_sampling_is_deterministic_from_the_seed_and_respects_top_k():
@@ -79,8 +88,94 @@ def test_sampling_is_deterministic_from_the_seed_and_respects_top_k():
     a = generate(config, params, prompt, 8, temperature=1.0, seed=5)
     b = generate(config, params, prompt, 8, temperature=1.0, seed=5)
     np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, generate(config, params, prompt, 8, temperature=1.0, seed=6))  # the seed is used
     top1 = generate(config, params, prompt, 8, temperature=1.0, top_k=1, seed=6)
     np.testing.assert_array_equal(top1, generate(config, params, prompt, 8, temperature=0))
+
+
+def softmax_with_temperature(logits, temperature):
+    """``softmax(z / T)`` of one row, in float64, written out."""
+    z = np.asarray(logits, np.float64) / temperature
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def frequencies_fit(counts, probabilities):
+    """Pearson's chi-square goodness of fit at ``CHI_SQUARE_P_VALUE`` (tests/tolerances.py). Bins
+    expected below 5 draws are pooled (the chi-square approximation needs >= 5 per bin)."""
+    expected = probabilities * counts.sum()
+    big = expected >= 5
+    observed = np.append(counts[big], counts[~big].sum())
+    expected = np.append(expected[big], expected[~big].sum())
+    if expected[-1] == 0:
+        observed, expected = observed[:-1], expected[:-1]
+    return chisquare(observed, expected).pvalue > CHI_SQUARE_P_VALUE
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0, 0.8])
+def test_sampling_draws_from_the_softmax_of_the_logits_over_the_temperature(temperature):
+    logits = np.array([0.0, 1.0, 2.0, 3.0, -1.0, 2.5])
+    draws = sample(np.tile(logits, (6000, 1)), np.random.default_rng(11), temperature)  # (B,) one token per row
+    assert draws.shape == (6000,)
+    counts = np.bincount(draws, minlength=6)
+    assert frequencies_fit(counts, softmax_with_temperature(logits, temperature))
+    assert not frequencies_fit(counts, softmax_with_temperature(logits, 1.0))  # the test tells temperatures apart
+
+
+def test_top_k_sampling_draws_from_the_k_largest_renormalised():
+    logits = np.array([0.0, 1.0, 2.0, 3.0, -1.0, 2.5])
+    draws = sample(np.tile(logits, (6000, 1)), np.random.default_rng(12), 0.7, top_k=3)
+    counts = np.bincount(draws, minlength=6)
+    assert counts[[0, 1, 4]].sum() == 0  # only tokens 2, 5, 3 (the three largest)
+    kept = np.where(np.isin(np.arange(6), [2, 3, 5]), logits, -np.inf)
+    assert frequencies_fit(counts, softmax_with_temperature(kept, 0.7))
+    # top_k = V - 1 drops only the smallest logit (token 4, probability 0.0018 without top-k: ~11 of 6000)
+    counts = np.bincount(sample(np.tile(logits, (6000, 1)), np.random.default_rng(13), 0.7, top_k=5), minlength=6)
+    assert counts[4] == 0
+    assert frequencies_fit(counts, softmax_with_temperature(np.where(np.arange(6) == 4, -np.inf, logits), 0.7))
+
+
+def test_sampling_is_stable_for_huge_logits():
+    """``exp`` of logits ~1e3 / T overflows unless the row max is subtracted first."""
+    logits = np.array([[1000.0, 0.0, -1000.0], [-1000.0, 0.0, 999.0]])
+    for temperature in (1.0, 0.5):
+        np.testing.assert_array_equal(sample(logits, np.random.default_rng(0), temperature), [0, 2])
+
+
+def test_greedy_sampling_is_the_arg_max_of_each_row():
+    logits = np.random.default_rng(0).standard_normal((50, 9))
+    np.testing.assert_array_equal(sample(logits, np.random.default_rng(0), 0), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("max_new_tokens", [0, 1, 4])
+def test_generate_emits_exactly_max_new_tokens_after_the_prompt(max_new_tokens):
+    config = config_for("dilated")
+    params = perturbed_params(config)
+    prompt = np.array([[3, 1, 4], [1, 5, 9]])
+    streamed = []
+    out = generate(config, params, prompt, max_new_tokens, temperature=0.9, seed=1, on_token=streamed.append)
+    assert out.shape == (2, 3 + max_new_tokens)
+    np.testing.assert_array_equal(out[:, :3], prompt)
+    assert len(streamed) == max_new_tokens
+    for i, token in enumerate(streamed):
+        np.testing.assert_array_equal(token, out[:, 3 + i])
+    assert generate(config, params, prompt[0], max_new_tokens, seed=1).shape == (3 + max_new_tokens,)
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.6, None), (1.7, 4)])
+def test_generated_tokens_follow_the_forwards_softmax_over_the_temperature(temperature, top_k):
+    """3000 copies of one prompt, one new token each: their frequencies are ``softmax(z / T)`` of the
+    full forward's last logits (restricted to the ``top_k`` largest)."""
+    config = config_for("window")
+    params = perturbed_params(config)
+    prompt = np.array([2, 7, 1, 8])
+    logits, _ = lm.forward(config, params, prompt[None])
+    z = logits[0, -1]
+    if top_k is not None:
+        z = np.where(z >= np.sort(z)[-top_k], z, -np.inf)
+    out = generate(config, params, np.tile(prompt, (3000, 1)), 1, temperature=temperature, top_k=top_k, seed=3)
+    counts = np.bincount(out[:, -1], minlength=config.vocab_size)
+    assert frequencies_fit(counts, softmax_with_temperature(z, temperature))
 
 
 def test_the_dilated_caches_stay_bounded_while_generating():

@@ -17,10 +17,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from longnet_ref import MultiheadDilatedAttention, dense_attention, multiplicity, nn
+from longnet_ref import MultiheadDilatedAttention, dense_attention, nn
 from longnet_ref.backends import backend_names
 from longnet_ref.complexity import attended_pairs
 
+from . import oracle
 from .test_nn import random_attention_params
 from .tolerances import LAYER_F64
 
@@ -41,7 +42,7 @@ def heads(x, num_heads):
 def oracle_layer(params, x, num_heads, segment_lengths, dilation_rates, causal, offsets):
     """Projections, dense attention with bias ``log m`` (SPEC §4), output projection."""
     q, k, v = (heads(project(params, name, x), num_heads) for name in ("q_proj", "k_proj", "v_proj"))
-    counts = multiplicity(x.shape[1], num_heads, segment_lengths, dilation_rates, causal=causal, offsets=offsets)
+    counts = oracle.multiplicity(x.shape[1], num_heads, segment_lengths, dilation_rates, causal, offsets)  # the loop oracle's index rule
     with np.errstate(divide="ignore"):
         bias = np.log(counts.astype(np.float64))[None]  # (1, H, N, N), -inf where m = 0
     o = dense_attention(q, k, v, causal=causal, bias=bias)  # (B, N, H, D)

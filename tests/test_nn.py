@@ -9,6 +9,7 @@ almost every ``u``.
 """
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from scipy.special import erf
 from longnet_ref import nn
 
 from . import oracle
-from .tolerances import FINITE_DIFFERENCE_STEP, FINITE_DIFFERENCES
+from .tolerances import FINITE_DIFFERENCE_STEP, FINITE_DIFFERENCES, LAYER_F64, UNIFORM_MAX_SLACK, sample_mean_atol, sample_std_rtol
 
 EPS, TOL = FINITE_DIFFERENCE_STEP, FINITE_DIFFERENCES  # tests/tolerances.py
 
@@ -185,13 +186,23 @@ def test_rope_rotates_each_pair_by_position_times_frequency():
 
 @settings(max_examples=20, deadline=None)
 @given(st.integers(0, 100), st.integers(0, 100), st.integers(-50, 50), st.integers(0, 2**32 - 1))
-def test_rope_scores_depend_only_on_relative_position(m, n, shift, seed):
+def test_rope_scores_are_the_query_against_the_key_rotated_by_the_relative_angle(m, n, shift, seed):
+    """``R(m theta) q . R(n theta) k = q . R((n - m) theta) k``, per pair ``j`` written out:
+    ``(q0 k0 + q1 k1) cos phi + (q1 k0 - q0 k1) sin phi`` with ``phi = (n - m) 10000^(-2j/D)``.
+    An identity or a negated rotation fails it whenever ``m != n``; shifting both positions
+    leaves the score unchanged (relative position only)."""
     rng = np.random.default_rng(seed)
     q, k = rng.standard_normal((2, 1, 1, 1, 8))
     score = lambda pq, pk: float((nn.rope_forward(q, [pq])[0] * nn.rope_forward(k, [pk])[0]).sum())
+    expected = 0.0
+    for j in range(4):
+        phi = (n - m) * 10000.0 ** (-2 * j / 8)
+        q0, q1, k0, k1 = q[0, 0, 0, 2 * j], q[0, 0, 0, 2 * j + 1], k[0, 0, 0, 2 * j], k[0, 0, 0, 2 * j + 1]
+        expected += (q0 * k0 + q1 * k1) * math.cos(phi) + (q1 * k0 - q0 * k1) * math.sin(phi)
     shift = max(shift, -min(m, n))  # keep positions non-negative
-    # float64 rotations of O(1) vectors: the two dot products agree to ~1e-14
-    assert score(m, n) == pytest.approx(score(m + shift, n + shift), abs=1e-12)
+    # float64 rotations of O(1) vectors: the dot products agree to ~1e-14
+    assert score(m, n) == pytest.approx(expected, abs=1e-12)
+    assert score(m + shift, n + shift) == pytest.approx(expected, abs=1e-12)
 
 
 def test_rope_rejects_odd_head_dim_and_wrong_positions():
@@ -225,6 +236,8 @@ def test_cross_entropy_is_the_mean_over_unmasked_targets_and_its_backward_the_gr
     numeric = central_differences(lambda: float(nn.cross_entropy_forward(logits, targets, mask)[0]), logits)
     np.testing.assert_allclose(dlogits, numeric, **TOL)
     assert np.all(dlogits[~mask] == 0)
+    # the upstream gradient scales it: d(c L)/dlogits = c dL/dlogits (chain rule into a larger graph)
+    np.testing.assert_allclose(nn.cross_entropy_backward(cache, dloss=2.5), 2.5 * numeric, **TOL)
 
 
 def test_cross_entropy_is_stable_for_huge_logits():
@@ -341,3 +354,73 @@ def test_cross_entropy_divides_by_the_given_count():
     assert loss == 0.0  # a rank with no target of its own contributes nothing
     with pytest.raises(ValueError, match="count"):
         nn.cross_entropy_forward(logits, np.array([[0, 1]]), None, count=1)  # fewer than the mask's 2
+
+
+@pytest.mark.parametrize("kind", nn.ATTENTION_KINDS)
+@pytest.mark.parametrize("per_batch", [False, True], ids=["positions-N", "positions-BN"])
+def test_attention_applies_rope_at_the_given_positions(kind, per_batch):
+    """``positions`` (irregular, not ``0..N-1`` shifted: RoPE is blind to a common shift) feed the
+    rotation of q and k; the layer equals projections + complex-rotation RoPE + the loop oracle."""
+    rng = np.random.default_rng(7)
+    batch, n, heads, embed_dim = 2, 9, 2, 8
+    params = random_attention_params(rng, embed_dim)
+    x = rng.standard_normal((batch, n, embed_dim))
+    positions = np.array([[0, 3, 4, 9, 10, 17, 30, 31, 50], [5, 6, 8, 13, 21, 34, 55, 89, 144]])
+    positions = positions if per_batch else positions[0]
+    config = SimpleNamespace(n_heads=heads, rope=True, attention=kind, causal=True, offsets="paper",
+                             segment_lengths=(3, 6), dilation_rates=(1, 2), window=4)
+    options = dict(num_heads=heads, kind=kind, segment_lengths=[3, 6], dilation_rates=[1, 2], window=4, causal=True, rope=True)
+    y, _ = nn.attention_forward({k: v for k, v in params.items()}, x, positions=positions, **options)
+    expected = np.stack([oracle.attention_layer(config, params, "", x[b : b + 1], positions[b] if per_batch else positions)[0]
+                         for b in range(batch)])
+    np.testing.assert_allclose(y, expected, **LAYER_F64)
+    default, _ = nn.attention_forward(params, x, **options)  # positions=None: 0..N-1
+    np.testing.assert_allclose(default, oracle.attention_layer(config, params, "", x, np.arange(n)), **LAYER_F64)
+    assert np.abs(default - y).max() > 1e-3  # the positions matter
+
+
+def assert_uniform_sample(values, bound, name):
+    """``U(-bound, bound)``: every draw within the bound, the largest close to it, std ``bound/sqrt(3)``."""
+    assert np.abs(values).max() <= bound, name
+    assert np.abs(values).max() >= bound * (1 - UNIFORM_MAX_SLACK), name
+    assert abs(values.mean()) <= sample_mean_atol(values.size, bound / math.sqrt(3)), name
+    assert values.std() == pytest.approx(bound / math.sqrt(3), rel=sample_std_rtol(values.size, kurtosis=9 / 5)), name
+
+
+def test_attention_init_is_torchscales_xavier_with_gain_one_over_sqrt2_for_q_k_v():
+    """torchscale's ``reset_parameters``: q, k, v Xavier-uniform with gain ``1/sqrt(2)``, out_proj
+    gain 1; bound ``gain sqrt(6 / (E + E))``; q/k/v biases ``U(+-1/sqrt(E))`` (torch.nn.Linear's),
+    out_proj bias 0."""
+    embed_dim = 256
+    params = nn.init_attention(np.random.default_rng(3), embed_dim)
+    for name in nn.PROJECTIONS:
+        gain = 1.0 if name == "out_proj" else 1 / math.sqrt(2)
+        assert_uniform_sample(params[f"{name}.weight"], gain * math.sqrt(6 / (2 * embed_dim)), name)
+        if name == "out_proj":
+            np.testing.assert_array_equal(params[f"{name}.bias"], 0.0)
+        else:
+            bias = params[f"{name}.bias"]
+            assert np.abs(bias).max() <= 1 / math.sqrt(embed_dim) and np.abs(bias).max() > 0.8 / math.sqrt(embed_dim), name
+    assert not np.array_equal(params["q_proj.weight"], params["k_proj.weight"])
+
+
+def test_linear_mlp_embedding_and_layernorm_init():
+    rng = np.random.default_rng(4)
+    mlp = nn.init_mlp(rng, 64, 256)
+    assert_uniform_sample(mlp["fc1.weight"], math.sqrt(6 / (64 + 256)), "fc1")
+    assert_uniform_sample(mlp["fc2.weight"], math.sqrt(6 / (256 + 64)), "fc2")
+    # biases U(-1/sqrt(in), 1/sqrt(in)): the largest of 256 (64) draws exceeds 0.9 (0.8) of the
+    # bound but with probability 0.9^256 ~ 2e-12 (0.8^64 ~ 6e-7)
+    for name, fan_in, fraction in (("fc1.bias", 64, 0.9), ("fc2.bias", 256, 0.8)):
+        largest = np.abs(mlp[name]).max()
+        assert fraction / math.sqrt(fan_in) < largest <= 1 / math.sqrt(fan_in), name
+    linear = nn.init_linear(rng, 128, 128, gain=2.0, zero_bias=True)
+    assert_uniform_sample(linear["weight"], 2.0 * math.sqrt(6 / 256), "gain 2")
+    np.testing.assert_array_equal(linear["bias"], 0.0)
+    embedding = nn.init_embedding(rng, 100, 64, std=0.02)["weight"]
+    assert embedding.shape == (100, 64)
+    assert abs(embedding.mean()) <= sample_mean_atol(embedding.size, 0.02)
+    assert embedding.std() == pytest.approx(0.02, rel=sample_std_rtol(embedding.size, kurtosis=3))
+    norm = nn.init_layernorm(5, dtype=np.float32)
+    np.testing.assert_array_equal(norm["weight"], np.ones(5, np.float32))
+    np.testing.assert_array_equal(norm["bias"], np.zeros(5, np.float32))

@@ -86,7 +86,9 @@ def test_numpy_is_an_alias_of_the_reference_backend():
 @given(problems(), st.integers(1, 1 << 16))
 def test_chunks_cover_every_segment_once_within_the_memory_budget(problem, budget):
     """Chunks are consecutive runs of whole segments; a chunk of several segments keeps its
-    live score blocks, 4 of B * Hs * T^2 values per segment, within the budget."""
+    live score blocks, 4 of B * Hs * T^2 values per segment, within the budget; and every chunk but
+    the last is full: one more segment would exceed the budget (a chunker that never merges
+    segments, or merges fewer than fit, fails)."""
     itemsize = np.dtype(problem.dtype).itemsize
     branches = validate_branches(*problem.branches)
     for i, branch in enumerate(branches):
@@ -99,6 +101,8 @@ def test_chunks_cover_every_segment_once_within_the_memory_budget(problem, budge
         per_segment = max(problem.batch * g.heads.size * g.positions.shape[1] ** 2 for g in groups)
         for s0, s1 in chunks:
             assert s1 - s0 == 1 or 4 * itemsize * per_segment * (s1 - s0) <= budget
+        for s0, s1 in chunks[:-1]:
+            assert 4 * itemsize * per_segment * (s1 - s0 + 1) > budget
 
 
 def test_half_precision_numpy_inputs_are_rejected_with_the_cpu_error():

@@ -1,5 +1,6 @@
 """Training (``longnet_ref.train``), data (``longnet_ref.data``) and ``longnet-ref train``."""
 
+import dataclasses
 import itertools
 import json
 import math
@@ -14,23 +15,32 @@ import pytest
 from longnet_ref import model as lm
 from longnet_ref.checkpoint import load_checkpoint, save_checkpoint
 from longnet_ref.cli import main
-from longnet_ref.data import QUERY, PasskeyTask, TextTask, read_text
+from longnet_ref.data import QUERY, Batch, PasskeyTask, TextTask, accuracy, read_text
 from longnet_ref.train import (
     AdamW,
     TrainConfig,
     TrainState,
     clip_by_global_norm,
     decays,
+    evaluate,
+    fit,
     learning_rate,
     train_step,
 )
 from tests.tolerances import INITIAL_LOSS_NATS
+
+from . import oracle
+from .tolerances import F32, FLOAT32_RECOMPUTED, HAND_F64, SUMMATION
 
 # ---- schedule, clipping, AdamW ------------------------------------------------------------------
 
 
 def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_min_lr():
     tc = TrainConfig(steps=110, lr=1.0, min_lr=0.1, warmup=10)
+    for t in range(1, 111):
+        np.testing.assert_allclose(learning_rate(t, tc), schedule_by_hand(t, 1.0, 0.1, 10, 110), err_msg=str(t), **HAND_F64)
+    assert learning_rate(1, TrainConfig(steps=5, lr=0.5, min_lr=0.1, warmup=0)) == pytest.approx(schedule_by_hand(1, 0.5, 0.1, 0, 5))
+    assert learning_rate(150, tc) == pytest.approx(0.1)  # past the end (a resumed, extended run): min_lr, not back up
     assert learning_rate(1, tc) == pytest.approx(0.1)
     assert learning_rate(5, tc) == pytest.approx(0.5)
     assert learning_rate(10, tc) == pytest.approx(1.0)
@@ -63,6 +73,120 @@ def test_first_adamw_step_moves_each_weight_by_lr_times_its_gradients_sign_plus_
     np.testing.assert_allclose(params["wte.weight"], [[1.1]])  # embedding: no decay
 
 
+def adamw_by_hand(theta, grads, lrs, beta1, beta2, eps, weight_decay):
+    """Loshchilov & Hutter's AdamW for one scalar, in Python floats, step by step (t = 1, 2, ...):
+
+        m_t = b1 m + (1 - b1) g,  v_t = b2 v + (1 - b2) g^2,  m_hat = m_t / (1 - b1^t),  v_hat = v_t / (1 - b2^t)
+        theta_t = theta - lr_t (m_hat / (sqrt(v_hat) + eps) + lambda theta)     (decay decoupled from g)
+    """
+    m = v = 0.0
+    trajectory = []
+    for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        m_hat, v_hat = m / (1 - beta1**t), v / (1 - beta2**t)
+        theta = theta - lr * (m_hat / (math.sqrt(v_hat) + eps) + weight_decay * theta)
+        trajectory.append(theta)
+    return trajectory
+
+
+def test_adamw_follows_the_paper_update_over_several_steps():
+    """Five steps with changing gradients and learning rates against :func:`adamw_by_hand`: the bias
+    corrections ``1 - beta^t`` (not frozen at t = 1), both moments' betas, eps and the decoupled
+    decay (decayed matrix vs undecayed bias and embedding) each change the trajectory."""
+    tc = TrainConfig(lr=0.05, weight_decay=0.3, beta1=0.8, beta2=0.9, eps=1e-3)
+    names = ("h.0.mlp.fc1.weight", "h.0.mlp.fc1.bias", "wte.weight")
+    start = {"h.0.mlp.fc1.weight": 1.5, "h.0.mlp.fc1.bias": -0.7, "wte.weight": 0.4}
+    gradients = {"h.0.mlp.fc1.weight": [0.3, -0.1, 0.02, 0.5, -0.4], "h.0.mlp.fc1.bias": [-2.0, 1.0, 0.5, 0.01, 3.0],
+                 "wte.weight": [0.0, 0.001, -0.2, 0.2, 0.05]}
+    lrs = [0.05, 0.03, 0.1, 0.02, 0.07]
+    params = {name: np.array([[start[name]]]) for name in names}
+    optimizer = AdamW.zeros_like(params)
+    for step, lr in enumerate(lrs):
+        optimizer.step(params, {name: np.array([[gradients[name][step]]]) for name in names}, lr, tc)
+        assert optimizer.t == step + 1
+        for name in names:
+            decay = tc.weight_decay if name == "h.0.mlp.fc1.weight" else 0.0
+            expected = adamw_by_hand(start[name], gradients[name][: step + 1], lrs[: step + 1], tc.beta1, tc.beta2, tc.eps, decay)[-1]
+            np.testing.assert_allclose(params[name][0, 0], expected, err_msg=f"{name} step {step + 1}", **HAND_F64)
+
+
+def test_adamw_keeps_the_float32_dtype():
+    params = {"h.0.mlp.fc1.weight": np.ones((2, 2), np.float32)}
+    optimizer = AdamW.zeros_like(params)
+    optimizer.step(params, {"h.0.mlp.fc1.weight": np.full((2, 2), 0.5, np.float32)}, 0.1, TrainConfig())
+    assert params["h.0.mlp.fc1.weight"].dtype == np.float32 and optimizer.m["h.0.mlp.fc1.weight"].dtype == np.float32
+
+
+def schedule_by_hand(t, lr, min_lr, warmup, steps):
+    """Linear warm-up ``lr t / warmup`` for ``t <= warmup``, then ``min_lr + (lr - min_lr)(1 + cos(pi p))/2``,
+    ``p = (t - warmup) / (steps - warmup)``."""
+    if t <= warmup:
+        return lr * t / warmup
+    return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * (t - warmup) / (steps - warmup))) / 2
+
+
+def test_train_step_uses_the_schedule_from_step_one_and_applies_that_lr():
+    """The first step trains with ``lr_1 = lr / warmup`` (not the 0-based ``lr_0 = 0``); each record
+    carries the schedule's value, the loss of the batch drawn from the seeded stream before the
+    update, and the gradient norm before clipping; a bias moves by ``lr_1 g / (|g| + eps)``."""
+    state, task = small_state(seed=5)
+    state.train = TrainConfig(steps=8, batch_size=3, lr=0.01, min_lr=0.002, warmup=3, clip=1e9, eps=1e-12, seed=5)
+    before = {name: value.copy() for name, value in state.params.items()}
+    batch = task.batch(3, np.random.default_rng(5))  # the first batch of the seed-5 data stream
+    loss, grads = lm.loss_and_grads(state.config, before, batch.tokens, batch.targets, batch.mask)
+    record = train_step(state, task)
+    assert record["step"] == 1 and state.step == 1
+    np.testing.assert_allclose(record["lr"], 0.01 / 3, **HAND_F64)
+    np.testing.assert_allclose(record["loss"], loss, **FLOAT32_RECOMPUTED)
+    np.testing.assert_allclose(record["grad_norm"], math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads.values())), **FLOAT32_RECOMPUTED)
+    g = grads["ln_f.bias"].astype(np.float64)
+    moved = state.params["ln_f.bias"].astype(np.float64) - before["ln_f.bias"]
+    big = np.abs(g) > 1e-4  # where eps and float32 rounding are negligible: the step is lr_1 sign(g)
+    assert big.sum() >= 4
+    np.testing.assert_allclose(moved[big], -record["lr"] * np.sign(g[big]), **FLOAT32_RECOMPUTED)
+    lrs = [record["lr"]] + [train_step(state, task)["lr"] for _ in range(7)]
+    np.testing.assert_allclose(lrs, [schedule_by_hand(t, 0.01, 0.002, 3, 8) for t in range(1, 9)], **HAND_F64)
+
+
+def test_train_step_clips_the_gradient_before_the_moments():
+    """With ``clip = c`` below the gradient's norm, the first moment after step 1 is ``(1 - b1) g c / ||g||``
+    (Adam's first step is scale-invariant, so the moments are where clipping shows)."""
+    state, task = small_state()
+    state.train = TrainConfig(steps=8, batch_size=3, clip=0.05, seed=0)
+    batch = task.batch(3, np.random.default_rng(0))
+    _, grads = lm.loss_and_grads(state.config, state.params, batch.tokens, batch.targets, batch.mask)
+    norm = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads.values()))
+    assert norm > 0.05
+    train_step(state, task)
+    for name in ("ln_f.bias", "wte.weight", "h.1.mlp.fc2.weight"):
+        expected = (1 - state.train.beta1) * grads[name].astype(np.float64) * 0.05 / norm
+        np.testing.assert_allclose(state.optimizer.m[name], expected, err_msg=name, **FLOAT32_RECOMPUTED)
+
+
+def test_evaluate_reports_the_masked_loss_and_accuracy_of_the_independent_model():
+    """``evaluate`` on a passkey batch (mask: the last position only) against the model written out in
+    tests/oracle.py, in float64; the library runs the float32 model."""
+    state, task = small_state()
+    batch = task.batch(6, np.random.default_rng(9))
+    params64 = {k: v.astype(np.float64) for k, v in state.params.items()}
+    config64 = dataclasses.replace(state.config, dtype="float64")
+    result = evaluate(state, task, batch)
+    np.testing.assert_allclose(result["eval_loss"], oracle.lm_loss(config64, params64, batch.tokens, batch.targets, batch.mask), **SUMMATION[F32])
+    logits = oracle.lm_logits(config64, params64, batch.tokens)
+    assert result["eval_accuracy"] == pytest.approx(float((logits[:, -1].argmax(-1) == batch.targets[:, -1]).mean()))
+
+
+def test_fit_trains_to_the_last_step_and_evaluates_every_k_steps_and_at_the_end():
+    state, task = small_state()
+    state.train = dataclasses.replace(state.train, steps=5)
+    seen = []
+    records = fit(state, task, eval_every=2, eval_batch=task.batch(4, np.random.default_rng(1)), progress=False, on_record=seen.append)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and state.step == 5 and seen == records
+    assert [r["step"] for r in records if "eval_loss" in r] == [2, 4, 5]
+    assert all(r["tokens_per_s"] > 0 and math.isfinite(r["loss"]) for r in records)
+
+
 def test_weight_decay_applies_to_linear_matrices_only():
     names = lm.parameter_shapes(lm.LongNetConfig(n_layers=1))
     decayed = {n for n in names if decays(n)}
@@ -89,12 +213,21 @@ def test_a_resumed_checkpoint_repeats_the_uninterrupted_run_bit_for_bit(tmp_path
     for _ in range(3):
         train_step(interrupted, task)
     path = save_checkpoint(interrupted, tmp_path / "ckpt.npz")
-    del interrupted
     resumed, _ = load_checkpoint(path)
-    assert resumed.step == 3
+    # the loaded state is the saved one, field by field (not merely one that trains alike)
+    assert resumed.step == 3 and resumed.optimizer.t == interrupted.optimizer.t == 3
+    assert resumed.config == interrupted.config and resumed.train == interrupted.train
+    assert resumed.rng.bit_generator.state == interrupted.rng.bit_generator.state
+    for name in interrupted.params:
+        for got, saved in ((resumed.params, interrupted.params), (resumed.optimizer.m, interrupted.optimizer.m),
+                           (resumed.optimizer.v, interrupted.optimizer.v)):
+            assert got[name].dtype == saved[name].dtype
+            np.testing.assert_array_equal(got[name], saved[name], err_msg=name)
+    del interrupted
     train_step(resumed, task)
 
     assert resumed.step == uninterrupted.step == 4
+    assert not np.array_equal(resumed.params["wte.weight"], load_checkpoint(path)[0].params["wte.weight"])  # step 4 moved it
     for name in uninterrupted.params:
         np.testing.assert_array_equal(resumed.params[name], uninterrupted.params[name], err_msg=name)
         np.testing.assert_array_equal(resumed.optimizer.m[name], uninterrupted.optimizer.m[name])
@@ -315,6 +448,35 @@ def test_text_batches_are_windows_of_the_file_shifted_by_one(tmp_path):
     assert batch.tokens.shape == (4, 10)
     np.testing.assert_array_equal(batch.targets, batch.tokens + 1)  # bytes 0..199 count up
     assert batch.mask.all()
+
+
+@pytest.mark.parametrize("extra", [1, 2, 5])
+def test_text_windows_cover_every_start_and_never_run_past_the_end(extra):
+    """A text of ``n + extra`` distinct bytes has ``extra`` windows of ``n + 1`` bytes, starting at
+    ``0 .. extra - 1``. 400 draws miss one of <= 5 uniformly drawn starts with probability
+    ``<= 5 (4/5)^400 ~ 1e-38``; each window must be the file's bytes from its start, shifted by one."""
+    n = 12
+    data = np.arange(100, 100 + n + extra, dtype=np.uint8)
+    task = TextTask(data, n)
+    batch = task.batch(400, np.random.default_rng(3))
+    starts = batch.tokens[:, 0].astype(int) - 100
+    assert set(starts) == set(range(extra))
+    for start, tokens, targets in zip(starts, batch.tokens, batch.targets):
+        np.testing.assert_array_equal(tokens, data[start : start + n])
+        np.testing.assert_array_equal(targets, data[start + 1 : start + n + 1])
+    assert batch.tokens.dtype == batch.targets.dtype == np.int64 and batch.mask.all()
+
+
+def test_accuracy_counts_the_masked_positions_only():
+    """Arg-max hits at 3 of the 4 masked positions, misses at every unmasked one: 3/4."""
+    logits = np.zeros((2, 3, 4))
+    targets = np.array([[1, 2, 3], [0, 1, 2]])
+    predicted = np.array([[1, 0, 3], [0, 3, 2]])  # hits at (0,0), (0,2), (1,0), (1,2)
+    logits[np.arange(2)[:, None], np.arange(3)[None], predicted] = 1.0
+    mask = np.array([[True, True, False], [True, False, True]])  # masked hits 3, misses (0,1)
+    batch = Batch(np.zeros((2, 3), np.int64), targets, mask)
+    assert accuracy(logits, batch) == pytest.approx(3 / 4)
+    assert accuracy(logits, Batch(batch.tokens, targets, ~mask)) == pytest.approx(1 / 2)  # (0,2) hit, (1,1) miss
 
 
 def test_a_missing_empty_or_short_text_file_is_a_clear_error(tmp_path):

@@ -21,9 +21,11 @@ SUMMATION = {
     F64: dict(rtol=1e-10, atol=1e-11),
 }
 
-# The Numba kernels against the NumPy reference: blocks of 128 rows and the kernels' own exp
-# (max relative error 8e-8 in float32, 2.2e-16 in float64). float64: sums of <= ~3000 terms at
-# 1.1e-16 -> ~3e-13 relative; float32: the same sums at 6e-8 plus the exp -> ~2e-4 worst case.
+# The Numba kernels against the NumPy reference (or a float64 oracle): blocks of 128 rows and the
+# kernels' own exp (max relative error 1.5e-7 in float32, 4.5e-16 in float64: the bound
+# numba_exp states and tests/test_numba_backend.py checks). float64: sums of <= ~3000 terms at
+# 1.1e-16 -> ~3e-13 relative; float32: the same sums at 6e-8 plus the exp -> ~2e-4 worst case,
+# ~1e-6 typical. (The one table: test_numba_backend.py's own copy now reads this one.)
 NUMBA = {
     F64: dict(rtol=1e-12, atol=1e-12),
     F32: dict(rtol=2e-4, atol=2e-5),
@@ -99,3 +101,44 @@ PARALLEL_MODEL = {F64: 1e-10, F32: 2e-5}
 # cross-entropy is ln V within a few hundredths of a nat (measured: 0.03). A NaN, a zero, or the
 # loss of a trained model misses by more than 0.5.
 INITIAL_LOSS_NATS = 0.1
+
+
+# The language model (float64) against its independent transcription in tests/test_model.py
+# (loop-oracle attention, complex RoPE): two layers of O(1) activations (perturbed weights ~0.3),
+# sums of <= 4C = 32 terms and softmaxes over <= 11 keys/tokens, summed in different orders:
+# ~1e-14 relative; 1e-9 leaves room and still fails any wrong term (O(1e-2) or more).
+MODEL_F64 = dict(rtol=1e-9, atol=1e-10)
+
+# Initialisation statistics: a sample of n i.i.d. draws. The sample standard deviation's
+# standard error is sigma sqrt((kappa - 1) / (4 n)) (kappa: the kurtosis, 3 for a normal, 9/5 for a
+# uniform), the sample mean's sigma / sqrt(n). Six standard errors: a correct init fails with
+# probability < 2e-9 (and the seeds are fixed, so a run is deterministic), while a wrong gain
+# (1 vs 1/sqrt(2), sqrt(L) vs sqrt(2L): >= 15 % off) is many standard errors out at n >= 4096.
+# The maximum of n uniform draws on [-a, a] falls below a (1 - delta) with probability
+# (1 - delta)^n: delta = 1e-3 at n >= 16384 gives < 1e-7.
+INIT_STANDARD_ERRORS = 6
+UNIFORM_MAX_SLACK = 1e-3
+
+
+def sample_std_rtol(count, kurtosis):
+    """Relative tolerance of a sample standard deviation of ``count`` draws (see above)."""
+    return INIT_STANDARD_ERRORS * ((kurtosis - 1) / (4 * count)) ** 0.5
+
+
+def sample_mean_atol(count, std):
+    """Absolute tolerance of a sample mean of ``count`` draws of standard deviation ``std``."""
+    return INIT_STANDARD_ERRORS * std / count**0.5
+
+# A handful of float64 operations on O(1) numbers, the library's against a transcription by hand
+# (AdamW steps, the schedule, a RoPE dot product): ~10 roundings of 1.1e-16: 1e-12 leaves room.
+HAND_F64 = dict(rtol=1e-12, atol=1e-14)
+
+# A float32 quantity (loss, gradient norm, first moment, a parameter's first step) against the same
+# quantity recomputed from float32 gradients in float64: float32 rounding of sums of <= ~1e4 terms,
+# ~1e-6 relative; 1e-5 leaves room (a wrong lr, clip factor or beta is off by >= 1e-2).
+FLOAT32_RECOMPUTED = dict(rtol=1e-5, atol=1e-9)
+
+# Chi-square goodness of fit of seeded samples: a correct sampler is rejected with probability
+# 1e-6 for a random seed (the seeds are fixed, so a run is deterministic); a wrong temperature
+# or a wrong top-k gives p < 1e-100 at the sample sizes used (>= 3000 draws).
+CHI_SQUARE_P_VALUE = 1e-6
