@@ -29,7 +29,7 @@ that a mistake shows in the section where it lives, and only there:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -141,9 +141,10 @@ def _row_text(where) -> str:
 # -- measuring the scale -----------------------------------------------------------------------
 
 
-def dense_config(cfg: Config) -> Config:
-    """One branch with ``w = N`` and ``r = 1``: plain dense softmax attention (SPEC §2-§4)."""
-    return cfg.with_branches([cfg.n], [1])
+def dense_config(kit: Kit, cfg: Config) -> Config:
+    """One branch with ``w = N`` and ``r = 1``: plain dense softmax attention (SPEC §2-§4),
+    non-causal unless the kit checks only ``causal=True`` (a causal-mask mistake is §3's)."""
+    return replace(cfg.with_branches([cfg.n], [1]), causal=False if False in kit.causal_choices else cfg.causal)
 
 
 def scale_names_matching(kit: Kit, cfg: Config, out, q, k, v, causal: bool) -> list[str]:
@@ -188,7 +189,7 @@ def tensors_and_layout(kit: Kit, cfg: Config) -> Finding | None:
         return Finding(f"out has shape {out.shape}; SPEC §1: (B, N, H, Dv) = {expected_shape(cfg)}")
     if out.dtype != np.dtype(kit.dtype):
         return Finding(f"out has dtype {out.dtype}; the inputs are {kit.dtype}")
-    dense = dense_config(cfg)
+    dense = dense_config(kit, cfg)
     if not kit.domain.contains(dense):
         return None
     q, k, v = random_inputs(dense, kit.dtype)
