@@ -1,4 +1,4 @@
-"""The command line: ``longnet-ref demo | bench | pattern``.
+"""The command line: ``longnet-ref demo | bench | pattern | train | generate | check``.
 
 Every error (bad option, bad configuration, a missing optional extra) ends the program with a
 one-line message on stderr and a non-zero exit status, never a traceback.
@@ -278,7 +278,7 @@ def pattern(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longnet-ref", description=DESCRIPTION)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench,pattern,train,generate}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench,pattern,train,generate,check}")
     with_defaults = dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     p = sub.add_parser("demo", help="forward + backward of dilated attention, checked against dense attention",
@@ -346,8 +346,94 @@ def _parser() -> argparse.ArgumentParser:
 
     generate.add_arguments(p)
     p.set_defaults(func=generate.run)
+    p = sub.add_parser("check", help="check an implementation of dilated attention against the spec, section by section",
+                       description="Run the conformance kit (longnet_ref.conformance) on FUNCTION: exit 0 when "
+                                   "conformant, 1 when not (the table names the sections and minimal counterexamples), "
+                                   "2 on a usage error.", **with_defaults)
+    add_check_arguments(p)
+    p.set_defaults(func=run_check)
 
     return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# longnet-ref check MODULE:FUNCTION: the conformance kit (longnet_ref.conformance) on the command
+# line. One block, add_check_arguments + run_check, so it can move with the CLI as a unit.
+# ---------------------------------------------------------------------------------------------
+
+EXIT_NOT_CONFORMANT = 1
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """``check``'s parser: a usage error (unknown option, bad value) is one line on stderr, exit 2."""
+
+    def error(self, message):
+        print(f"longnet-ref check: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
+def _import_callable(path: str, option: str):
+    """``"package.module:function"`` -> the function; a ``UsageError`` naming ``option`` otherwise."""
+    import importlib
+    import os
+
+    if os.getcwd() not in sys.path:  # like `python -m`: the user's own modules, where they run it
+        sys.path.insert(0, os.getcwd())
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise UsageError(f"{option} must be MODULE:FUNCTION, got {path!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # noqa: BLE001 (any failure to import is the user's path)
+        raise UsageError(f"{option}: cannot import {module_name!r}: {type(error).__name__}: {error}") from None
+    target = module
+    for name in attribute.split("."):
+        if not hasattr(target, name):
+            raise UsageError(f"{option}: {module_name!r} has no attribute {attribute!r}")
+        target = getattr(target, name)
+    if not callable(target):
+        raise UsageError(f"{option}: {path} is not callable ({type(target).__name__})")
+    return target
+
+
+def add_check_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``longnet-ref check`` (see ``docs/conformance.md``)."""
+    parser.__class__ = _OneLineParser  # argparse has no per-subparser class: one-line errors for this one
+    parser.add_argument("forward", metavar="MODULE:FUNCTION",
+                        help="forward(q, k, v, segment_lengths, dilation_rates, *, causal) -> out (B, N, H, Dv)")
+    parser.add_argument("--backward", metavar="MODULE:FUNCTION",
+                        help="backward(dout, q, k, v, segment_lengths, dilation_rates, *, causal) -> (dq, dk, dv); "
+                             "without it torch/jax autodiff is checked, and numpy/cupy skip the gradient")
+    parser.add_argument("--framework", choices=["numpy", "torch", "jax", "cupy"], default="numpy",
+                        help="the arrays the functions take and return")
+    parser.add_argument("--offsets", choices=["paper", "torchscale"], default="paper", help="the head-offset rule claimed")
+    parser.add_argument("--causal", choices=["both", "yes", "no"], default="both", help="which causal settings to check")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float64", help="dtype of the inputs")
+    parser.add_argument("--examples", type=_positive_int, default=100, help="configurations drawn per spec section")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the run (default: random, printed)")
+    parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """Run the kit; print the table and the minimal counterexamples; 0 conformant, 1 not."""
+    from .conformance import check
+
+    forward = _import_callable(args.forward, "MODULE:FUNCTION")
+    backward = _import_callable(args.backward, "--backward") if args.backward else None
+    causal = {"both": None, "yes": True, "no": False}[args.causal]
+    report = check(forward, backward, offsets=args.offsets, causal=causal, dtype=args.dtype,
+                   max_examples=args.examples, seed=args.seed, framework=args.framework)
+    print(report)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as file:
+            file.write(report.to_json(indent=2) + "\n")
+    return 0 if report.ok else EXIT_NOT_CONFORMANT
 
 
 def _missing_extra(error: ImportError) -> str:
