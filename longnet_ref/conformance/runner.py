@@ -6,7 +6,7 @@ import random
 from typing import Any, Callable
 
 from hypothesis import HealthCheck, find, settings
-from hypothesis.errors import NoSuchExample
+from hypothesis.errors import NoSuchExample, Unsatisfiable
 
 from ..validation import InputTypeError, check_flag, validate_offset_rule
 from .adapters import FRAMEWORKS, adapt
@@ -109,6 +109,9 @@ def check(
         seen = {"ran": 0, "note": ""}
         try:
             minimal = find(strategy, lambda cfg: _run_probe(probe, kit, cfg, seen) is not None, settings=options, random=random.Random(seed + index))
+        except Unsatisfiable:
+            results.append(SectionResult(section, title, "n/a", 0, "no drawn configuration is in the declared domain"))
+            continue
         except NoSuchExample:
             status = "pass" if seen["ran"] else "n/a"
             results.append(SectionResult(section, title, status, seen["ran"], seen["note"] if status == "n/a" else ""))

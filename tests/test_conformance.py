@@ -1,0 +1,183 @@
+"""The conformance kit checked on itself (issue 20): this package's backends and a slow loop
+implementation pass; each classic mistake (tests/conformance_mutants.py) fails in the section
+where it lives, and only there, with a small counterexample; the kit's oracle agrees with the
+independent loop oracle of tests/oracle.py and with the library's reference."""
+
+import json
+import subprocess
+import sys
+from functools import partial
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from longnet_ref import dilated_attention
+from longnet_ref.cli import main
+from longnet_ref.conformance import check
+from longnet_ref.conformance import oracle as kit_oracle
+from longnet_ref.conformance.targets import numba_backward, numba_forward, numpy_backward, numpy_forward
+from longnet_ref.validation import InputTypeError
+
+from . import conformance_mutants as mutants
+from . import oracle as loop_oracle
+from .tolerances import SUMMATION
+
+EXAMPLES = 8  # per section: enough for Hypothesis to find each mistake below (seeded), CI stays fast
+SEED = 3
+
+
+def run(forward, backward=None, **kwargs):
+    return check(forward, backward, max_examples=EXAMPLES, seed=SEED, **kwargs)
+
+
+def test_the_numpy_backend_conforms():
+    report = run(numpy_forward, numpy_backward)
+    assert report.ok, str(report)
+    assert report.sections == {**{f"§{i}": "pass" for i in range(1, 8)}, "§8": "n/a"}
+
+
+def test_the_numba_backend_conforms():
+    assert run(numba_forward, numba_backward, causal=False).ok  # causal: by the CLI test below
+
+
+def test_the_torchscale_offsets_conform_when_claimed():
+    torchscale = run(partial(numpy_forward, offsets="torchscale"), partial(numpy_backward, offsets="torchscale"), offsets="torchscale")
+    assert torchscale.ok, str(torchscale)
+    assert torchscale.sections["§8"] == "pass"
+
+
+def test_a_correct_slow_loop_implementation_conforms_and_without_backward_the_gradient_is_not_applicable():
+    report = run(mutants.loop_forward)
+    assert report.ok, str(report)
+    assert report.sections["§5"] == "n/a"
+
+
+MISTAKES = [
+    (mutants.union_forward, None, "§4", "union"),
+    (mutants.no_diagonal_forward, None, "§3", "diagonal"),
+    (mutants.other_offsets_forward, None, "§2", "'torchscale' rule"),
+    (mutants.scale_one_over_d_forward, None, "§1", "scale 1/D"),
+    (mutants.padded_forward, None, "§3", "padding"),
+    (mutants.averaged_forward, None, "§4", "averages"),
+    (mutants.library_forward, mutants.detached_weights_backward, "§5", "mixture weights"),
+    (mutants.nan_spreading_forward, None, "§7", "does not attend it"),
+]
+
+
+@pytest.mark.parametrize(("forward", "backward", "section", "diagnosis"), MISTAKES, ids=[m[0].__name__ + (f"+{m[1].__name__}" if m[1] else "") for m in MISTAKES])
+def test_each_classic_mistake_fails_in_its_own_section_with_a_small_counterexample(forward, backward, section, diagnosis):
+    report = run(forward, backward)
+    assert [f.section for f in report.failures] == [section], str(report)
+    failure = report.failures[0]
+    assert diagnosis in failure.message
+    config = failure.config
+    assert config["n"] <= 4 and config["heads"] <= 3 and config["batch"] == 1 and len(config["segment_lengths"]) <= 2
+    assert failure.seed == config["seed"]
+
+
+def test_the_wrong_offset_rule_is_also_caught_when_torchscale_offsets_are_claimed():
+    report = run(mutants.branches_forward, offsets="torchscale")
+    assert report.sections["§2"] == "fail"
+    assert "'paper' rule" in report.failure("§2").message
+
+
+def test_outside_the_domain_is_not_applicable_inside_an_exception_is_a_failure():
+    def forward(q, k, v, segment_lengths, dilation_rates, *, causal):
+        if causal or len(segment_lengths) > 1:
+            raise NotImplementedError("only non-causal single-branch attention")
+        return dilated_attention(q, k, v, segment_lengths, dilation_rates)
+
+    assert run(forward, domain=["non_causal", "one_branch"]).ok
+    report = run(forward, domain=["non_causal"])
+    assert report.sections["§1"] == "fail"
+    assert "NotImplementedError: only non-causal single-branch attention" in report.failure("§1").message
+    # a predicate: nothing is claimed, so every section is not applicable
+    assert set(run(forward, domain=lambda cfg: False).sections.values()) == {"n/a"}
+
+
+def test_the_report_is_a_table_and_json():
+    report = run(mutants.union_forward)
+    text = str(report)
+    assert "| §4 | The mixture" in text and "NOT CONFORMANT" in text and f"seed={SEED}" in text
+    data = json.loads(report.to_json())
+    assert data["ok"] is False and data["failures"][0]["section"] == "§4"
+    assert [s["status"] for s in data["sections"]] == list(report.sections.values())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        (dict(offsets="blocks"), ValueError, "offsets"),
+        (dict(dtype="float16"), ValueError, "dtype"),
+        (dict(max_examples=0), ValueError, "max_examples"),
+        (dict(causal="yes"), InputTypeError, "causal"),
+        (dict(framework="tensorflow"), ValueError, "framework"),
+        (dict(domain=["even_n"]), ValueError, "domain"),
+    ],
+)
+def test_bad_options_are_refused_naming_the_argument(kwargs, error, name):
+    with pytest.raises(error, match=name):
+        check(numpy_forward, **kwargs)
+    with pytest.raises(InputTypeError, match="forward"):
+        check("numpy_forward")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 10),
+    heads=st.integers(1, 3),
+    branches=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 4)), min_size=1, max_size=3),
+    causal=st.booleans(),
+    rule=st.sampled_from(["paper", "torchscale"]),
+    seed=st.integers(0, 2**16),
+)
+def test_the_kits_oracle_agrees_with_the_loop_oracle_and_the_reference(n, heads, branches, causal, rule, seed):
+    rng = np.random.default_rng(seed)
+    q, k = rng.standard_normal((2, 1, n, heads, 3))
+    v, dout = rng.standard_normal((2, 1, n, heads, 2))
+    w, r = (list(x) for x in zip(*branches))
+    m = kit_oracle.multiplicity(n, heads, tuple(w), tuple(r), causal, rule)
+    np.testing.assert_array_equal(m, loop_oracle.multiplicity(n, heads, w, r, causal, rule))
+    out = kit_oracle.forward(q, k, v, m, 1 / np.sqrt(3))
+    np.testing.assert_allclose(out, loop_oracle.dilated_attention(q, k, v, w, r, causal=causal, offsets=rule)[0], **SUMMATION[np.dtype(np.float64)])
+    np.testing.assert_allclose(out, dilated_attention(q, k, v, w, r, causal=causal, offsets=rule), **SUMMATION[np.dtype(np.float64)])
+    grads = kit_oracle.gradients(dout, q, k, v, m, 1 / np.sqrt(3))
+    for got, want in zip(grads, loop_oracle.dilated_attention_gradients(dout, q, k, v, w, r, causal=causal, offsets=rule)):
+        np.testing.assert_allclose(got, want, **SUMMATION[np.dtype(np.float64)])
+
+
+TARGETS = "longnet_ref.conformance.targets"
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_longnet_ref_check_of_our_backends_exits_0(backend, capsys, tmp_path):
+    report = tmp_path / "report.json"
+    status = main(["check", f"{TARGETS}:{backend}_forward", "--backward", f"{TARGETS}:{backend}_backward",
+                   "--examples", "4", "--seed", "0", "--json", str(report)])
+    assert status == 0
+    assert "CONFORMANT" in capsys.readouterr().out
+    assert json.loads(report.read_text())["ok"] is True
+
+
+def test_longnet_ref_check_of_a_wrong_implementation_exits_1_and_names_the_section(capsys):
+    assert main(["check", "tests.conformance_mutants:averaged_forward", "--examples", str(EXAMPLES), "--seed", str(SEED), "--causal", "no"]) == 1
+    out = capsys.readouterr().out
+    assert "| §4 | The mixture (Eq. 10), uncovered rows | fail |" in out and "averages the branches" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["no_such_module:forward"], "cannot import 'no_such_module'"),
+        (["math:pi"], "not callable"),
+        (["math"], "MODULE:FUNCTION"),
+        (["math:sqrt", "--bogus"], "unrecognized arguments: --bogus"),
+        (["math:sqrt", "--offsets", "blocks"], "--offsets"),
+    ],
+)
+def test_longnet_ref_check_usage_errors_are_one_line_with_exit_2(argv, says):
+    result = subprocess.run([sys.executable, "-m", "longnet_ref.cli", "check", *argv], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert says in result.stderr and len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
