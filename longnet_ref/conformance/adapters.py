@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
@@ -111,7 +111,8 @@ def _torch(forward, backward):
 
     def autograd(dout, q, k, v, segment_lengths, dilation_rates, causal):
         inputs = [to_tensor(x, grad=True) for x in (q, k, v)]
-        out = forward(*inputs, list(segment_lengths), list(dilation_rates), causal=causal)
+        # non-leaf copies, as in a model (q, k, v come out of projections): in-place updates allowed
+        out = forward(*(x.clone() for x in inputs), list(segment_lengths), list(dilation_rates), causal=causal)
         grads = torch.autograd.grad(out, inputs, grad_outputs=to_tensor(dout), allow_unused=True)
         return tuple(np.zeros_like(x) if g is None else to_numpy(g) for g, x in zip(grads, (q, k, v)))
 
@@ -146,6 +147,3 @@ def adapt(forward: Callable, backward: Callable | None, framework: str) -> Adapt
     """Wrap ``forward``/``backward`` written for ``framework`` (one of ``FRAMEWORKS``)."""
     return ADAPTERS[framework](forward, backward)
 
-
-def describe(x: Any) -> str:
-    return f"{type(x).__module__}.{type(x).__name__}"

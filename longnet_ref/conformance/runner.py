@@ -28,7 +28,7 @@ def _run_probe(probe, kit, cfg, seen):
         from .properties import Finding
 
         seen["ran"] += 1
-        return Finding(str(error))
+        return Finding(f"{cfg}: {error}")
     seen["ran"] += 1
     return finding
 
