@@ -181,3 +181,19 @@ def test_longnet_ref_check_usage_errors_are_one_line_with_exit_2(argv, says):
     result = subprocess.run([sys.executable, "-m", "longnet_ref.cli", "check", *argv], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert says in result.stderr and len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_the_conformance_page_shows_the_recorded_peer_table(capsys):
+    """docs/conformance.md's table and counterexamples are what ``conformance_peers.py --show``
+    prints from the committed JSON (no torch needed), so the page cannot drift from the run."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("conformance_peers", root / "benchmarks" / "conformance_peers.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--show", str(root / "benchmarks" / "results" / "conformance_peers.json")]) == 0
+    shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| ", "- "))]
+    page = (root / "docs" / "conformance.md").read_text()
+    assert len(shown) >= 10 and all(line in page for line in shown)
