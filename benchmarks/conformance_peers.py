@@ -23,7 +23,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "conformance_peers.json"
 REPLACED = {
     "torchscale": "flash_attn_func (flash-attn / xformers, GPU only; None on CPU) in torchscale.component.multihead_attention "
     "replaced by plain softmax attention returning (out, lse) in the same (b, l, h, d) / (b, h, l) layout, scale 1/sqrt(d), "
-    "causal = lower-triangular mask; q/k/v/out projections set to identity (weight I, bias 0)",
+    "causal = lower-triangular mask; q/k/v/out projections replaced by torch.nn.Identity",
     "fkodom": "xformers.ops (memory_efficient_attention, LowerTriangularMask, AttentionOp) replaced by a stub module whose "
     "memory_efficient_attention is plain softmax attention in the (b, s, h, d) layout, scale 1/sqrt(d), causal = lower-triangular mask",
     "kyegomez": "zeta.nn.attention.flash_attention.FlashAttention (zetascale; on CPU it calls F.scaled_dot_product_attention) "
@@ -63,10 +63,8 @@ def torchscale_forward(torch, path):
         args = types.SimpleNamespace(flash_attention=True, segment_length=list(segment_lengths), dilated_ratio=list(dilation_rates),
                                      seq_parallel=False, xpos_rel_pos=False, multiway=False, layernorm_eps=1e-5)
         layer = DilatedAttention(args, heads * dim, heads, self_attention=True).to(q.dtype)
-        with torch.no_grad():
-            for proj in (layer.q_proj, layer.k_proj, layer.v_proj, layer.out_proj):
-                proj.weight.copy_(torch.eye(heads * dim, dtype=q.dtype))
-                proj.bias.zero_()
+        # identity projections as modules, not as weight I: x @ I would mix a NaN into every feature
+        layer.q_proj = layer.k_proj = layer.v_proj = layer.out_proj = torch.nn.Identity()
         out, _ = layer(*(x.reshape(batch, n, heads * dim) for x in (q, k, v)), is_causal=causal)
         return out.reshape(batch, n, heads, dim)
 

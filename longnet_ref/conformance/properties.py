@@ -184,11 +184,11 @@ def tensors_and_layout(kit: Kit, cfg: Config) -> Finding | None:
     q, k, v = random_inputs(cfg, kit.dtype)
     out = kit.forward(cfg, q, k, v)
     if not isinstance(out, np.ndarray):
-        return Finding(f"forward returned {type(out).__name__}, not an array")
+        return Finding(f"{cfg}: forward returned {type(out).__name__}, not an array")
     if out.shape != expected_shape(cfg):
-        return Finding(f"out has shape {out.shape}; SPEC §1: (B, N, H, Dv) = {expected_shape(cfg)}")
+        return Finding(f"{cfg}: out has shape {out.shape}; SPEC §1: (B, N, H, Dv) = {expected_shape(cfg)}")
     if out.dtype != np.dtype(kit.dtype):
-        return Finding(f"out has dtype {out.dtype}; the inputs are {kit.dtype}")
+        return Finding(f"{cfg}: out has dtype {out.dtype}; the inputs are {kit.dtype}")
     dense = dense_config(kit, cfg)
     if not kit.domain.contains(dense):
         return None
@@ -202,7 +202,7 @@ def tensors_and_layout(kit: Kit, cfg: Config) -> Finding | None:
     others = [name for name in scale_names_matching(kit, dense, out, q, k, v, dense.causal) if name != "1/sqrt(D)"]
     reason = f"it is dense attention with scale {others[0]}" if others else "it is not dense softmax attention at any of the scales 1/sqrt(D), 1/D, 1"
     return Finding(
-        f"one branch w=N, r=1 (dense attention): {_row_text(where)} differs from softmax(q.k / sqrt(D)) v; {reason}",
+        f"{dense} (one branch w=N, r=1: dense attention): {_row_text(where)} differs from softmax(q.k / sqrt(D)) v; {reason}",
         error,
         tolerance_text(tol),
     )
