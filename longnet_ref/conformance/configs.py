@@ -162,6 +162,33 @@ def configs(draw, domain: Domain, causal_choices: list[bool]) -> Config:
     return cfg
 
 
+CLASSIC_BRANCHES = [
+    (2, 1, (1, 2), (1, 1)),  # two branches sharing a key: the mixture counts it twice
+    (2, 3, (2,), (2,)),  # H = 3, r = 2: the "paper" and "torchscale" offsets differ (heads 1, 2)
+    (3, 1, (2,), (1,)),  # ragged N: a short last segment
+    (4, 2, (2,), (2,)),  # r = w: rows a head's branch does not cover
+    (5, 3, (3, 5), (2, 1)),  # w % r != 0 with N > w; H not a multiple of r
+]
+"""``(N, H, w, r)`` of the configurations every search also tries: each exposes a classic mistake
+on few rows, so a small ``max_examples`` still meets them (Hypothesis may still shrink further)."""
+
+
+def classic_configs(domain: Domain, causal_choices: list[bool]) -> list[Config]:
+    """The classic configurations inside ``domain`` (``D = 2``, ``Dv = 3`` unless ``Dv == D`` is declared)."""
+    value_dim = 2 if "dv_equals_d" in domain.flags else 3
+    candidates = [
+        Config(1, n, heads, 2, value_dim, w, r, causal, 0) for n, heads, w, r in CLASSIC_BRANCHES for causal in causal_choices
+    ]
+    return [cfg for cfg in candidates if domain.contains(cfg)]
+
+
+def search_space(domain: Domain, causal_choices: list[bool]):
+    """What Hypothesis draws from: random configurations, or one of the classic ones."""
+    classics = classic_configs(domain, causal_choices)
+    drawn = configs(domain, causal_choices)
+    return st.one_of(drawn, st.sampled_from(classics)) if classics else drawn
+
+
 def random_inputs(cfg: Config, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Unit-normal ``q, k (B, N, H, D)``, ``v (B, N, H, Dv)`` from the configuration's seed."""
     rng = np.random.default_rng(cfg.seed)

@@ -10,7 +10,7 @@ from hypothesis.errors import NoSuchExample, Unsatisfiable
 
 from ..validation import InputTypeError, check_flag, validate_offset_rule
 from .adapters import FRAMEWORKS, adapt
-from .configs import Domain, configs
+from .configs import Domain, search_space
 from .properties import SECTIONS, ImplementationError, Kit, NotApplicable, measure_scale
 from .report import Failure, Report, SectionResult
 
@@ -100,7 +100,7 @@ def check(
     kit = Kit(adapted.forward, adapted.backward, domain, offsets, dtype, causal_choices)
     measured = measure_scale(kit)
     kit.scale_rule = measured or "1/sqrt(D)"
-    strategy = configs(domain, causal_choices)
+    strategy = search_space(domain, causal_choices)
     options = settings(
         max_examples=max_examples, database=None, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False
     )
