@@ -11,8 +11,9 @@ that a mistake shows in the section where it lives, and only there:
   so a wrong scale is reported once, here.
 - §2 reads which keys each row attends from one-hot values (``v_j = e_j``: ``out(p)`` is then the
   row's attention weights), which does not depend on the scale or on how branches are mixed.
-- §3 takes one branch at a time with all scores 0 (``q = 0``: every attended key weighs the
-  same, whatever the scale), so a padding key in a softmax or a missing diagonal changes the
+- §3 takes one branch at a time with all scores equal (every query one vector, every key
+  another: every attended key weighs the same, whatever the scale; the common score is not 0,
+  so no ``lse`` is exactly 0), so a padding key in a softmax or a missing diagonal changes the
   values; and checks that no future key changes a row.
 - §4 mixes branches; it runs only on configurations whose index sets (§2) and single branches
   (§3) are right, so what remains is the mixture (counts, weights, uncovered rows).
@@ -305,10 +306,17 @@ def ragged(cfg: Config) -> bool:
     return any(cfg.n % w != 0 and cfg.n > w or min(w, cfg.n) % r != 0 for w, r in zip(cfg.segment_lengths, cfg.dilation_rates))
 
 
+def equal_scores(kit: Kit, cfg: Config):
+    """``q, k`` whose scores are all equal (``q_p = 0.5 (1, ..., 1)``, ``k_j = (1, ..., 1)``):
+    softmax weights are then uniform over a row's keys for any scale, and ``lse = s + log K != 0``."""
+    shape = (cfg.batch, cfg.n, cfg.heads, cfg.head_dim)
+    return kit.in_dtype(np.full(shape, 0.5), np.ones(shape))
+
+
 def equal_scores_finding(kit: Kit, one: Config) -> Finding | None:
-    """One branch with every score 0 (``q = 0``): each row is the plain mean of its keys' values."""
-    _, k, v = random_inputs(one, kit.dtype)
-    q = np.zeros_like(k)
+    """One branch with all scores equal: each row is the plain mean of its keys' values."""
+    q, k = equal_scores(kit, one)
+    v = random_inputs(one, kit.dtype)[2]
     out = kit.shaped_forward(one, q, k, v)
     tol = VALUES[kit.dtype]
     ok, error, where = compare(out, kit.expected(one, q, k, v), tol)
@@ -316,7 +324,7 @@ def equal_scores_finding(kit: Kit, one: Config) -> Finding | None:
         return None
     b, p, h = where
     keys = np.flatnonzero(kit.counts(one)[h, p]).tolist()
-    message = f"{one}: with all scores 0 (q = 0) {_row_text(where)} must be the mean of the values of keys {keys}"
+    message = f"{one}: with all scores equal {_row_text(where)} must be the mean of the values of keys {keys}"
     if ragged(one):
         message += "; this configuration has a short segment (N % w != 0 or a segment not divisible by r): do zero-padding keys enter the softmax?"
     return Finding(message, error, tolerance_text(tol))
@@ -390,7 +398,7 @@ def mixture(kit: Kit, cfg: Config) -> Finding | None:
     if bad.any():
         b, p, h, _ = (int(i) for i in np.argwhere(bad)[0])
         return Finding(f"{cfg}: row p={p} (batch {b}, head {h}) is covered by no branch; SPEC §4 gives out = 0, got {np.asarray(out)[b, p, h].tolist()}", float(np.nanmax(np.abs(np.where(bad, out, 0)))) if np.isfinite(np.where(bad, out, 0)).all() else float("inf"), "exactly 0")
-    for name, (qq, kk, vv) in (("all scores 0 (q = 0)", (np.zeros_like(q), k, v)), ("random inputs", (q, k, v))):
+    for name, (qq, kk, vv) in (("all scores equal", (*equal_scores(kit, cfg), v)), ("random inputs", (q, k, v))):
         out = kit.shaped_forward(cfg, qq, kk, vv)
         ok, error, where = compare(out, kit.expected(cfg, qq, kk, vv), tol)
         if not ok:
