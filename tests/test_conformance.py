@@ -208,3 +208,17 @@ def test_the_conformance_page_shows_the_recorded_peer_table(capsys):
     shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| ", "- "))]
     page = (root / "docs" / "conformance.md").read_text()
     assert len(shown) >= 10 and all(line in page for line in shown)
+
+
+def test_the_array_api_adapter_checks_the_reference_on_array_api_strict_arrays():
+    pytest.importorskip("array_api_strict")
+    report = check(numpy_forward, numpy_backward, framework="array-api-strict", max_examples=2, seed=0, causal=False)
+    assert report.ok, str(report)
+    assert report.settings["framework"] == "array-api-strict"
+
+
+def test_a_framework_is_imported_only_when_asked_and_its_absence_is_named(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
+    assert run(numpy_forward, numpy_backward, causal=False).ok  # numpy needs no torch
+    with pytest.raises(ImportError, match="framework 'torch' is not installed"):
+        check(numpy_forward, framework="torch")
