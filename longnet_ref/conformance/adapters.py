@@ -37,30 +37,30 @@ def _import(name: str):
         raise ImportError(f"framework {name!r} is not installed ({error})") from None
 
 
-def _to_numpy_tuple(values, to_numpy, what):
+def _to_numpy_tuple(values, to_numpy):
     if not isinstance(values, (tuple, list)) or len(values) != 3:
         raise TypeError(f"backward must return (dq, dk, dv), got {type(values).__name__}")
     return tuple(to_numpy(x) for x in values)
 
 
-def _plain(forward, backward, to_array, to_numpy, name) -> Adapted:
+def _plain(forward, backward, to_array, to_numpy) -> Adapted:
     """An adapter for a framework without autodiff in the kit: NumPy, CuPy, array-API."""
 
     def fwd(q, k, v, segment_lengths, dilation_rates, causal):
         return to_numpy(forward(to_array(q), to_array(k), to_array(v), list(segment_lengths), list(dilation_rates), causal=causal))
 
-    bwd = None
-    if backward is not None:
+    if backward is None:
+        return Adapted(fwd, None, "none")
 
-        def bwd(dout, q, k, v, segment_lengths, dilation_rates, causal):
-            args = (to_array(x) for x in (dout, q, k, v))
-            return _to_numpy_tuple(backward(*args, list(segment_lengths), list(dilation_rates), causal=causal), to_numpy, name)
+    def bwd(dout, q, k, v, segment_lengths, dilation_rates, causal):
+        args = (to_array(x) for x in (dout, q, k, v))
+        return _to_numpy_tuple(backward(*args, list(segment_lengths), list(dilation_rates), causal=causal), to_numpy)
 
-    return Adapted(fwd, bwd, "backward" if backward is not None else "none")
+    return Adapted(fwd, bwd, "backward")
 
 
 def _numpy(forward, backward):
-    return _plain(forward, backward, lambda x: x, _as_numpy, "numpy")
+    return _plain(forward, backward, lambda x: x, _as_numpy)
 
 
 def _as_numpy(x):
@@ -71,7 +71,7 @@ def _as_numpy(x):
 
 def _cupy(forward, backward):
     cp = _import("cupy")
-    return _plain(forward, backward, cp.asarray, lambda x: _as_numpy(cp.asnumpy(x) if isinstance(x, cp.ndarray) else x), "cupy")
+    return _plain(forward, backward, cp.asarray, lambda x: _as_numpy(cp.asnumpy(x) if isinstance(x, cp.ndarray) else x))
 
 
 def _array_api_strict(forward, backward):
@@ -82,7 +82,7 @@ def _array_api_strict(forward, backward):
             return _as_numpy(x)
         return np.from_dlpack(x) if hasattr(x, "__dlpack__") else np.asarray(x)
 
-    return _plain(forward, backward, xp.asarray, to_numpy, "array-api-strict")
+    return _plain(forward, backward, xp.asarray, to_numpy)
 
 
 def _torch(forward, backward):
@@ -105,7 +105,7 @@ def _torch(forward, backward):
 
         def bwd(dout, q, k, v, segment_lengths, dilation_rates, causal):
             args = (to_tensor(x) for x in (dout, q, k, v))
-            return _to_numpy_tuple(backward(*args, list(segment_lengths), list(dilation_rates), causal=causal), to_numpy, "torch")
+            return _to_numpy_tuple(backward(*args, list(segment_lengths), list(dilation_rates), causal=causal), to_numpy)
 
         return Adapted(fwd, bwd, "backward")
 
@@ -124,11 +124,12 @@ def _jax(forward, backward):
     jnp = _import("jax.numpy")
     jax.config.update("jax_enable_x64", True)  # float64 inputs stay float64 (the kit's dtype)
 
-    def fwd(q, k, v, segment_lengths, dilation_rates, causal):
-        return _as_numpy(np.asarray(forward(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), list(segment_lengths), list(dilation_rates), causal=causal)))
+    def to_numpy(x):
+        return _as_numpy(x) if isinstance(x, tuple) else np.asarray(x)
 
+    adapted = _plain(forward, backward, jnp.asarray, to_numpy)
     if backward is not None:
-        return _plain(forward, backward, jnp.asarray, lambda x: _as_numpy(np.asarray(x)) if not isinstance(x, tuple) else _as_numpy(x), "jax")
+        return adapted
 
     def vjp(dout, q, k, v, segment_lengths, dilation_rates, causal):
         def f(q_, k_, v_):
@@ -137,7 +138,7 @@ def _jax(forward, backward):
         _, pullback = jax.vjp(f, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
         return tuple(np.asarray(g) for g in pullback(jnp.asarray(dout)))
 
-    return Adapted(fwd, vjp, "jax.vjp")
+    return Adapted(adapted.forward, vjp, "jax.vjp")
 
 
 ADAPTERS = {"numpy": _numpy, "torch": _torch, "jax": _jax, "cupy": _cupy, "array-api-strict": _array_api_strict}
