@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from .. import __version__
 from ..backends import install_hint
 from ..bench.weak_scaling import MpiexecNotFound
-from . import bench, demo, generate, pattern, train
+from . import bench, check, demo, generate, pattern, train
 from .options import (
     EXIT_FAILED,
     EXIT_INTERNAL,
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["COMMANDS", "EXIT_FAILED", "EXIT_INTERNAL", "EXIT_MISSING_EXTRA", "EXIT_USAGE", "UsageError", "main"]
 
 DESCRIPTION = "LongNet dilated attention (arXiv 2307.02486): check it, benchmark it, draw its patterns, train and run a model."
-COMMANDS = {"demo": demo, "bench": bench, "pattern": pattern, "train": train, "generate": generate}
+COMMANDS = {"demo": demo, "bench": bench, "pattern": pattern, "train": train, "generate": generate, "check": check}
 """Subcommand name -> its module (``HELP``, ``DESCRIPTION``, ``add_arguments``, ``run``)."""
 PARSER_OPTIONS = {"bench": {"argument_default": argparse.SUPPRESS}}
 """Extra ``add_parser`` arguments: ``bench`` tells the options given from those left out."""
