@@ -5,10 +5,15 @@
   names in backticks, `` `test_...` ``, becomes a link to the file that defines it: a reader can
   follow it, and the strict build fails if the file does not exist (``tests/test_docs.py``
   checks that every named test exists).
-- A page whose front matter says ``show_output: true`` is executed at build time, block after
-  block in one namespace, and whatever a ```python block prints is shown under it: the numbers
-  on such a page are computed by the library when the site is built and cannot go stale.
-  (``tests/test_docs.py`` runs the same blocks, so their ``assert`` lines are tests.)
+- Every page of the Learn part of the nav (and any page whose front matter says
+  ``show_output: true``) is executed at build time, block after block in one namespace, and
+  whatever a ```python block prints is shown under it: the numbers on such a page are computed
+  by the library when the site is built and cannot go stale. (``tests/test_docs.py`` runs the
+  same blocks, so their ``assert`` lines are tests.)
+- Every Learn page is also published as a notebook and as a script (``notebooks/<page>.ipynb``,
+  ``notebooks/<page>.py``), converted from the page by jupytext, and a line under its title links
+  both (``tests/test_docs.py`` runs every generated script top to bottom).
+- ``SPEC §N`` in prose becomes a link to section N of the specification page.
 """
 
 import contextlib
@@ -16,12 +21,37 @@ import io
 import re
 from pathlib import Path
 
+import jupytext
+
 from mkdocs.exceptions import PluginError
 from mkdocs.structure.files import File
 
 from longnet_ref.figures import EXPERIMENT_FIGURES, FIGURES
 
 FENCE = re.compile(r"^```python\n(.*?)^```\n", re.DOTALL | re.MULTILINE)
+LEARN = "Learn"  # the title of the nav section whose pages are the course
+
+
+def learn_pages(config):
+    """The source paths (``overview.md``, ...) of the Learn section of the nav, in order."""
+    for entry in config["nav"] or []:
+        if isinstance(entry, dict) and LEARN in entry:
+            return [next(iter(page.values())) if isinstance(page, dict) else page for page in entry[LEARN]]
+    return []
+
+
+def notebook(markdown):
+    """The notebook of a page: its prose as Markdown cells, its ```python blocks as code cells."""
+    book = jupytext.reads(re.sub(r"\A---\n.*?\n---\n", "", markdown, flags=re.DOTALL), fmt="md")
+    book.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+                     "language_info": {"name": "python"}}
+    return book
+
+
+def notebook_files(markdown):
+    """``{suffix: text}``: the page as ``.ipynb`` and as a jupytext percent ``.py`` script."""
+    book = notebook(markdown)
+    return {".ipynb": jupytext.writes(book, fmt="ipynb"), ".py": jupytext.writes(book, fmt="py:percent")}
 
 
 def on_pre_build(config, **kwargs):
@@ -52,7 +82,36 @@ def defining_file(config):
 def on_files(files, config, **kwargs):
     for relative, path in test_files(config).items():
         files.append(File.generated(config, relative, abs_src_path=str(path)))
+    docs = Path(config["docs_dir"])
+    for page in learn_pages(config):
+        if (docs / page).is_file():
+            for suffix, text in notebook_files((docs / page).read_text(encoding="utf-8")).items():
+                files.append(File.generated(config, f"notebooks/{Path(page).stem}{suffix}", content=text))
     return files
+
+
+SPEC_SECTIONS = re.compile(r"SPEC\s*((?:§\s*\d+(?:\s*[-–]\s*\d+)?(?:,\s*|\s+and\s+)?)+)")
+
+
+def link_spec_citations(markdown, page, config):
+    """``SPEC §2`` -> a link to ``spec.md``'s ``§2`` heading; ``SPEC §2-4`` links §2 and §4."""
+    spec = Path(config["docs_dir"]) / "spec.md"
+    anchors = {
+        number: re.sub(r"[^\w\s-]", "", f"{number}. {title}").strip().lower().replace(" ", "-")
+        for number, title in re.findall(r"^## §(\d+)\. (.*)$", spec.read_text(encoding="utf-8"), re.MULTILINE)
+    }
+    target = "../" * page.file.src_uri.count("/") + ("" if page.file.src_uri == "spec.md" else "spec.md")
+
+    def link(match):
+        def one(number):
+            anchor = anchors.get(number.group(1))
+            return f"[§{number.group(1)}]({target}#{anchor})" if anchor else number.group(0)
+
+        return "SPEC " + re.sub(r"§\s*(\d+)", one, match.group(1))
+
+    # only in prose: not in code blocks, inline code or an existing link's text
+    parts = re.split(r"(^```.*?^```$|`[^`\n]*`|\[[^\]\n]*\]\([^)\n]*\))", markdown, flags=re.DOTALL | re.MULTILINE)
+    return "".join(part if index % 2 else SPEC_SECTIONS.sub(link, part) for index, part in enumerate(parts))
 
 
 def link_test_names(markdown, page, config):
@@ -66,9 +125,23 @@ def link_test_names(markdown, page, config):
     return TEST_NAME.sub(link, markdown)
 
 
+def download_links(markdown, page):
+    """A line under the title: the page runs as it reads, and here it is as a notebook or script."""
+    stem = Path(page.file.src_uri).stem
+    line = (
+        f'\n\n<p class="page-download" markdown>The code blocks of this page run in order in one Python '
+        f"session, as the notebook does. Download the page: [notebook](notebooks/{stem}.ipynb) · "
+        f"[script](notebooks/{stem}.py).</p>\n"
+    )
+    return re.sub(r"^(# .*)$", lambda title: title.group(1) + line, markdown, count=1, flags=re.MULTILINE)
+
+
 def on_page_markdown(markdown, page, config, files):
-    markdown = link_test_names(markdown, page, config)
-    if not page.meta.get("show_output"):
+    markdown = link_spec_citations(link_test_names(markdown, page, config), page, config)
+    learn = page.file.src_uri in learn_pages(config)
+    if learn and FENCE.search(markdown):
+        markdown = download_links(markdown, page)
+    if not (learn or page.meta.get("show_output")):
         return markdown
     namespace = {"__name__": f"docs_{Path(page.file.src_uri).stem}"}
 
@@ -77,6 +150,6 @@ def on_page_markdown(markdown, page, config, files):
         with contextlib.redirect_stdout(printed):
             exec(compile(match.group(1), page.file.src_uri, "exec"), namespace)  # noqa: S102 (our own pages)
         shown = printed.getvalue()
-        return match.group(0) + (f"\n```text title=\"printed by the block above\"\n{shown}```\n" if shown else "")
+        return match.group(0) + (f"\n```{{ .text .output .no-copy title=\"printed by the block above\" }}\n{shown}```\n" if shown else "")
 
     return FENCE.sub(run_and_show, markdown)

@@ -20,7 +20,7 @@ FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 def test_every_page_in_the_nav_exists_and_every_page_is_in_the_nav():
     nav = set(re.findall(r":\s*(\S+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(), re.M))
-    assert nav == {p.name for p in PAGES}
+    assert nav == {p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md")}
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if FENCE.search(p.read_text())], ids=lambda p: p.name)
