@@ -1,6 +1,7 @@
 """The documentation site: executed snippets, a strict build, typeset maths in a real browser."""
 
 import html as html_module
+import importlib.util
 import json
 import os
 import re
@@ -392,3 +393,47 @@ def test_headings_hold_no_maths_because_the_table_of_contents_shows_it_raw():
     headings = [f"{page.name}: {line}" for page in PAGES for line in page.read_text().splitlines()
                 if line.startswith("#") and ("\\(" in line or "$" in line)]
     assert not headings, headings
+
+
+def _hooks():
+    """docs/hooks.py, the build's own conversion of a page into a notebook and a script."""
+    spec = importlib.util.spec_from_file_location("docs_hooks", DOCS / "hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_learn_page_runs_as_a_notebook_top_to_bottom(tmp_path):
+    """The notebook and script of every Learn page (jupytext, as the build publishes them) hold
+    every ```python block of the page as a code cell, in order, and the script runs top to bottom
+    in a fresh interpreter, one page after another, each in its own namespace."""
+    import nbformat
+
+    hooks, scripts = _hooks(), []
+    for page in learn_pages():
+        markdown = (DOCS / f"{page}.md").read_text()
+        files = hooks.notebook_files(markdown)
+        book = nbformat.reads(files[".ipynb"], as_version=4)
+        nbformat.validate(book)
+        code = [cell.source.strip() for cell in book.cells if cell.cell_type == "code"]
+        assert code == [block.strip() for block in FENCE.findall(markdown)], page
+        if code:
+            scripts.append(tmp_path / f"{page}.py")
+            scripts[-1].write_text(files[".py"])
+    assert len(scripts) >= 10
+    run_all = "import runpy, sys\nfor path in sys.argv[1:]:\n    print(path, flush=True)\n    runpy.run_path(path)\n"
+    result = subprocess.run(
+        [sys.executable, "-c", run_all, *map(str, scripts)], cwd=tmp_path, capture_output=True, text=True,
+        timeout=600, env=dict(os.environ, MPLBACKEND="Agg"),
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+def test_the_site_publishes_every_learn_page_as_a_notebook_and_links_it(site):
+    for page in learn_pages():
+        if not FENCE.search((DOCS / f"{page}.md").read_text()):
+            continue
+        for suffix in (".ipynb", ".py"):
+            assert (site / "notebooks" / f"{page}{suffix}").is_file(), (page, suffix)
+        html = (site / page / "index.html").read_text()
+        assert f'href="../notebooks/{page}.ipynb"' in html and f'href="../notebooks/{page}.py"' in html, page
