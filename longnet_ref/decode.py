@@ -261,7 +261,7 @@ class DilatedKVCache(_Cache):
         return out, lse
 
     def prefill(self, q, k, v, *, backend="numpy"):
-        """Causal forward of a prompt with the parallel ``dilated_attention``, then :meth:`fill`.
+        """Causal forward of a prompt with the parallel ``dilated_attention``, then [`fill`][].
 
         ``q, k: (B, T, H, D)``, ``v: (B, T, H, Dv)`` -> ``out (B, T, H, Dv)``, ``lse (B, T, H)``;
         the cache is left at position ``T``, holding only the current segments' rows.
@@ -283,7 +283,7 @@ class DilatedKVCache(_Cache):
 
         ``k (B, L, H, D)`` and ``v (B, L, H, Dv)`` hold the keys and values of positions
         ``start .. T-1`` with ``T = start + L``. Only the current segment of each branch is read,
-        so ``start`` may skip everything before :meth:`first_needed_position` ``(T)``: reaching
+        so ``start`` may skip everything before [`first_needed_position`][] ``(T)``: reaching
         position ``2**20`` needs the last ``max_i w_i`` rows, not ``2**20`` steps. This is how
         the benchmark builds a cache far into a sequence; a test checks it equals stepping.
         """
@@ -359,7 +359,7 @@ class DenseKVCache(_Cache):
         return out[:, :, 0], lse[:, :, 0]
 
     def prefill(self, q, k, v):
-        """Causal ``dense_attention`` of a prompt, then :meth:`fill`: ``(out (B, T, H, Dv), lse (B, T, H))``."""
+        """Causal ``dense_attention`` of a prompt, then [`fill`][]: ``(out (B, T, H, Dv), lse (B, T, H))``."""
         self._check_prompt(q, k, v)
         out, lse = dense_attention(q, k, v, causal=True, scale=self.scale, return_lse=True)
         self.fill(k, v)

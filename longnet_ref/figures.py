@@ -6,7 +6,7 @@ The docs build (``docs/hooks.py``) fails if one of ``FIGURES`` is missing, and
 ``tests/test_docs.py`` checks that every figure a page shows is one of ``FIGURES``.
 
 Each function below draws one figure into ``path`` (a PNG file) and returns nothing;
-[`generate`][longnet_ref.figures.generate] draws them all. Docs: ``docs/overview.md`` (the overview figure),
+[`generate`][] draws them all. Docs: ``docs/overview.md`` (the overview figure),
 ``docs/segments.md``, ``docs/mixture.md``, ``docs/complexity.md``.
 """
 

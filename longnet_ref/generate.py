@@ -1,6 +1,6 @@
 """Generation with the LongNet LM: prefill the prompt, then one token at a time through KV caches.
 
-Each layer's attention keeps a cache (:mod:`longnet_ref.decode`): ``DilatedKVCache`` for
+Each layer's attention keeps a cache ([`longnet_ref.decode`][longnet_ref.decode]): ``DilatedKVCache`` for
 ``"dilated"`` (bounded: ``sum_i ceil(w_i / r_i)`` rows per head whatever the position),
 ``DilatedKVCache`` with the one branch ``(W, 1)`` for ``"window"`` (the blocked window *is* that
 branch, ``nn._attention_pattern``) and ``DenseKVCache`` for ``"dense"``. A step at position ``t``:

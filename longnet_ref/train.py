@@ -167,7 +167,7 @@ def save_checkpoint(state: TrainState, path, extra: dict | None = None) -> Path:
 
 
 def load_checkpoint(path) -> tuple[TrainState, dict]:
-    """The state saved by :func:`save_checkpoint` (and the JSON's other entries)."""
+    """The state saved by [`save_checkpoint`][] (and the JSON's other entries)."""
     path = Path(path)
     npz, meta_path = path.with_suffix(".npz"), _json_path(path)
     for p in (npz, meta_path):

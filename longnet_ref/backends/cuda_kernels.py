@@ -8,19 +8,19 @@ hardware's behaviour need a GPU run.
 
 Design (one launch per branch and pass, so the rows of one branch are owned by one thread):
 
-- :func:`forward_branch`: a thread block per ``(query block, segment, batch * head)``, a thread
+- [`forward_branch`][]: a thread block per ``(query block, segment, batch * head)``, a thread
   per query row of the sparse segment. Key/value tiles of ``TILE`` rows are staged in shared
   memory; each thread keeps its query row, its online-softmax state (``m``, ``l``) and its
   accumulator in registers, scores ``CHUNK`` keys at a time, and at the end mixes its branch
   result into ``out``/``lse`` with a running LSE (paper Eq. 10).
-- backward, with the global ``LSE`` and ``Dsum``: :func:`backward_keys_branch`, compiled twice
+- backward, with the global ``LSE`` and ``Dsum``: [`backward_keys_branch`][], compiled twice
   (a thread per key row over query tiles: once for dV, once for dK) and
-  :func:`backward_queries_branch` (a thread per query row: dQ over key tiles).
+  [`backward_queries_branch`][] (a thread per query row: dQ over key tiles).
   ``P = exp(scale q.k - LSE)``, ``dS = P (dO.v - Dsum)``. No atomics: deterministic.
 
 **Specialisation.** The kernel bodies below are module-level templates that read the head
 dimensions ``DIM`` / ``VALUE_DIM`` and the accumulation type ``REAL`` as *global constants*.
-:func:`specialised` compiles a copy of each template per ``(dtype, D, Dv)`` with those globals
+[`specialised`][] compiles a copy of each template per ``(dtype, D, Dv)`` with those globals
 bound (Numba freezes globals at compile time), so every
 per-row loop has a compile-time trip count: the compiler unrolls it and keeps the row in
 registers, and shared tiles are sized exactly. float16 inputs are read as float16 and
@@ -64,7 +64,7 @@ segment_size = cuda.jit(device=True)(index_sets.segment_size)
 segment_position = cuda.jit(device=True)(index_sets.segment_position)
 causal_key_count = cuda.jit(device=True)(index_sets.causal_key_count)
 
-# Placeholders for the constants that :func:`specialised` binds per (dtype, D, Dv); the
+# Placeholders for the constants that ``specialised`` binds per (dtype, D, Dv); the
 # templates are never compiled with these values.
 DIM = VALUE_DIM = 1  # D, Dv
 DIM_ALLOC = VALUE_ALLOC = 1  # max(D, 1), max(Dv, 1): array sizes (Dv = 0 is allowed)
