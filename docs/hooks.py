@@ -153,3 +153,33 @@ def on_page_markdown(markdown, page, config, files):
         return match.group(0) + (f"\n```{{ .text .output .no-copy title=\"printed by the block above\" }}\n{shown}```\n" if shown else "")
 
     return FENCE.sub(run_and_show, markdown)
+
+
+def on_page_content(html, page, config, files):
+    """``SPEC §N`` left unlinked by the Markdown pass (in docstrings the API pages render) -> a link."""
+    spec = Path(config["docs_dir"]) / "spec.md"
+    anchors = {
+        number: re.sub(r"[^\w\s-]", "", f"{number}. {title}").strip().lower().replace(" ", "-")
+        for number, title in re.findall(r"^## §(\d+)\. (.*)$", spec.read_text(encoding="utf-8"), re.MULTILINE)
+    }
+    target = "../" * page.url.count("/") + "spec/"
+    parts, inside = re.split(r"(<[^>]+>)", html), []
+
+    def link(match):
+        def one(number):
+            anchor = anchors.get(number.group(1))
+            return f'<a href="{target}#{anchor}">§{number.group(1)}</a>' if anchor else number.group(0)
+
+        return "SPEC " + re.sub(r"§\s*(\d+)", one, match.group(1))
+
+    for index, part in enumerate(parts):
+        tag = re.match(r"<(/?)(a|code|pre|script|h\d)\b", part)
+        if tag:
+            if tag.group(1):
+                if tag.group(2) in inside:
+                    inside.remove(tag.group(2))
+            else:
+                inside.append(tag.group(2))
+        elif not part.startswith("<") and not inside:
+            parts[index] = SPEC_SECTIONS.sub(link, part)
+    return "".join(parts)
