@@ -6,7 +6,7 @@ With ``causal=True`` the query at position ``t`` attends, in branch ``i = (w_i, 
 ``h``, only the keys of its *own* segment ``s = t // w_i`` that the head's offset selects and that
 are not after it (SPEC §3):
 
-    K_i(t) = { p in P(i, s, h) : p <= t }.
+    K_i(t) = { p in I(i, s, h) : p <= t }.
 
 Segments are disjoint, so every key of an earlier segment is dead for all later queries of that
 branch: when ``t`` starts a new segment the branch's rows can be dropped. Within a segment a head
@@ -194,7 +194,7 @@ class DilatedKVCache(_Cache):
         return np.array([segment_size(n, w, r, o, s) for o in self.head_offsets[branch]], np.int64)  # (H,)
 
     def held_positions(self) -> list[list[np.ndarray]]:
-        """The positions whose rows the cache holds, per branch and head: ``P(i, s, h)`` up to ``t - 1``."""
+        """The positions whose rows the cache holds, per branch and head: ``I(i, s, h)`` up to ``t - 1``."""
         held = []
         for i, (w, r) in enumerate(zip(self.segment_lengths, self.dilation_rates)):
             s = max(self.position - 1, 0) // w

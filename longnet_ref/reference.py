@@ -2,7 +2,7 @@
 
 LongNet (Ding et al., arXiv 2307.02486) §2.2. For every branch ``i = (w_i, r_i)``:
 
-1. sparsify: gather the rows ``P(i, s, h)`` of every segment ``s`` (paper Eqs. 3-5, 13),
+1. sparsify: gather the rows ``I(i, s, h)`` of every segment ``s`` (paper Eqs. 3-5, 13),
 2. attend:   dense softmax attention inside each sparse segment, keeping its ``lse_i`` (Eq. 6),
              by [`attention_from_scores`][] (and [`attention_backward_from_scores`][]),
 3. scatter:  put every row back at its own position (Eqs. 7-8),
