@@ -40,9 +40,28 @@ def learn_pages(config):
     return []
 
 
+def for_jupyter(text):
+    """Markdown of the site -> Markdown that Jupyter renders: ``\\(x\\)`` -> ``$x$`` (Jupyter's
+    Markdown would eat the backslash), admonitions -> block quotes with a bold title."""
+    parts = re.split(r"(^```.*?^```$|`[^`\n]*`)", text, flags=re.DOTALL | re.MULTILINE)  # not in code
+    text = "".join(
+        part if index % 2 else re.sub(r"\\\((.+?)\\\)", lambda m: f"${m.group(1).strip()}$", part, flags=re.DOTALL)
+        for index, part in enumerate(parts)
+    )
+
+    def quote(match):
+        body = "\n".join("> " + line[4:] if line.strip() else ">" for line in match.group(2).rstrip("\n").split("\n"))
+        return f"> **{match.group(1)}**\n>\n{body}\n"
+
+    return re.sub(r'^!!! \w+ "([^"]*)"\n((?:(?: {4}.*)?\n)*(?: {4}.*\n?))', quote, text, flags=re.MULTILINE)
+
+
 def notebook(markdown):
     """The notebook of a page: its prose as Markdown cells, its ```python blocks as code cells."""
     book = jupytext.reads(re.sub(r"\A---\n.*?\n---\n", "", markdown, flags=re.DOTALL), fmt="md")
+    for cell in book.cells:
+        if cell.cell_type == "markdown":
+            cell.source = for_jupyter(cell.source)
     book.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
                      "language_info": {"name": "python"}}
     return book
