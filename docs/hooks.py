@@ -13,7 +13,8 @@
 - Every Learn page is also published as a notebook and as a script (``notebooks/<page>.ipynb``,
   ``notebooks/<page>.py``), converted from the page by jupytext, and a line under its title links
   both (``tests/test_docs.py`` runs every generated script top to bottom).
-- ``SPEC §N`` in prose becomes a link to section N of the specification page.
+- ``SPEC §N`` in prose becomes a link to section N of the specification page (in the Markdown
+  of a page, and in the HTML of the docstrings the API pages render).
 """
 
 import contextlib
