@@ -95,7 +95,7 @@ def attended_pairs(
     branches = validate_branches(segment_lengths, dilation_rates)
     pairs = 0
     for segments in sparse_segments(n, num_heads, branches, validate_offset_rule(offsets)):
-        rows = segments.valid.sum(axis=1).astype(np.int64)  # (S,) c = |P(i, s, h)|
+        rows = segments.valid.sum(axis=1).astype(np.int64)  # (S,) c = |I(i, s, h)|
         per_head = rows * (rows + 1) // 2 if causal else rows * rows
         pairs += int(per_head.sum()) * len(segments.heads)
     return batch * pairs

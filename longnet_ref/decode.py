@@ -6,7 +6,7 @@ With ``causal=True`` the query at position ``t`` attends, in branch ``i = (w_i, 
 ``h``, only the keys of its *own* segment ``s = t // w_i`` that the head's offset selects and that
 are not after it (SPEC §3):
 
-    K_i(t) = { p in P(i, s, h) : p <= t }.
+    K_i(t) = { p in I(i, s, h) : p <= t }.
 
 Segments are disjoint, so every key of an earlier segment is dead for all later queries of that
 branch: when ``t`` starts a new segment the branch's rows can be dropped. Within a segment a head
@@ -200,7 +200,7 @@ class DilatedKVCache(_Cache):
         return np.array([segment_size(n, w, r, o, s) for o in self.head_offsets[branch]], np.int64)  # (H,)
 
     def held_positions(self) -> list[list[np.ndarray]]:
-        """The positions whose rows the cache holds, per branch and head: ``P(i, s, h)`` up to ``t - 1``."""
+        """The positions whose rows the cache holds, per branch and head: ``I(i, s, h)`` up to ``t - 1``."""
         held = []
         for i, (w, r) in enumerate(zip(self.segment_lengths, self.dilation_rates)):
             s = max(self.position - 1, 0) // w
@@ -253,7 +253,7 @@ class DilatedKVCache(_Cache):
         return out, lse
 
     def prefill(self, q, k, v, *, backend="numpy"):
-        """Causal forward of a prompt with the parallel ``dilated_attention``, then :meth:`fill`.
+        """Causal forward of a prompt with the parallel ``dilated_attention``, then [`fill`][].
 
         ``q, k: (B, T, H, D)``, ``v: (B, T, H, Dv)`` -> ``out (B, T, H, Dv)``, ``lse (B, T, H)``;
         the cache is left at position ``T``, holding only the current segments' rows. ``backend``
@@ -278,7 +278,7 @@ class DilatedKVCache(_Cache):
 
         ``k (B, L, H, D)`` and ``v (B, L, H, Dv)`` hold the keys and values of positions
         ``start .. T-1`` with ``T = start + L``. Only the current segment of each branch is read,
-        so ``start`` may skip everything before :meth:`first_needed_position` ``(T)``: reaching
+        so ``start`` may skip everything before [`first_needed_position`][] ``(T)``: reaching
         position ``2**20`` needs the last ``max_i w_i`` rows, not ``2**20`` steps. This is how
         the benchmark builds a cache far into a sequence; a test checks it equals stepping.
         """
@@ -356,7 +356,7 @@ class DenseKVCache(_Cache):
         return out[:, :, 0], lse[:, :, 0]
 
     def prefill(self, q, k, v):
-        """Causal ``dense_attention`` of a prompt, then :meth:`fill`: ``(out (B, T, H, Dv), lse (B, T, H))``."""
+        """Causal ``dense_attention`` of a prompt, then [`fill`][]: ``(out (B, T, H, Dv), lse (B, T, H))``."""
         self._check_prompt(q, k, v)
         out, lse = dense_attention(q, k, v, causal=True, scale=self.scale, return_lse=True)
         self.fill(k, v)

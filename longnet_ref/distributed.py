@@ -9,7 +9,7 @@ global positions ``[p L, (p + 1) L)``. For each branch ``(w, r)``:
   fused kernels ``numba_cpu.segment_forward`` / ``segment_backward``);
 - **shared branches** (any other ``w``: segments straddle chunk boundaries or span many ranks):
   for every segment, the ranks that hold part of it form a sub-communicator; each one first
-  *sparsifies* its rows (keeps only the rows ``P(i, s, h)`` of SPEC §2, per head offset) and the
+  *sparsifies* its rows (keeps only the rows ``I(i, s, h)`` of SPEC §2, per head offset) and the
   group ``Allgatherv``s only those rows of ``K`` and ``V``. Each rank then attends its own
   queries against the whole sparse segment. In the backward the same rows are gathered again
   and the partial ``dK``, ``dV`` of every gathered row are summed back onto their owners with a
@@ -237,7 +237,7 @@ def _is_local(branch, layout):
 
 @dataclass
 class SharedSegment:
-    """One sparse segment ``P(i, s, h)`` of a shared branch, seen from this rank (SPEC §2).
+    """One sparse segment ``I(i, s, h)`` of a shared branch, seen from this rank (SPEC §2).
 
     Attributes:
         heads: ``(Hs,)`` integer: the heads whose offset selects these rows.
@@ -281,7 +281,7 @@ def _shared_segments(branch, heads, layout, offsets):
             size = segment_size(n, w, r, o, s)
             if size == 0:
                 continue
-            positions = segment_position(w, r, o, s, 0) + r * np.arange(size)  # (T,) P(i, s, h), ascending
+            positions = segment_position(w, r, o, s, 0) + r * np.arange(size)  # (T,) I(i, s, h), ascending
             owner = positions // layout.chunk  # (T,) the rank holding each row
             first, last = int(owner[0]), int(owner[-1])
             if not first <= layout.rank <= last:

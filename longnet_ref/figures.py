@@ -6,7 +6,7 @@ The docs build (``docs/hooks.py``) fails if one of ``FIGURES`` is missing, and
 ``tests/test_docs.py`` checks that every figure a page shows is one of ``FIGURES``.
 
 Each function below draws one figure into ``path`` (a PNG file) and returns nothing;
-[`generate`][longnet_ref.figures.generate] draws them all. Docs: ``docs/overview.md`` (the overview figure),
+[`generate`][] draws them all. Docs: ``docs/overview.md`` (the overview figure),
 ``docs/segments.md``, ``docs/mixture.md``, ``docs/complexity.md``.
 """
 
@@ -23,7 +23,7 @@ from .multiplicity import multiplicity
 
 FIGURES = (
     "overview.png", "selected_rows.png", "pattern.png", "pattern_causal.png", "multiplicity.png", "flops.png",
-    "path_length.png", "distributed.png", "decode_cache.png", "train_parallel.png",
+    "path_length.png", "distributed.png", "decode_cache.png", "train_parallel.png", "one_branch.png", "hops.png",
 )
 
 # Figures of experiments (training runs, benchmarks): too slow for ``longnet-ref pattern``, so each
@@ -56,19 +56,23 @@ def _grid_ticks(ax, n, step):
     ax.set_yticks(ticks, [str(t) for t in ticks], fontsize=7)
 
 
-# One colour per branch (overview) and per head: the paper's Figures 2-3 use colour the same way.
-BRANCH_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
-HEAD_COLOURS = ("#d62728", "#2ca02c", "#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+# One colour per branch, the same on every figure of the site: branch 0 blue, 1 orange, 2 green.
+# Counts (the multiplicity m, how many branches give a key) are shades of grey, never a branch
+# colour, so that a count cannot be mistaken for a branch. Heads are told apart by labels.
+BRANCH_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b")
+COUNT_COLOURS = ("#ffffff", "#d0d0d0", "#808080", "#303030", "#000000")  # m = 0, 1, 2, 3, 4
+RANK_COLOURS = ("#d62728", "#e377c2", "#17becf", "#bcbd22")  # MPI ranks (distributed figure)
 
 
 def overview(path: str | Path) -> None:
     """Dilated attention in one picture, in the spirit of the paper's Figures 2 and 3.
 
     Top row (Fig. 2): ``N = 16``, head 0, the branches ``(w, r) = (4, 1), (8, 2), (16, 4)`` one by
-    one, then all three together, coloured by branch (a key two branches share shows the colour
-    of the last one and is counted twice, see ``multiplicity``). Bottom row (Fig. 3): the
-    ``(16, 4)`` branch for heads 0-3, whose offsets ``h mod 4`` differ, then the four together:
-    every row is covered by exactly one head.
+    one in their branch colours, then all three together as the multiplicity ``m(p, k)``: the
+    number of branches that give key ``k`` to query ``p``, written in each cell (SPEC §4). Bottom
+    row (Fig. 3): the ``(16, 4)`` branch for heads 0-2, whose offsets ``h mod 4`` differ, then
+    heads 0-3 together, each cell labelled with the head that attends it: every row is covered by
+    exactly one head.
 
     Args:
         path: the PNG file to write.
@@ -79,11 +83,12 @@ def overview(path: str | Path) -> None:
     n, heads, lengths, rates = 16, 4, (4, 8, 16), (1, 2, 4)
     fig, axes = plt.subplots(2, 4, figsize=(11, 6.4))
 
-    def show(ax, masks_and_colours, title):
-        picture = np.ones((n, n, 4))  # white RGBA
-        for mask, colour in masks_and_colours:
-            picture[mask] = to_rgba(colour)
-        ax.imshow(picture, interpolation="nearest")
+    def show(ax, cells, title, labels=None, label_colour=None):
+        """``cells``: ``(N, N)`` RGBA; ``labels``: ``(N, N)`` strings written in the cells."""
+        ax.imshow(cells, interpolation="nearest")
+        if labels is not None:
+            for p, k in zip(*np.nonzero(labels != "")):
+                ax.text(k, p, labels[p, k], ha="center", va="center", fontsize=6.5, color=label_colour[p, k])
         ax.set_xticks(np.arange(-0.5, n, 1), minor=True)
         ax.set_yticks(np.arange(-0.5, n, 1), minor=True)
         ax.grid(which="minor", color="#dddddd", linewidth=0.4)
@@ -91,23 +96,33 @@ def overview(path: str | Path) -> None:
         _grid_ticks(ax, n, 4)
         ax.set_title(title, fontsize=9)
 
+    def paint(mask, colour):
+        picture = np.ones((n, n, 4))  # white RGBA
+        picture[mask] = to_rgba(colour)
+        return picture
+
     per_branch = [multiplicity(n, heads, [w], [r])[0] > 0 for w, r in zip(lengths, rates)]  # head 0, (N, N)
     for i, (w, r) in enumerate(zip(lengths, rates)):
-        show(axes[0, i], [(per_branch[i], BRANCH_COLOURS[i])], f"branch {i}: w = {w}, r = {r} (head 0)")
-    show(axes[0, 3], [(m, BRANCH_COLOURS[i]) for i, m in enumerate(per_branch)], "all three branches (head 0)")
+        show(axes[0, i], paint(per_branch[i], BRANCH_COLOURS[i]), f"branch {i}: w = {w}, r = {r} (head 0)")
+    counts = multiplicity(n, heads, lengths, rates)[0]  # (N, N) m(p, k) of head 0
+    shades = np.array([to_rgba(c) for c in COUNT_COLOURS])[counts]
+    show(axes[0, 3], shades, "all three: m(p, k), head 0", np.where(counts > 0, counts.astype(str), ""),
+         np.where(counts >= 2, "white", "black"))
 
     w, r = lengths[-1], rates[-1]
     per_head = multiplicity(n, heads, [w], [r]) > 0  # (H, N, N), one branch
     for h in range(3):
-        show(axes[1, h], [(per_head[h], HEAD_COLOURS[h])], f"w = {w}, r = {r}: head {h}, offset {h % r}")
-    show(axes[1, 3], [(per_head[h], HEAD_COLOURS[h]) for h in range(heads)], f"w = {w}, r = {r}: heads 0-3 together")
+        show(axes[1, h], paint(per_head[h], BRANCH_COLOURS[2]), f"branch 2: head {h}, offset {h % r}")
+    head_of = np.where(per_head.any(0), per_head.argmax(0).astype(str), "")  # each cell: the head attending it
+    show(axes[1, 3], paint(per_head.any(0), BRANCH_COLOURS[2]), "branch 2: heads 0-3 together", head_of,
+         np.full((n, n), "white"))
     for ax in axes[:, 0]:
         ax.set_ylabel("query p", fontsize=8)
     for ax in axes[1]:
         ax.set_xlabel("key k", fontsize=8)
     fig.suptitle("Dilated attention, N = 16: segments and dilation (top), per-head offsets (bottom)", fontsize=10)
     fig.tight_layout(h_pad=2.0)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -121,15 +136,22 @@ def selected_rows(path: str | Path, offsets: str = "paper") -> None:
         path: the PNG file to write.
         offsets: ``"paper"`` or ``"torchscale"``.
     """
+    from matplotlib.colors import ListedColormap
+
     plt = _pyplot()
     branches = validate_branches(SEGMENT_LENGTHS, DILATION_RATES)
     fig, axes = plt.subplots(len(branches), 1, figsize=(9, 1.1 * HEADS * len(branches) / 2.2), sharex=True)
-    for ax, branch in zip(axes, branches):
+    for index, (ax, branch) in enumerate(zip(axes, branches)):
         picture = np.zeros((HEADS, N))
         for h, o in enumerate(head_offsets(HEADS, branch.dilation, offsets)):
             positions, valid = segment_rows(N, branch.segment_length, branch.dilation, int(o))
-            picture[h, positions[valid]] = 1 + h % 4
-        ax.imshow(np.where(picture > 0, picture, np.nan), cmap="tab10", vmin=0, vmax=10, aspect="auto", interpolation="nearest")
+            picture[h, positions[valid]] = 1
+        colour = ListedColormap(["#ffffff", BRANCH_COLOURS[index]])
+        ax.imshow(picture, cmap=colour, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        ax.set_xticks(np.arange(-0.5, N, 1), minor=True)
+        ax.set_yticks(np.arange(-0.5, HEADS, 1), minor=True)
+        ax.grid(which="minor", color="#dddddd", linewidth=0.4)
+        ax.tick_params(which="minor", length=0)
         for start in range(0, N + 1, branch.segment_length):
             ax.axvline(start - 0.5, color="black", linewidth=1.5)
         ax.set_yticks(range(HEADS), [f"head {h}" for h in range(HEADS)], fontsize=7)
@@ -153,13 +175,15 @@ def pattern(path: str | Path, causal: bool = False) -> None:
         path: the PNG file to write.
         causal: draw the causal patterns (keys ``k <= p``).
     """
+    from matplotlib.colors import ListedColormap
+
     plt = _pyplot()
     fig, axes = plt.subplots(len(SEGMENT_LENGTHS), HEADS, figsize=(2.2 * HEADS, 2.3 * len(SEGMENT_LENGTHS)))
     for i, (w, r) in enumerate(zip(SEGMENT_LENGTHS, DILATION_RATES)):
         counts = multiplicity(N, HEADS, [w], [r], causal=causal)  # (H, N, N), 0/1 for one branch
         for h in range(HEADS):
             ax = axes[i, h]
-            ax.imshow(counts[h], cmap="Blues", vmin=0, vmax=1.3, interpolation="nearest")
+            ax.imshow(counts[h], cmap=ListedColormap(["#ffffff", BRANCH_COLOURS[i]]), vmin=0, vmax=1, interpolation="nearest")
             _grid_ticks(ax, N, 8)
             if i == 0:
                 ax.set_title(f"head {h} (offsets {', '.join(str(h % r_) for r_ in DILATION_RATES)})", fontsize=8)
@@ -187,7 +211,7 @@ def multiplicity_map(path: str | Path) -> None:
     plt = _pyplot()
     counts = multiplicity(N, HEADS, SEGMENT_LENGTHS, DILATION_RATES)
     values = len(SEGMENT_LENGTHS) + 1  # m = 0 .. number of branches
-    colours = ListedColormap(["#ffffff", "#9ecae1", "#3182bd", "#08306b", "#000000"][:values])
+    colours = ListedColormap(list(COUNT_COLOURS[:values]))
     norm = BoundaryNorm(np.arange(values + 1) - 0.5, values)
     fig, axes = plt.subplots(1, 2, figsize=(8, 4.1))
     for h, ax in enumerate(axes):
@@ -286,7 +310,7 @@ def distributed_branch(path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(11, 3.6))
     for x in range(n):
         rank = x // rows_per_rank
-        colour = HEAD_COLOURS[rank % len(HEAD_COLOURS)] if x in sparse else "#f0f0f0"
+        colour = RANK_COLOURS[rank % len(RANK_COLOURS)] if x in sparse else "#f0f0f0"
         ax.add_patch(Rectangle((x, 0), 0.9, 0.9, facecolor=colour, edgecolor="#999999", linewidth=0.5))
         if x % 4 == 0:
             ax.text(x + 0.45, -0.35, str(x), ha="center", va="top", fontsize=7)
@@ -390,7 +414,7 @@ def generate(output_dir: str | Path) -> list[Path]:
     output_dir.mkdir(parents=True, exist_ok=True)
     makers = dict(zip(FIGURES, (
         overview, selected_rows, pattern, lambda p: pattern(p, causal=True), multiplicity_map, flops_vs_n,
-        path_length_vs_n, distributed_branch, decode_cache, sequence_parallel_step,
+        path_length_vs_n, distributed_branch, decode_cache, sequence_parallel_step, one_branch, hops,
     )))
     for name, make in makers.items():
         make(output_dir / name)
@@ -412,7 +436,7 @@ def decode_cache(path, position=26):
     from .decode import DilatedKVCache
 
     plt = _pyplot()
-    colours = ListedColormap(["#d0d0d0", "tab:blue", "tab:orange", "tab:green", "tab:red"])  # 0: dropped
+    colours = ListedColormap(["#d0d0d0", *BRANCH_COLOURS[:len(SEGMENT_LENGTHS)]])  # 0: dropped, then branch i
     cache = DilatedKVCache(1, HEADS, 1, 1, SEGMENT_LENGTHS, DILATION_RATES)
     keys = np.zeros((1, position + 1, HEADS, 1))  # (B, t+1, H, D): only the positions matter here
     cache.fill(keys, keys)
@@ -424,8 +448,8 @@ def decode_cache(path, position=26):
         for h, o in enumerate(head_offsets(HEADS, branch.dilation)):
             positions, valid = segment_rows(position + 1, branch.segment_length, branch.dilation, int(o))
             picture[h, positions[valid]] = 0  # selected so far
-            picture[h, held[i][h]] = 1 + h % 4  # still in the cache
-        ax.imshow(picture, cmap=colours, vmin=-0.5, vmax=4.5, aspect="auto", interpolation="nearest")
+            picture[h, held[i][h]] = 1 + i  # still in the cache: the branch's colour
+        ax.imshow(picture, cmap=colours, vmin=-0.5, vmax=len(SEGMENT_LENGTHS) + 0.5, aspect="auto", interpolation="nearest")
         for start in range(0, N + 1, branch.segment_length):
             ax.axvline(start - 0.5, color="black", linewidth=1.5)
         ax.axvline(position + 0.5, color="red", linewidth=1.5, linestyle="--")
@@ -441,3 +465,138 @@ def decode_cache(path, position=26):
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
+
+
+# --- Diagrams of one branch (docs/segments.md) and of the connectivity proof (docs/complexity.md) --
+
+
+def _cell(ax, x, y, colour, text="", text_colour="black", size=1.0):
+    from matplotlib.patches import Rectangle
+
+    ax.add_patch(Rectangle((x, y), 0.9 * size, 0.9 * size, facecolor=colour, edgecolor="#999999", linewidth=0.5))
+    if text:
+        ax.text(x + 0.45 * size, y + 0.45 * size, text, ha="center", va="center", fontsize=7, color=text_colour)
+
+
+def one_branch(path: str | Path) -> None:
+    """One branch, step by step (SPEC §2-4, paper Eqs. 3-10): select, gather, attend, scatter, mix.
+
+    ``N = 16``, head 1 of four, branch ``(w, r) = (8, 2)``: the head's offset is 1, so it keeps rows
+    1, 3, 5, 7 of segment 0 and 9, 11, 13, 15 of segment 1 (``index_sets.segment_rows``); each
+    sparse segment is gathered into a dense block, attended, and its outputs are scattered back to
+    their rows. Last, the three branches ``(4, 1), (8, 2), (16, 4)`` of head 1 are mixed row by
+    row by their log-sum-exp.
+
+    Args:
+        path: the PNG file to write.
+    """
+    from matplotlib.patches import FancyArrowPatch
+
+    plt = _pyplot()
+    n, heads, lengths, rates, head, chosen = 16, 4, (4, 8, 16), (1, 2, 4), 1, 1
+    kept = []  # per branch: the rows head 1 keeps, by segment
+    for w, r in zip(lengths, rates):
+        positions, valid = segment_rows(n, w, r, int(head_offsets(heads, r)[head]))
+        kept.append([[int(x) for x in row[ok]] for row, ok in zip(positions, valid)])
+    colour = BRANCH_COLOURS[chosen]
+    rows = {x for segment in kept[chosen] for x in segment}
+    fig, ax = plt.subplots(figsize=(9, 7.4))
+    gather, attend, scatter, mix, output = 4.5, 8.5, 14.5, 18.5, 24.5  # the columns' x
+
+    def column(x0, filled, fill, labels=True):
+        for p in range(n):
+            _cell(ax, x0, p, fill if p in filled else "#f2f2f2", str(p) if labels else "",
+                  "white" if p in filled else "#999999")
+
+    def title(x, text):
+        ax.text(x, -0.8, text, ha="center", va="bottom", fontsize=8.5)
+
+    def arrow(x0, x1, y=7.95):
+        ax.add_patch(FancyArrowPatch((x0, y), (x1, y), arrowstyle="-|>", mutation_scale=14, color="#444444"))
+
+    w, r = lengths[chosen], rates[chosen]
+    column(0, rows, colour)
+    ax.plot([-0.3, 1.2], [7.95, 7.95], color="black", linewidth=1.5)
+    title(0.45, f"1. select\nbranch ({w}, {r}),\nhead {head} keeps\nevery {r}nd row\nfrom offset {head % r}")
+    arrow(1.4, gather - 0.3)
+    for s, segment in enumerate(kept[chosen]):  # 2. gather: each sparse segment as a dense block
+        top = 1.5 + 8 * s
+        for t, x in enumerate(segment):
+            _cell(ax, gather, top + t, colour, str(x), "white")
+        ax.text(gather + 1.1, top + 2, f"segment {s}", ha="left", va="center", fontsize=7.5, rotation=90)
+        for a in range(len(segment)):  # 3. attend: dense softmax attention inside the block
+            for b in range(len(segment)):
+                _cell(ax, attend + b * 0.8, top + a * 0.8, colour, size=0.8)
+        ax.text(attend + 1.6, top + 3.6, f"{len(segment)} x {len(segment)} scores", ha="center", va="center", fontsize=7)
+    title(gather + 0.45, "2. gather\neach segment's\nrows into\na dense block")
+    title(attend + 1.6, "3. attend\nsoftmax in\neach block:\n$o_i$, lse$_i$ per row")
+    arrow(gather + 2.0, attend - 0.3)
+    arrow(attend + 3.6, scatter - 0.3)
+    column(scatter, rows, colour)
+    title(scatter + 0.45, "4. scatter\nback to the rows;\nthe other rows:\nlse$_i = -\\infty$")
+    arrow(scatter + 1.3, mix - 0.3)
+    for i in range(len(lengths)):  # 5. mix: every branch's scattered output, row by row
+        covered = {x for segment in kept[i] for x in segment}
+        column(mix + 1.1 * i, covered, BRANCH_COLOURS[i], labels=False)
+        ax.text(mix + 0.45 + 1.1 * i, 16.2, f"({lengths[i]}, {rates[i]})", ha="center", va="top", fontsize=7, rotation=90)
+    title(mix + 1.55, "5. mix the\nthree branches\nby weight\n" + r"$\alpha_i = e^{\mathrm{lse}_i - \mathrm{LSE}}$")
+    arrow(mix + 3.4, output - 0.3)
+    column(output, set(range(n)), "#555555")
+    title(output + 0.45, "output\n" + r"$o = \sum_i \alpha_i\, o_i$")
+    ax.set_xlim(-0.6, output + 1.4)
+    ax.set_ylim(18.4, -5.2)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def hops(path: str | Path) -> None:
+    """The connectivity proof of ``docs/complexity.md`` as a picture: a route of ``2k - 1`` hops.
+
+    ``N = 16``, one head (offset 0 in every branch), geometric branches ``(4, 1), (8, 2), (16, 4)``
+    (``k = 3``). ``f_i(x)`` is the first row of the branch-``i`` segment holding ``x``; token 13
+    reaches token 6 along ``13 -> f_0(13) = 12 -> f_1(13) = 8 -> f_1(6) = 0 -> f_0(6) = 4 -> 6``,
+    one layer per hop, each hop inside one sparse segment of the branch of its colour. Every hop
+    is checked against the library's own index sets (``multiplicity``) before it is drawn.
+
+    Args:
+        path: the PNG file to write.
+    """
+    from matplotlib.patches import FancyArrowPatch
+
+    plt = _pyplot()
+    n, lengths, rates, x, y = 16, (4, 8, 16), (1, 2, 4), 13, 6
+    k = len(lengths)
+    first = [lambda z, w=w: (z // w) * w for w in lengths]  # f_i(z)
+    route = [x, *(first[i](x) for i in range(k - 1)), *(first[i](y) for i in reversed(range(k - 1))), y]
+    hop_branch = [*range(k - 1), k - 1, *reversed(range(k - 1))]  # the branch of each hop
+    links = [multiplicity(n, 1, [w], [r])[0] > 0 for w, r in zip(lengths, rates)]  # (N, N) per branch, head 0
+    assert all(links[i][a, b] for i, a, b in zip(hop_branch, route, route[1:])), "a hop the index sets do not give"
+    fig, ax = plt.subplots(figsize=(10, 4.6))
+    for i, (w, r) in enumerate(zip(lengths, rates)):  # one strip per branch: the rows head 0 keeps
+        row = -1.6 - 1.25 * i
+        for z in range(n):
+            _cell(ax, z, row, BRANCH_COLOURS[i] if z % w % r == 0 else "#f2f2f2")
+        for start in range(0, n + 1, w):
+            ax.plot([start - 0.05, start - 0.05], [row - 0.15, row + 1.05], color="black", linewidth=1.5)
+        ax.text(-0.4, row + 0.45, f"branch {i}: w = {w}, r = {r}", ha="right", va="center", fontsize=8)
+    on_route = set(route)
+    for z in range(n):  # the tokens
+        _cell(ax, z, 0, "#555555" if z in on_route else "#ffffff", str(z), "white" if z in on_route else "black")
+    for layer, (i, a, b) in enumerate(zip(hop_branch, route, route[1:]), 1):
+        ax.add_patch(FancyArrowPatch((a + 0.45, 0.95), (b + 0.45, 0.95), arrowstyle="-|>", mutation_scale=12,
+                                     color=BRANCH_COLOURS[i], linewidth=2,
+                                     connectionstyle=f"arc3,rad={-0.5 if b > a else 0.5}"))
+        ax.text((a + b) / 2 + 0.45, 1.1 + 0.25 * abs(a - b), f"layer {layer}", ha="center", va="bottom", fontsize=8,
+                color=BRANCH_COLOURS[i])
+    ax.text(-0.4, 0.45, "tokens", ha="right", va="center", fontsize=8)
+    ax.set_title(f"token {x} reaches token {y} in 2k - 1 = {2 * k - 1} layers: up through the first rows of ever larger "
+                 "segments,\nacross in the last branch, down again (one head; coloured rows: the rows it keeps in each branch)",
+                 fontsize=9)
+    ax.set_xlim(-5.5, n + 0.5)
+    ax.set_ylim(-1.6 - 1.25 * (k - 1) - 0.3, 1.6 + 0.25 * n / 2)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)

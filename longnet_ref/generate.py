@@ -1,7 +1,7 @@
 """Generation with the LongNet LM: prefill the prompt, then one token at a time through KV caches.
 
-The decoder runs the model's own :func:`longnet_ref.model.forward` with a cache per layer.
-Each layer's attention keeps a cache (:mod:`longnet_ref.decode`): ``DilatedKVCache`` for
+The decoder runs the model's own [`longnet_ref.model.forward`][longnet_ref.model.forward] with a cache per layer.
+Each layer's attention keeps a cache ([`longnet_ref.decode`][longnet_ref.decode]): ``DilatedKVCache`` for
 ``"dilated"`` (bounded: ``sum_i ceil(w_i / r_i)`` rows per head whatever the position),
 ``DilatedKVCache`` with the one branch ``(W, 1)`` for ``"window"`` (the blocked window *is* that
 branch, ``nn._attention_pattern``) and ``DenseKVCache`` for ``"dense"``. A step at position ``t``:

@@ -6,7 +6,7 @@ multiplicity matrix, the complexity counts and the distributed code all ask it.
 
 For branch ``i`` with segment length ``w`` and dilation ``r``, head ``h`` keeps, in segment ``s``,
 
-    P(i, s, h) = { s*w + o + t*r : t >= 0, o + t*r < w, s*w + o + t*r < N },  o = offset(h, r)
+    I(i, s, h) = { s*w + o + t*r : t >= 0, o + t*r < w, s*w + o + t*r < N },  o = offset(h, r)
 
 (the selection never leaves its segment; a short last segment simply has fewer rows).
 
@@ -163,7 +163,7 @@ def attended_mask(valid, causal: bool, xp=np):
 
 
 def segment_rows(n: int, segment_length: int, dilation: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positions ``P(i, s, h)`` of every segment as a padded ``(S, T)`` table (SPEC §2).
+    """Positions ``I(i, s, h)`` of every segment as a padded ``(S, T)`` table (SPEC §2).
 
     Row ``s`` holds ``s*w + o + t*r`` for ``t = 0..T-1``; ``valid[s, t]`` says whether that
     position is selected (``o + t*r < w`` and ``< N``). Padded entries hold position 0 and must
@@ -236,7 +236,7 @@ class SparseSegments:
 
 
 def sparse_segments(n: int, num_heads: int, branches: Sequence[Branch], offsets: str = "paper") -> Iterator[SparseSegments]:
-    """Every (branch, offset) group of sparse segments ``P(i, s, h)``, the unit all backends iterate over (SPEC §2).
+    """Every (branch, offset) group of sparse segments ``I(i, s, h)``, the unit all backends iterate over (SPEC §2).
 
     Args:
         n: ``N``, the sequence length.

@@ -15,8 +15,8 @@ Positions enter only through RoPE inside attention (``rope=True``). The backward
 list in reverse; the residual stream's gradient ``dx`` flows through both branches of every
 ``x + f(x)`` and ``dE`` sums the head's and the embedding's contributions.
 
-The layers (and their backward equations) live in :mod:`longnet_ref.nn`; training in
-:mod:`longnet_ref.train`. Docs: ``docs/model.md``.
+The layers (and their backward equations) live in [`longnet_ref.nn`][longnet_ref.nn]; training in
+[`longnet_ref.train`][longnet_ref.train]. Docs: ``docs/model.md``.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ def multiplicity(
 
     Dilated attention equals dense attention with the additive bias ``log m`` (``-inf`` where
     ``m = 0``): [mixture](mixture.md), [worked example](worked_example.md). Every sparse segment
-    ``P(i, s, h)`` is the arithmetic progression ``s w + o + t r``, so its block of ``m`` is the
+    ``I(i, s, h)`` is the arithmetic progression ``s w + o + t r``, so its block of ``m`` is the
     slice ``[start:stop:r, start:stop:r]``: each of its queries sees each of its keys (only the
     keys ``t_k <= t`` under ``causal=True``), once per branch.
 
@@ -71,7 +71,7 @@ def multiplicity(
             size = segment_size(n, w, r, o, s)  # T rows of this segment
             if size == 0:
                 continue
-            rows = slice(segment_position(w, r, o, s, 0), segment_position(w, r, o, s, size - 1) + 1, r)  # P(i, s, h)
+            rows = slice(segment_position(w, r, o, s, 0), segment_position(w, r, o, s, size - 1) + 1, r)  # I(i, s, h)
             block = linked[:size, :size] if causal else linked  # (T, T), or 1 broadcast
             for h in group.heads:
                 counts[h, rows, rows] += block  # a strided (T, T) view: added in place

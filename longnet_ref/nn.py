@@ -15,8 +15,8 @@ against central finite differences (``tests/test_nn.py``).
 Multi-head attention is one layer whose *kind* is a parameter: ``"dilated"`` (LongNet,
 ``longnet_ref.dilated_attention`` and its exact backward), ``"dense"`` (softmax attention over
 all keys) or ``"window"`` (a blocked local window of the same per-token cost as a dilated
-configuration, :func:`window_for`). Its parameters carry torchscale's state-dict names
-(``q_proj.weight`` ...), and :class:`MultiheadDilatedAttention` wraps it as a module that loads a
+configuration, [`window_for`][]). Its parameters carry torchscale's state-dict names
+(``q_proj.weight`` ...), and [`MultiheadDilatedAttention`][] wraps it as a module that loads a
 torchscale ``DilatedAttention`` state dict. Docs: ``docs/layer.md``.
 """
 
@@ -46,7 +46,7 @@ def subtree(params, prefix):
 
 
 def prefixed(grads, prefix):
-    """The inverse of :func:`subtree`: ``prefixed({"weight": dW}, "fc1")`` is ``{"fc1.weight": dW}``."""
+    """The inverse of [`subtree`][longnet_ref.nn.subtree]: ``prefixed({"weight": dW}, "fc1")`` is ``{"fc1.weight": dW}``."""
     return {f"{prefix}.{name}": value for name, value in grads.items()}
 
 
@@ -413,7 +413,7 @@ def attention_forward(
 
     ``attention_kind`` is ``dilated_attention`` with the given branches (SPEC §2-4), softmax over
     all keys (``dense``), or one branch ``(W, 1)`` (``window``; ``W = window`` or
-    :func:`window_for` of the branches). ``params``: ``{q,k,v,out}_proj.{weight (E, E), bias (E,)}``
+    [`window_for`][] of the branches). ``params``: ``{q,k,v,out}_proj.{weight (E, E), bias (E,)}``
     in ``x``'s dtype. ``positions`` (``(N,)`` or ``(B, N)``, default ``0..N-1``) feed RoPE.
     With a GPU backend (``"cupy"``, ``"cupy-fused"``) only the attention runs on the GPU, on CuPy
     copies of ``q, k, v`` (the registry's ``arrays``); the projections stay NumPy.
@@ -475,7 +475,7 @@ def attention_forward(
 
 
 def attention_backward(params, cache, dy):
-    """Backward of :func:`attention_forward`, last layer first:
+    """Backward of [`attention_forward`][], last layer first:
 
         do            = dy Wo,  dWo = sum dy^T o,  dbo = sum dy
         dq, dk, dv    = exact attention backward (SPEC §5; FA2 with the stored LSE)
@@ -568,7 +568,7 @@ def init_layernorm(embed_dim, *, dtype=np.float64):
 
 
 def init_mlp(rng, embed_dim, hidden_dim, *, dtype=np.float64):
-    """``fc1 (F, E)``, ``fc2 (E, F)``, both :func:`init_linear`."""
+    """``fc1 (F, E)``, ``fc2 (E, F)``, both [`init_linear`][]."""
     fc1 = init_linear(rng, embed_dim, hidden_dim, dtype=dtype)
     fc2 = init_linear(rng, hidden_dim, embed_dim, dtype=dtype)
     return {**prefixed(fc1, "fc1"), **prefixed(fc2, "fc2")}
@@ -641,7 +641,7 @@ class MultiheadDilatedAttention:
         return {name: value.copy() for name, value in self.params.items()}
 
     def forward(self, x):
-        """``x (B, N, E) -> (y (B, N, E), cache)``: :func:`attention_forward` with ``kind="dilated"``."""
+        """``x (B, N, E) -> (y (B, N, E), cache)``: [`attention_forward`][longnet_ref.nn.attention_forward] with ``kind="dilated"``."""
         check_array(x, "x", 3)
         if x.shape[2] != self.embed_dim:
             raise ValueError(f"x must have shape (B, N, {self.embed_dim}) (the layer's params are for "

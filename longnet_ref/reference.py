@@ -2,9 +2,9 @@
 
 LongNet (Ding et al., arXiv 2307.02486) §2.2. For every branch ``i = (w_i, r_i)``:
 
-1. sparsify: gather the rows ``P(i, s, h)`` of every segment ``s`` (paper Eqs. 3-5, 13),
+1. sparsify: gather the rows ``I(i, s, h)`` of every segment ``s`` (paper Eqs. 3-5, 13),
 2. attend:   dense softmax attention inside each sparse segment, keeping its ``lse_i`` (Eq. 6),
-             by :func:`attention_from_scores` (and :func:`attention_backward_from_scores`),
+             by [`attention_from_scores`][] (and [`attention_backward_from_scores`][]),
 3. scatter:  put every row back at its own position (Eqs. 7-8),
 
 then mix the branches by their softmax denominators (Eqs. 9-10):
@@ -84,7 +84,7 @@ def attention_backward_from_scores(scores, attended, lse, dsum, q, k, v, dout, s
 
     ``lse`` and ``Dsum = rowsum(dO * O)`` are those of the *final* output of each query row, so
     when a query's keys are split over several blocks (branches) the blocks' gradients add up to
-    the exact gradient. ``attended`` as in :func:`attention_from_scores`. Shapes:
+    the exact gradient. ``attended`` as in [`attention_from_scores`][]. Shapes:
     ``scores (..., Tq, Tk)``, ``lse, dsum (..., Tq)``,
     ``q (..., Tq, D)``, ``k (..., Tk, D)``, ``v (..., Tk, Dv)``, ``dout (..., Tq, Dv)``.
 
@@ -180,10 +180,10 @@ def scatter_index(groups, first, stop, num_heads):
 
 
 def scatter_rows(parts, index, first, stop, num_heads, fill):
-    """Inverse of :func:`gather_rows` for one chunk: ``(B, L, H, ...)`` with ``fill`` where no row lands.
+    """Inverse of [`gather_rows`][] for one chunk: ``(B, L, H, ...)`` with ``fill`` where no row lands.
 
     ``parts``: the chunk's rows ``(B, S, Hs, T, ...)`` per offset group, in the order of
-    :func:`scatter_index`, which gave ``index``.
+    [`scatter_index`][], which gave ``index``.
     """
     xp = array_namespace(parts[0])
     batch, features = parts[0].shape[0], parts[0].shape[4:]
@@ -326,7 +326,7 @@ def backward(
     dout, q, k, v, out, lse, branches: tuple[Branch, ...], causal: bool, scale: float, offsets: str,
     memory_budget=None,
 ):
-    """Exact gradient of :func:`forward` w.r.t. ``q, k, v`` (SPEC §5), in the inputs' namespace and dtype.
+    """Exact gradient of [`forward`][] w.r.t. ``q, k, v`` (SPEC §5), in the inputs' namespace and dtype.
 
     The mixture is one softmax over a multiset of keys (SPEC §4), so with the *global*
     ``LSE`` and ``Dsum[p] = sum_c dout[p, c] * out[p, c]`` every branch's FA2 backward on its

@@ -1,5 +1,8 @@
 """The documentation site: executed snippets, a strict build, typeset maths in a real browser."""
 
+import html as html_module
+import importlib.util
+import json
 import os
 import re
 import shutil
@@ -9,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,7 +24,7 @@ FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 def test_every_page_in_the_nav_exists_and_every_page_is_in_the_nav():
     nav = set(re.findall(r":\s*(\S+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(), re.M))
-    assert nav == {p.name for p in PAGES}
+    assert nav == {p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md")}
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if FENCE.search(p.read_text())], ids=lambda p: p.name)
@@ -240,48 +244,117 @@ def test_the_plain_loop_backward_is_the_derivative_of_the_plain_loop_forward(loo
             assert abs((plus - minus) / (2 * eps) - grad[index]) < 1e-7, index
 
 
-# After MathJax has typeset the page, write the rendered size of every display equation into
-# the DOM, where --dump-dom can read it.
-MEASURE_DISPLAY_MATHS = """<script>
-window.addEventListener("load", () => MathJax.startup.promise.then(() => {
-  const sizes = [...document.querySelectorAll("div.arithmatex mjx-container > svg")].map(svg => {
-    const box = svg.getBoundingClientRect();
-    return Math.round(box.width) + "x" + Math.round(box.height);
-  });
-  document.body.setAttribute("data-display-maths", sizes.join(" "));
-  const wide = [...document.querySelectorAll(".md-typeset pre > code")].filter(c => c.scrollWidth > c.clientWidth);
-  document.body.setAttribute("data-wide-code", wide.map(c => c.textContent.split("\\n")[0]).join(" | "));
-}));
+def learn_pages():
+    """The Learn part of the nav, in order: ``["overview", ...]``."""
+    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]
+    (section,) = [entry["Learn"] for entry in nav if isinstance(entry, dict) and "Learn" in entry]
+    return [Path(next(iter(page.values()))).stem for page in section]
+
+
+# Run inside each page (in an iframe of the measured width) once MathJax has typeset it and its
+# figures have loaded; it posts its measurements to the frame page, which writes them into its
+# own DOM, where --dump-dom reads them.
+MEASURE_PAGE = """<script>
+window.addEventListener("load", async () => {
+  await MathJax.startup.promise;
+  const images = [...document.querySelectorAll(".md-content img")];
+  images.forEach(img => { img.loading = "eager"; });
+  await Promise.all(images.map(img => img.decode().catch(() => null)));
+  const size = el => { const box = el.getBoundingClientRect(); return [Math.round(box.width), Math.round(box.height)]; };
+  const scrolls = el => { for (let e = el.parentElement; e; e = e.parentElement) {
+    if (["auto", "scroll", "hidden"].includes(getComputedStyle(e).overflowX) && e !== document.documentElement
+        && e !== document.body) return true; } return false; };
+  const wide = [...document.querySelectorAll(".md-content *")].filter(
+    el => el.getBoundingClientRect().right > window.innerWidth + 1 && !scrolls(el));
+  parent.postMessage({
+    page: location.pathname.split("/").slice(-2, -1)[0],
+    innerWidth: window.innerWidth,
+    documentWidth: document.documentElement.scrollWidth,
+    overflowing: wide.slice(0, 5).map(el => el.tagName + "." + el.className + ": " + el.textContent.slice(0, 40)),
+    maths: [...document.querySelectorAll("div.arithmatex mjx-container > svg")].map(size),
+    untypeset: document.querySelectorAll("div.arithmatex:not(:has(mjx-container))").length,
+    figures: images.map(img => [...size(img), img.naturalWidth]),
+    wrappedOutput: [...document.querySelectorAll(".output pre > code")].filter(c => c.scrollWidth > c.clientWidth).length,
+    wideCode: [...document.querySelectorAll(".md-typeset pre > code")].filter(c => c.scrollWidth > c.clientWidth)
+      .map(c => c.textContent.split("\\n")[0].slice(0, 60)),
+  }, "*");
+});
 </script></body>"""
 
+FRAMES = """<!doctype html><html><body><script>
+const results = {};
+window.addEventListener("message", event => {
+  results[event.data.page] = event.data;
+  document.body.setAttribute("data-results", JSON.stringify(results));
+});
+</script>%s</body></html>"""
 
-def _measure_in_chromium(site, page, width, tmp_path):
-    """Render ``page`` at ``width`` px with MEASURE_DISPLAY_MATHS appended; return its DOM."""
-    html = (site / page / "index.html").read_text()
-    measured = site / page / f"measure-{width}.html"  # beside the page: the same relative assets
-    measured.write_text(html.replace("</body>", MEASURE_DISPLAY_MATHS, 1))
-    flags = [f for f in CHROMIUM_FLAGS if not f.startswith("--window-size")] + [f"--window-size={width},2400"]
-    dom = subprocess.run(
-        [CHROMIUM, *flags, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", measured.as_uri()],
-        capture_output=True, text=True, timeout=180,
-    ).stdout
-    assert "data-display-maths=" in dom, "the measuring script did not run (MathJax not loaded?)"
-    return html, dom
+
+@pytest.fixture(scope="module")
+def learn_measurements(site, tmp_path_factory):
+    """``{width: {page: measurements}}`` for every Learn page at 390 px and 1280 px.
+
+    Headless Chromium never lays a window out narrower than 500 px (``--window-size=390`` gives
+    ``innerWidth == 500``), so each page is loaded in an iframe of exactly the width measured:
+    the page's own ``window.innerWidth`` is then that width, which the tests assert. One Chromium
+    run per width measures all the pages at once.
+    """
+    pages, measured = learn_pages(), {}
+    for page in pages:
+        html = (site / page / "index.html").read_text()
+        (site / page / "measure.html").write_text(html.replace("</body>", MEASURE_PAGE, 1))
+    for width in (390, 1280):
+        frames = "".join(f'<iframe src="{page}/measure.html" width="{width}" height="1500"></iframe>' for page in pages)
+        frame_page = site / f"frames-{width}.html"
+        frame_page.write_text(FRAMES % frames)
+        flags = [f for f in CHROMIUM_FLAGS if not f.startswith(("--window-size", "--virtual-time-budget"))]
+        dom = subprocess.run(
+            [CHROMIUM, *flags, "--virtual-time-budget=60000", f"--window-size={width + 100},1600",
+             f"--user-data-dir={tmp_path_factory.mktemp('profile')}", "--dump-dom", frame_page.as_uri()],
+            capture_output=True, text=True, timeout=300,
+        ).stdout
+        found = re.search(r"data-results=\"([^\"]*)\"", dom)
+        measured[width] = json.loads(html_module.unescape(found.group(1))) if found else {}
+    return measured
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 @pytest.mark.parametrize("width", [390, 1280], ids=["phone", "desktop"])
-@pytest.mark.parametrize("page", ["mixture", "backward", "overview"])
-def test_display_equations_have_a_visible_size_at_phone_and_desktop_width(site, page, width, tmp_path):
-    """Material's phone CSS once collapsed MathJax's SVG to a few pixels: every display equation
-    must be at least as tall as a line of text and wider than a couple of symbols."""
-    html, dom = _measure_in_chromium(site, page, width, tmp_path)
-    assert html.count('<div class="arithmatex">') >= 2
-    found = re.search(r'data-display-maths="([^"]*)"', dom)
-    sizes = [tuple(map(int, size.split("x"))) for size in found.group(1).split()]
-    assert len(sizes) == html.count('<div class="arithmatex">')
-    # 16 px: one line of body text; 60 px: a few symbols. The collapsed equations measured 8-33 px.
-    assert all(h >= 16 and w >= 60 for w, h in sizes), sizes
+def test_every_learn_page_fits_the_screen_at_phone_and_desktop_width(learn_measurements, width):
+    """At a real 390 px viewport (and at 1280 px), on every page of the Learn path: the document
+    is no wider than the viewport (only boxes that scroll may overflow: code, tables, wide
+    equations), every display equation and every figure has a visible size, and what a block
+    prints wraps instead of scrolling."""
+    results = learn_measurements[width]
+    assert sorted(results) == sorted(learn_pages()), "some pages did not report: Chromium or MathJax failed"
+    problems = []
+    for page, found in results.items():
+        if found["innerWidth"] != width:  # a real viewport of that width
+            problems.append((page, "viewport", found["innerWidth"]))
+        if found["documentWidth"] > width:
+            problems.append((page, "wider than the screen", found["documentWidth"], found["overflowing"]))
+        if found["untypeset"]:
+            problems.append((page, "untypeset display maths", found["untypeset"]))
+        # 16 px: one line of body text; 60 px: a few symbols (Material's phone CSS once collapsed
+        # MathJax's SVG to 8-33 px).
+        if not all(h >= 16 and w >= 60 for w, h in found["maths"]):
+            problems.append((page, "collapsed equations", found["maths"]))
+        # a figure at least half the column wide (the column is about 350 px at 390), and loaded
+        if not all(w >= min(300, width // 2) and h >= 100 and natural > 0 for w, h, natural in found["figures"]):
+            problems.append((page, "figure sizes", found["figures"]))
+        if found["wrappedOutput"]:
+            problems.append((page, "printed output that scrolls sideways", found["wrappedOutput"]))
+        if width == 1280 and found["wideCode"]:  # CODE_LINE_LIMIT's calibration: no code scrolls at 1280
+            problems.append((page, "code that scrolls sideways", found["wideCode"]))
+    assert not problems, problems
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_the_learn_pages_show_their_maths_and_figures(learn_measurements):
+    """The measurements are not vacuous: the path holds many equations and figures."""
+    phone = learn_measurements[390]
+    assert sum(len(found["maths"]) for found in phone.values()) >= 25
+    assert sum(len(found["figures"]) for found in phone.values()) >= 8
 
 
 # The code column at 1280 px holds 111 characters of Material's code font (measured in Chromium:
@@ -298,14 +371,6 @@ def test_code_lines_fit_the_column_at_desktop_width():
         if len(line) > CODE_LINE_LIMIT
     ]
     assert not long, long
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
-@pytest.mark.parametrize("page", ["scratch", "worked_example", "backward"])
-def test_no_code_block_scrolls_sideways_at_desktop_width(site, page, tmp_path):
-    """The calibration of CODE_LINE_LIMIT: the pages with the longest code lines, in a browser."""
-    _, dom = _measure_in_chromium(site, page, 1280, tmp_path)
-    assert re.search(r'data-wide-code="([^"]*)"', dom).group(1) == ""
 
 
 def test_every_test_a_page_names_exists_and_the_built_page_links_its_file(site):
@@ -328,3 +393,59 @@ def test_headings_hold_no_maths_because_the_table_of_contents_shows_it_raw():
     headings = [f"{page.name}: {line}" for page in PAGES for line in page.read_text().splitlines()
                 if line.startswith("#") and ("\\(" in line or "$" in line)]
     assert not headings, headings
+
+
+def _hooks():
+    """docs/hooks.py, the build's own conversion of a page into a notebook and a script."""
+    spec = importlib.util.spec_from_file_location("docs_hooks", DOCS / "hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_learn_page_runs_as_a_notebook_top_to_bottom(tmp_path):
+    """The notebook and script of every Learn page (jupytext, as the build publishes them) hold
+    every ```python block of the page as a code cell, in order, and the script runs top to bottom
+    in a fresh interpreter, one page after another, each in its own namespace."""
+    import nbformat
+
+    hooks, scripts = _hooks(), []
+    for page in learn_pages():
+        markdown = (DOCS / f"{page}.md").read_text()
+        files = hooks.notebook_files(markdown)
+        book = nbformat.reads(files[".ipynb"], as_version=4)
+        nbformat.validate(book)
+        code = [cell.source.strip() for cell in book.cells if cell.cell_type == "code"]
+        assert code == [block.strip() for block in FENCE.findall(markdown)], page
+        if code:
+            scripts.append(tmp_path / f"{page}.py")
+            scripts[-1].write_text(files[".py"])
+    assert len(scripts) >= 10
+    run_all = "import runpy, sys\nfor path in sys.argv[1:]:\n    print(path, flush=True)\n    runpy.run_path(path)\n"
+    result = subprocess.run(
+        [sys.executable, "-c", run_all, *map(str, scripts)], cwd=tmp_path, capture_output=True, text=True,
+        timeout=600, env=dict(os.environ, MPLBACKEND="Agg"),
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+def test_the_site_publishes_every_learn_page_as_a_notebook_and_links_it(site):
+    for page in learn_pages():
+        if not FENCE.search((DOCS / f"{page}.md").read_text()):
+            continue
+        for suffix in (".ipynb", ".py"):
+            assert (site / "notebooks" / f"{page}{suffix}").is_file(), (page, suffix)
+        html = (site / page / "index.html").read_text()
+        assert f'href="../notebooks/{page}.ipynb"' in html and f'href="../notebooks/{page}.py"' in html, page
+
+
+def test_spec_citations_link_to_their_section_in_pages_and_in_docstrings(site):
+    """``SPEC §N`` in prose (docs/hooks.py, Markdown) and in the API's docstrings (HTML) is a
+    link to an anchor that exists on the spec page."""
+    spec = (site / "spec" / "index.html").read_text()
+    links = {}
+    for page, prefix in (("segments", "../"), ("api/nn", "../../")):
+        links[page] = re.findall(rf'SPEC <a href="{prefix}spec/(?:index.html)?#([\w-]+)">§(\d)</a>', (site / page / "index.html").read_text())
+        assert links[page], page
+        for anchor, number in links[page]:
+            assert anchor.startswith(f"{number}-") and f'id="{anchor}"' in spec, (page, anchor)

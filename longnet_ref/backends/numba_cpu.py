@@ -187,7 +187,7 @@ def gather(x, b, h, segment, t0, count, out, factor):
 
 @njit(cache=True)
 def scatter_add(x, b, h, segment, t0, count, rows, factor):
-    """``x[b, row_of(segment, t0 + j), h] += factor * rows[j]``: the inverse of :func:`gather`."""
+    """``x[b, row_of(segment, t0 + j), h] += factor * rows[j]``: the inverse of [`gather`][]."""
     for j in range(count):
         row = row_of(segment, t0 + j)
         for c in range(x.shape[3]):
@@ -558,7 +558,7 @@ def gathered_forward(q_rows, keys, values, first_query, causal, scale, block_q, 
 
 @njit(cache=True, parallel=True)
 def gathered_backward(q_rows, keys, values, dout_rows, lse_rows, dsum_rows, first_query, causal, scale, block_q, dq, dk, dv):
-    """Exact gradient of :func:`gathered_forward` with the global ``LSE`` and ``Dsum`` of the
+    """Exact gradient of [`gathered_forward`][] with the global ``LSE`` and ``Dsum`` of the
     query rows: ``dq (B, Hs, nq, D)`` and the partial ``dk``, ``dv (B, Hs, T, .)`` of every row of
     the segment. One item per ``(b, h)``: it owns all three for its head."""
     batch, heads, nq_all, dim = q_rows.shape
@@ -611,7 +611,7 @@ def segment_forward(q_rows, keys, values, first_query, causal, scale):
 
 
 def segment_backward(q_rows, keys, values, dout_rows, lse_rows, dsum_rows, first_query, causal, scale):
-    """Exact gradient of :func:`segment_forward` given the global ``LSE`` and ``Dsum`` of the query
+    """Exact gradient of [`segment_forward`][] given the global ``LSE`` and ``Dsum`` of the query
     rows (SPEC §5): ``dq (B, Hs, nq, D)``, partial ``dk (B, Hs, T, D)`` and ``dv (B, Hs, T, Dv)``."""
     arrays = (q_rows, keys, values, dout_rows, lse_rows, dsum_rows)
     q_rows, keys, values, dout_rows, lse_rows, dsum_rows = (_kernel_input(x) for x in arrays)
@@ -644,7 +644,7 @@ def _clear_rows_without_weight(lse, q, dout):
 
 
 def segments_per_branch(batch, n, heads, segment_length):
-    """Work items of :func:`backward_segments_branch`: one per (batch, head, segment)."""
+    """Work items of [`backward_segments_branch`][]: one per (batch, head, segment)."""
     return batch * heads * -(-n // segment_length)
 
 
@@ -707,7 +707,7 @@ KERNELS = ("forward_branch", "backward_segments_branch", "backward_keys_branch",
 def warm_up(dtypes=(np.float32, np.float64)) -> float:
     """Compile (first run in an installation) or load from the cache every kernel; returns seconds.
 
-    Compiles the four parallel kernels of :data:`KERNELS` (the forward and both backward paths)
+    Compiles the four parallel kernels of ``KERNELS`` (the forward and both backward paths)
     for each dtype in ``dtypes`` (a dtype or a sequence; default float32 and float64), with the
     argument types every later call uses (inputs are made C-contiguous and writeable first, so
     no input layout compiles again). Tiny inputs: one branch with a single segment (the two-pass
