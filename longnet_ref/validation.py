@@ -30,7 +30,7 @@ SUPPORTED_DTYPES = ("float32", "float64")
 """The dtypes every public function accepts (SPEC §1): float32 and float64."""
 HALF_DTYPES = ("float16", "bfloat16")
 """Accepted on CuPy arrays only: the GPU paths compute them in float32."""
-GPU_BACKENDS = ("cupy", "cupy-fused")
+GPU_BACKENDS = ("cupy", "cupy-fused", "cupy-tensor-core")
 """The backends that take CuPy arrays."""
 
 

@@ -14,6 +14,7 @@ on inputs already validated by ``longnet_ref.attention``. The reference
 | ``"numba"`` | NumPy | ``longnet_ref.backends.numba_cpu`` |
 | ``"cupy"`` | CuPy | ``longnet_ref.reference`` on CuPy (cuBLAS GEMMs per sparse segment) |
 | ``"cupy-fused"`` | CuPy | ``longnet_ref.backends.cupy_gpu`` (fused Numba-CUDA kernels) |
+| ``"cupy-tensor-core"`` | CuPy, float16/bfloat16 | ``longnet_ref.backends.tensor_core`` (CUDA C++ wmma kernels; not yet run on a GPU) |
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ BACKENDS = {
     "numba": "longnet_ref.backends.numba_cpu",
     "cupy": "longnet_ref.reference",
     "cupy-fused": "longnet_ref.backends.cupy_gpu",
+    "cupy-tensor-core": "longnet_ref.backends.tensor_core",
 }
-GPU_BACKENDS = ("cupy", "cupy-fused")
+GPU_BACKENDS = ("cupy", "cupy-fused", "cupy-tensor-core")
 
 
 def array_namespace(x):
