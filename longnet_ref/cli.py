@@ -16,6 +16,7 @@ import numpy as np
 
 from . import complexity
 from .attention import dilated_attention, dilated_attention_backward
+from .backends import backend_names, backend_spec
 from .bench import presets
 from .bench.weak_scaling import MpiexecNotFound
 from .dense import dense_attention, dense_attention_backward
@@ -224,8 +225,8 @@ def bench(args: argparse.Namespace) -> int:
         if ignored:
             verb = "does" if len(ignored) == 1 else "do"
             raise UsageError(f"{', '.join(ignored)} {verb} not apply to --distributed (weak scaling has its own configuration)")
-        if backend not in presets.DISTRIBUTED_BACKENDS:
-            raise UsageError(f"--distributed runs on the CPU: --backend must be one of {', '.join(presets.DISTRIBUTED_BACKENDS)}")
+        if not backend_spec(backend).distributed:
+            raise UsageError(f"--distributed runs on the CPU: --backend must be one of {', '.join(backend_names(distributed=True))}")
         import mpi4py  # noqa: F401  (fail early, naming the extra, before any mpiexec is launched)
 
         setup = replace(presets.WeakScaling(), backend=backend, repeats=repeats,
@@ -309,7 +310,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "scaling) and write a table, results.json and plots.")
     p.add_argument("--preset", nargs="+", choices=list(presets.PRESETS),
                    help=f"configurations to run (default: {' '.join(presets.DEFAULT_PRESETS)})")
-    p.add_argument("--backend", choices=list(presets.BACKENDS),
+    p.add_argument("--backend", choices=backend_names(),
                    help=f"backend to time; cupy needs the gpu extra (default: {presets.DEFAULT_BACKEND})")
     p.add_argument("--repeats", type=_positive_int, help=f"runs per measurement, median reported (default: {presets.DEFAULT_REPEATS})")
     p.add_argument("--max-n", type=_positive_int, help=f"skip configurations longer than this (default: {presets.DEFAULT_MAX_N})")

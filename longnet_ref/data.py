@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .validation import check_int, check_real
+
 QUERY = 0  # the marker that asks for the passkey (token 0)
 
 
@@ -55,12 +57,10 @@ class PasskeyTask:
     span: int = 1
 
     def __post_init__(self):
-        for name in ("n", "num_keys", "num_fillers", "span"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.n < 2:
-            raise ValueError(f"n must be at least 2 (a passkey and the query), got {self.n}")
+        for name in ("num_keys", "num_fillers", "span"):
+            check_int(getattr(self, name), name, minimum=1)
+        check_int(self.n, "n", minimum=2)  # a passkey and the query
+        check_real(self.reach_fraction, "reach_fraction", above=0)
         if not 0 < self.reach_fraction <= 1:
             raise ValueError(f"reach_fraction must lie in (0, 1], got {self.reach_fraction!r}")
         if self.max_position + self.span > self.n - 1:
@@ -125,8 +125,7 @@ class TextTask:
         return cls(read_text(path), n)
 
     def __post_init__(self):
-        if self.n < 1:
-            raise ValueError(f"n must be a positive integer, got {self.n!r}")
+        check_int(self.n, "n", minimum=1)
         if self.data.size < self.n + 1:
             raise ValueError(
                 f"the text has {self.data.size} bytes, fewer than n + 1 = {self.n + 1}: use a longer file or a smaller --n"

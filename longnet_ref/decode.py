@@ -31,27 +31,15 @@ the scalar rules ``segment_size`` / ``segment_position``.
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
 from .attention import dilated_attention
 from .index_sets import head_offsets, segment_position, segment_size
-from .validation import InputTypeError, _positive_int, validate_branches, validate_offset_rule
 from .dense import dense_attention
-from .reference import attention_from_scores
-from .reference import mix_branches
-from .validation import SUPPORTED_DTYPES, check_array, check_flag, resolve_scale
-
-
-def _check_dtype(dtype) -> np.dtype:
-    try:
-        dtype = np.dtype(dtype)
-    except TypeError as error:
-        raise InputTypeError(f"dtype must be float32 or float64, got {dtype!r}") from error
-    if dtype not in SUPPORTED_DTYPES:
-        raise InputTypeError(f"dtype must be float32 or float64, got {dtype}")
-    return dtype
+from .reference import attention_from_scores, mix_branches
+from .validation import InputTypeError, check_array, check_dtype, check_flag, check_int, resolve_scale
+from .validation import validate_branches, validate_offset_rule
 
 
 def _check_causal(causal) -> None:
@@ -81,11 +69,11 @@ class _Cache:
     """What both caches share: the sizes, the dtype, the position and the input checks."""
 
     def __init__(self, batch, num_heads, head_dim, value_dim, scale, dtype):
-        self.batch = _positive_int(batch, "batch")
-        self.num_heads = _positive_int(num_heads, "num_heads")
-        self.head_dim = _positive_int(head_dim, "head_dim")
-        self.value_dim = _positive_int(value_dim, "value_dim")
-        self.dtype = _check_dtype(dtype)
+        self.batch = check_int(batch, "batch", minimum=1)
+        self.num_heads = check_int(num_heads, "num_heads", minimum=1)
+        self.head_dim = check_int(head_dim, "head_dim", minimum=1)
+        self.value_dim = check_int(value_dim, "value_dim", minimum=1)
+        self.dtype = check_dtype(dtype)
         self.scale = resolve_scale(scale, self.head_dim)
         self.position = 0
 
@@ -93,7 +81,7 @@ class _Cache:
         """``q_t, k_t: (B, H, D)``, ``v_t: (B, H, Dv)`` in the cache's dtype, else a clear error."""
         heads = (self.batch, self.num_heads)
         for name, x, last in (("q_t", q_t, self.head_dim), ("k_t", k_t, self.head_dim), ("v_t", v_t, self.value_dim)):
-            check_array(x, name, "numpy", 3)
+            check_array(x, name, 3)
             if x.shape != heads + (last,):
                 raise ValueError(f"{name} must have shape (B, H, {'Dv' if name == 'v_t' else 'D'}) = {heads + (last,)}, got {x.shape}")
             if x.dtype != self.dtype:
@@ -101,7 +89,7 @@ class _Cache:
 
     def _check_sequence(self, name, x, last, length=None) -> None:
         """A ``(B, T, H, last)`` array of the cache's sizes and dtype."""
-        check_array(x, name, "numpy", 4)
+        check_array(x, name, 4)
         if (x.shape[0], x.shape[2], x.shape[3]) != (self.batch, self.num_heads, last) or (
             length is not None and x.shape[1] != length
         ):
@@ -120,9 +108,7 @@ class _Cache:
     def _check_fill(self, k, v, start) -> int:
         self._check_sequence("k", k, self.head_dim)
         self._check_sequence("v", v, self.value_dim, k.shape[1])
-        if isinstance(start, (bool, np.bool_)) or not isinstance(start, numbers.Integral) or start < 0:
-            raise ValueError(f"start must be a non-negative integer, got {start!r}")
-        return int(start)
+        return check_int(start, "start", minimum=0)
 
 
 class DilatedKVCache(_Cache):
@@ -315,7 +301,7 @@ class DenseKVCache(_Cache):
         super().__init__(batch, num_heads, head_dim, value_dim, scale, dtype)
         _check_causal(causal)
         self.growable = capacity is None
-        capacity = 16 if capacity is None else _positive_int(capacity, "capacity")
+        capacity = 16 if capacity is None else check_int(capacity, "capacity", minimum=1)
         self.keys = np.zeros((self.batch, self.num_heads, capacity, self.head_dim), self.dtype)  # (B, H, C, D)
         self.values = np.zeros((self.batch, self.num_heads, capacity, self.value_dim), self.dtype)  # (B, H, C, Dv)
 

@@ -50,7 +50,7 @@ import numpy as np
 from mpi4py import MPI
 from mpi4py.util.dtlib import from_numpy_dtype
 
-from .backends import get_backend
+from .backends import backend_names, backend_spec, get_backend
 from .index_sets import segment_position, segment_size, sparse_segments
 from .validation import InputTypeError, validate_branches, validate_offset_rule
 from .reference import attention_backward_from_scores, attention_from_scores, mix_branches
@@ -58,10 +58,6 @@ from .validation import check_attention_inputs, check_flag, check_gradient_input
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
-
-DISTRIBUTED_BACKENDS = ("numpy", "numba")
-"""The single-process backends a rank may use for its local branches (CPU only)."""
-
 
 @dataclass
 class CommunicationStats:
@@ -198,8 +194,8 @@ def _validate(comm, q, k, v, segment_lengths, dilation_rates, causal, scale, off
         raise TypeError(f"comm must be an mpi4py intra-communicator, got {type(comm).__name__}")
 
     def check():
-        if backend not in DISTRIBUTED_BACKENDS:
-            raise ValueError(f"backend must be one of {DISTRIBUTED_BACKENDS} for distributed attention, got {backend!r}")
+        if not backend_spec(backend).distributed:
+            raise ValueError(f"backend must be one of {backend_names(distributed=True)} for distributed attention, got {backend!r}")
         sizes = check_attention_inputs(q, k, v)
         branches = validate_branches(segment_lengths, dilation_rates)
         options = (check_flag(causal, "causal"), resolve_scale(scale, sizes[3]), validate_offset_rule(offsets))
@@ -452,8 +448,9 @@ def dilated_attention(
         causal: If ``True``, query ``p`` attends only keys ``k <= p`` (global positions).
         scale: The factor on ``Q K^T``; ``None`` means ``1 / sqrt(D)``.
         offsets: The head-offset rule, ``"paper"`` or ``"torchscale"``.
-        backend: One of [`DISTRIBUTED_BACKENDS`][longnet_ref.distributed.DISTRIBUTED_BACKENDS]
-            (``"numpy"`` or ``"numba"``), for the branches local to a chunk.
+        backend: A backend whose registry entry has ``distributed=True``
+            ([`backend_names`][longnet_ref.backends.backend_names]``(distributed=True)``:
+            ``"reference"``/``"numpy"`` or ``"numba"``), for the branches local to a chunk.
         return_lse: Also return ``lse``.
         return_stats: Also return this rank's [`CommunicationStats`][longnet_ref.distributed.CommunicationStats].
 

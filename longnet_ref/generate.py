@@ -24,6 +24,7 @@ import numpy as np
 from . import model as lm
 from . import nn
 from .decode import DenseKVCache, DilatedKVCache
+from .validation import InputTypeError, check_int, check_real, check_tokens
 
 
 def new_caches(config: lm.LongNetConfig, batch: int) -> list:
@@ -81,7 +82,7 @@ class Decoder:
 
     def prefill(self, tokens) -> np.ndarray:
         """Logits ``(B, T, V)`` of a prompt ``(B, T)`` (the parallel causal forward), caches left at ``T``."""
-        tokens = lm.check_tokens(tokens, self.config.vocab_size, "prompt_tokens")
+        tokens = check_tokens(tokens, self.config.vocab_size, "prompt_tokens")
         if tokens.shape[0] != self.batch or tokens.shape[1] == 0:
             raise ValueError(f"prompt_tokens must have shape ({self.batch}, T >= 1), got {tokens.shape}")
         if self.position != 0:
@@ -90,13 +91,15 @@ class Decoder:
 
     def step(self, token) -> np.ndarray:
         """Logits ``(B, V)`` of the next position, given its input ``token (B,)``."""
-        token = lm.check_tokens(np.asarray(token).reshape(self.batch, 1), self.config.vocab_size, "token")
+        token = check_tokens(np.asarray(token).reshape(self.batch, 1), self.config.vocab_size, "token")
         return self._run(token, prefill=False)[:, 0]
 
 
 def sample(logits, rng: np.random.Generator, temperature: float = 1.0, top_k: int | None = None) -> np.ndarray:
     """A token per row of ``logits (B, V)``: arg-max if ``temperature == 0``, else from
     ``softmax(logits / temperature)`` restricted to the ``top_k`` largest."""
+    temperature = check_real(temperature, "temperature", minimum=0)
+    top_k = None if top_k is None else check_int(top_k, "top_k", minimum=1)
     if temperature == 0:
         return logits.argmax(-1)
     z = logits.astype(np.float64) / temperature  # (B, V)
@@ -117,13 +120,15 @@ def generate(config, params, prompt_tokens, max_new_tokens, *, temperature=1.0, 
     """
     if isinstance(config, lm.LongNetLM):
         config, params = config.config, config.params if params is None else params
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if not (isinstance(temperature, (int, float)) and temperature >= 0):
-        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    prompt = np.asarray(prompt_tokens)
+    max_new_tokens = check_int(max_new_tokens, "max_new_tokens", minimum=0)
+    temperature = check_real(temperature, "temperature", minimum=0)
+    top_k = None if top_k is None else check_int(top_k, "top_k", minimum=1)
+    check_int(seed, "seed")
+    if not isinstance(config, lm.LongNetConfig):
+        raise InputTypeError(f"config must be a LongNetConfig or a LongNetLM, got {type(config).__name__}")
+    prompt = check_tokens(prompt_tokens, config.vocab_size, "prompt_tokens", ndim=None)
+    if prompt.ndim not in (1, 2):
+        raise ValueError(f"prompt_tokens must be (T,) or (B, T), got shape {prompt.shape}")
     one_d = prompt.ndim == 1
     prompt = prompt[None] if one_d else prompt
     rng = np.random.default_rng(seed)

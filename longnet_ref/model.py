@@ -22,13 +22,13 @@ The layers (and their backward equations) live in :mod:`longnet_ref.nn`; trainin
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import nn
-from .backends import BACKENDS
+from .backends import backend_spec, get_backend
+from .validation import InputTypeError, check_choice, check_dtype, check_flag, check_int, check_state_dict, check_tokens
 from .validation import validate_branches, validate_offset_rule
 
 ATTENTION_KINDS = nn.ATTENTION_KINDS  # "dilated" | "dense" | "window"
@@ -64,30 +64,27 @@ class LongNetConfig:
     seed: int = 0
 
     def __post_init__(self):
+        # every check from longnet_ref.validation (SPEC §7): wrong type InputTypeError, wrong value ValueError
         for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
-            _check_positive_int(getattr(self, name), name)
-        _check_int(self.seed, "seed")
+            check_int(getattr(self, name), name, minimum=1)
+        check_int(self.seed, "seed")
+        check_flag(self.causal, "causal")
+        check_flag(self.rope, "rope")
+        check_choice(self.attention, "attention", ATTENTION_KINDS)
+        backend_spec(self.backend)
+        dtype = check_dtype(self.dtype, "dtype", DTYPES)
+        branches = validate_branches(self.segment_lengths, self.dilation_rates)
+        validate_offset_rule(self.offsets)
+        if self.window is not None:
+            check_int(self.window, "window", minimum=1)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.rope and (self.d_model // self.n_heads) % 2:
             raise ValueError(f"rope needs an even head dimension, got d_model // n_heads = {self.d_model // self.n_heads}")
-        if self.attention not in ATTENTION_KINDS:
-            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {tuple(BACKENDS)}, got {self.backend!r}")
-        if str(self.dtype) not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        for name in ("causal", "rope"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        validate_branches(self.segment_lengths, self.dilation_rates)
-        validate_offset_rule(self.offsets)
-        if self.window is not None:
-            _check_positive_int(self.window, "window")
         # a frozen dataclass normalises its own fields this way
-        object.__setattr__(self, "segment_lengths", tuple(int(w) for w in self.segment_lengths))
-        object.__setattr__(self, "dilation_rates", tuple(int(r) for r in self.dilation_rates))
-        object.__setattr__(self, "dtype", str(self.dtype))
+        object.__setattr__(self, "segment_lengths", tuple(b.segment_length for b in branches))
+        object.__setattr__(self, "dilation_rates", tuple(b.dilation for b in branches))
+        object.__setattr__(self, "dtype", dtype.name)
 
     @property
     def head_dim(self) -> int:
@@ -102,17 +99,6 @@ class LongNetConfig:
         if unknown:
             raise ValueError(f"unknown LongNetConfig fields: {sorted(unknown)}")
         return cls(**d)
-
-
-def _check_int(value, name):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-
-
-def _check_positive_int(value, name):
-    _check_int(value, name)
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,16 +143,13 @@ def init_params(config: LongNetConfig) -> dict[str, np.ndarray]:
 
 
 def check_params(config: LongNetConfig, params: dict) -> None:
-    """Every expected name present with its shape and the config's dtype, nothing extra."""
-    shapes = parameter_shapes(config)
-    missing, extra = set(shapes) - set(params), set(params) - set(shapes)
-    if missing or extra:
-        raise ValueError(f"params do not match the config: missing {sorted(missing)}, unexpected {sorted(extra)}")
-    for name, shape in shapes.items():
-        if tuple(params[name].shape) != shape:
-            raise ValueError(f"params[{name!r}] has shape {tuple(params[name].shape)}, expected {shape}")
-        if params[name].dtype != np.dtype(config.dtype):
-            raise TypeError(f"params[{name!r}] has dtype {params[name].dtype}, expected {config.dtype}")
+    """Every expected name present with its shape and the config's dtype, nothing extra.
+
+    Raises:
+        InputTypeError: ``params`` is not a dict of NumPy arrays, or an array's dtype is not the config's.
+        ValueError: A missing or unexpected name, or an array of the wrong shape.
+    """
+    check_state_dict(params, parameter_shapes(config), config.dtype, name="params")
 
 
 def _sub(params: dict, prefix: str) -> dict:
@@ -187,24 +170,16 @@ def attention_options(config: LongNetConfig) -> dict:
     }
 
 
-def check_tokens(tokens, vocab_size: int, name: str = "tokens") -> np.ndarray:
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (batch, sequence), got shape {tokens.shape}")
-    if not np.issubdtype(tokens.dtype, np.integer):
-        raise TypeError(f"{name} must be integers, got dtype {tokens.dtype}")
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
-        raise ValueError(f"{name} must lie in [0, {vocab_size}), got values in [{tokens.min()}, {tokens.max()}]")
-    return tokens
-
-
 # ----------------------------------------------------------------------------------------------
 # forward and backward
 
 
 def forward(config: LongNetConfig, params: dict, tokens) -> tuple[np.ndarray, dict]:
     """``logits = LN_f(x^L) E^T`` for ``tokens (B, N)``; returns ``(logits (B, N, V), cache)``."""
+    if not isinstance(config, LongNetConfig):
+        raise InputTypeError(f"config must be a LongNetConfig, got {type(config).__name__}")
     tokens = check_tokens(tokens, config.vocab_size)
+    get_backend(config.backend)  # a GPU backend without CuPy fails here, before the first layer
     attn = attention_options(config)
     positions = np.arange(tokens.shape[1])
     cache = {"blocks": []}
@@ -273,6 +248,9 @@ class LongNetLM:
     """A config and its parameters together: ``LongNetLM(config).forward(tokens)``."""
 
     def __init__(self, config: LongNetConfig, params: dict | None = None):
+        if not isinstance(config, LongNetConfig):
+            raise InputTypeError(f"config must be a LongNetConfig, got {type(config).__name__}")
+        get_backend(config.backend)  # a GPU backend without CuPy: one line naming the extra, up front
         self.config = config
         self.params = init_params(config) if params is None else params
         check_params(config, self.params)

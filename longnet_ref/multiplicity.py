@@ -9,22 +9,12 @@ Docs: ``docs/mixture.md``.
 
 from __future__ import annotations
 
-import numbers
 from typing import Sequence
 
 import numpy as np
 
 from .index_sets import segment_position, segment_size, sparse_segments
-from .validation import InputTypeError, validate_branches, validate_offset_rule
-from .validation import check_flag
-
-
-def _count(value, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise InputTypeError(f"{name} must be a non-negative integer, got {value!r} ({type(value).__name__})")
-    if value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return int(value)
+from .validation import check_flag, check_int, validate_branches, validate_offset_rule
 
 
 def multiplicity(
@@ -64,7 +54,7 @@ def multiplicity(
         TypeError: a non-integer ``n``, ``num_heads``, ``w`` or ``r`` (``InputTypeError``, also a
             ``ValueError``), a non-bool ``causal``.
     """
-    n, num_heads = _count(n, "n"), _count(num_heads, "num_heads")
+    n, num_heads = check_int(n, "n", minimum=0), check_int(num_heads, "num_heads", minimum=0)
     branches = validate_branches(segment_lengths, dilation_rates)
     offsets = validate_offset_rule(offsets)
     causal = check_flag(causal, "causal")

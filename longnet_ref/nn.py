@@ -23,16 +23,15 @@ torchscale ``DilatedAttention`` state dict. Docs: ``docs/layer.md``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from fractions import Fraction
 
 import numpy as np
 
 from .attention import dilated_attention, dilated_attention_backward
-from .backends import BACKENDS
-from .validation import InputTypeError, validate_branches, validate_offset_rule
+from .backends import backend_spec, get_backend, to_backend_arrays, to_numpy
 from .dense import dense_attention, dense_attention_backward
-from .validation import SUPPORTED_DTYPES, check_flag
+from .validation import InputTypeError, check_array, check_choice, check_dtype, check_flag, check_int
+from .validation import check_state_dict, check_tokens, validate_branches, validate_offset_rule
 
 ATTENTION_KINDS = ("dilated", "dense", "window")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -80,12 +79,7 @@ def linear_backward(params, cache, dy):
 
 def embedding_forward(params, tokens):
     """``y[b, n] = W[tokens[b, n]]``: ``params = {"weight": (V, E)}``, int ``tokens (B, N) -> (B, N, E)``."""
-    tokens = np.asarray(tokens)
-    vocab = params["weight"].shape[0]
-    if tokens.dtype.kind not in "iu":
-        raise InputTypeError(f"tokens must be an integer array, got dtype {tokens.dtype}")
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
-        raise ValueError(f"tokens must lie in [0, {vocab}), got values in [{tokens.min()}, {tokens.max()}]")
+    tokens = check_tokens(tokens, params["weight"].shape[0], ndim=None)
     return params["weight"][tokens], tokens  # (B, N, E)
 
 
@@ -232,17 +226,10 @@ def cross_entropy_forward(logits, targets, mask=None):
     ``logits (B, N, V)``, integer ``targets (B, N)``, optional bool ``mask (B, N)`` (``None`` =
     every position). The log-softmax is the stable ``z - max z - log sum exp(z - max z)``.
     """
-    logits = np.asarray(logits)
-    targets = np.asarray(targets)
-    vocab = logits.shape[-1]
-    if logits.ndim != 3:
-        raise ValueError(f"logits must be 3-D (B, N, V), got shape {logits.shape}")
+    check_array(logits, "logits", 3)
+    targets = check_tokens(targets, logits.shape[-1], "targets", ndim=None)
     if targets.shape != logits.shape[:2]:
         raise ValueError(f"targets must have shape (B, N) = {logits.shape[:2]}, got {targets.shape}")
-    if targets.dtype.kind not in "iu":
-        raise InputTypeError(f"targets must be an integer array, got dtype {targets.dtype}")
-    if targets.size and (targets.min() < 0 or targets.max() >= vocab):
-        raise ValueError(f"targets must lie in [0, {vocab}), got values in [{targets.min()}, {targets.max()}]")
     mask = np.ones(targets.shape, bool) if mask is None else np.asarray(mask)
     if mask.shape != targets.shape or mask.dtype != bool:
         raise ValueError(f"mask must be a bool array of shape (B, N) = {targets.shape}, got {mask.dtype} {mask.shape}")
@@ -293,8 +280,7 @@ def _attention_pattern(kind, segment_lengths, dilation_rates, window):
     attends its own block of ``W`` (causally: its block's prefix); so it runs on every backend
     and decodes with the same bounded KV cache. Dense is one branch ``(N, 1)``.
     """
-    if not isinstance(kind, str) or kind not in ATTENTION_KINDS:
-        raise ValueError(f"kind must be one of {ATTENTION_KINDS}, got {kind!r}")
+    check_choice(kind, "kind", ATTENTION_KINDS)
     if kind == "dilated":
         if segment_lengths is None or dilation_rates is None:
             raise ValueError("kind='dilated' needs segment_lengths and dilation_rates (the branches), got None")
@@ -305,26 +291,21 @@ def _attention_pattern(kind, segment_lengths, dilation_rates, window):
             if segment_lengths is None or dilation_rates is None:
                 raise ValueError("kind='window' needs window, or segment_lengths and dilation_rates to derive it")
             window = window_for(segment_lengths, dilation_rates)
-        if isinstance(window, (bool, np.bool_)) or not isinstance(window, (int, np.integer)) or window <= 0:
-            raise ValueError(f"window must be a positive integer, got {window!r}")
-        return [int(window)], [1]
+        return [check_int(window, "window", minimum=1)], [1]
     return None  # dense
 
 
 def _check_attention_input(params, x, num_heads):
     """Validate ``x (B, N, E)`` and the projections; return ``(B, N, E, H, D)``."""
-    if not isinstance(x, np.ndarray):
-        raise InputTypeError(f"x must be a numpy array (B, N, E), got {type(x).__name__}")
-    if x.ndim != 3:
-        raise ValueError(f"x must be 3-D (B, N, E), got shape {x.shape}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise InputTypeError(f"x must be float32 or float64, got dtype {x.dtype}")
-    if isinstance(num_heads, (bool, np.bool_)) or not isinstance(num_heads, (int, np.integer)) or num_heads <= 0:
-        raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
+    check_array(x, "x", 3)  # (B, N, E): the projections run in NumPy whatever the backend
+    num_heads = check_int(num_heads, "num_heads", minimum=1)
     batch, n, embed_dim = x.shape
     if embed_dim % num_heads:
         raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-    _check_state(params, attention_shapes(embed_dim), x.dtype)
+    params = check_state_dict(params, attention_shapes(embed_dim))
+    dtypes = sorted({str(value.dtype) for value in params.values()})
+    if dtypes != [str(x.dtype)]:
+        raise InputTypeError(f"x has dtype {x.dtype} but the params have {', '.join(dtypes)}; they must match")
     return batch, n, embed_dim, num_heads, embed_dim // num_heads
 
 
@@ -335,24 +316,6 @@ def attention_shapes(embed_dim):
         shapes[f"{name}.weight"] = (embed_dim, embed_dim)
         shapes[f"{name}.bias"] = (embed_dim,)
     return shapes
-
-
-def _check_state(params, shapes, dtype=None):
-    if not isinstance(params, Mapping):
-        raise InputTypeError(f"params must be a dict of arrays, got {type(params).__name__}")
-    missing = [name for name in shapes if name not in params]
-    extra = [name for name in params if name not in shapes]
-    if missing:
-        raise ValueError(f"params is missing {missing}")
-    if extra:
-        raise ValueError(f"params has unexpected keys {extra}")
-    for name, shape in shapes.items():
-        if not isinstance(params[name], np.ndarray):
-            raise InputTypeError(f"params[{name!r}] must be a numpy array, got {type(params[name]).__name__}")
-        if params[name].shape != shape:
-            raise ValueError(f"params[{name!r}] must have shape {shape}, got {params[name].shape}")
-        if dtype is not None and params[name].dtype != dtype:
-            raise InputTypeError(f"x has dtype {dtype} but params[{name!r}] has {params[name].dtype}; they must match")
 
 
 def attention_forward(
@@ -381,17 +344,17 @@ def attention_forward(
     all keys (``dense``), or one branch ``(W, 1)`` (``window``; ``W = window`` or
     :func:`window_for` of the branches). ``params``: ``{q,k,v,out}_proj.{weight (E, E), bias (E,)}``
     in ``x``'s dtype. ``positions`` (``(N,)`` or ``(B, N)``, default ``0..N-1``) feed RoPE.
-    With ``backend="cupy"`` only the attention runs on the GPU; the projections stay NumPy.
+    With a GPU backend (``"cupy"``, ``"cupy-fused"``) only the attention runs on the GPU, on CuPy
+    copies of ``q, k, v`` (the registry's ``arrays``); the projections stay NumPy.
     """
     batch, n, embed_dim, heads, head_dim = _check_attention_input(params, x, num_heads)
     branches = _attention_pattern(kind, segment_lengths, dilation_rates, window)
     causal, rope = check_flag(causal, "causal"), check_flag(rope, "rope")
     offsets = validate_offset_rule(offsets)
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {tuple(BACKENDS)}, got {backend!r}")
+    get_backend(backend)  # an unknown name, or a GPU backend without CuPy, fails before any work
     if rope and head_dim % 2:
         raise ValueError(f"rope needs an even head dimension E // num_heads, got {head_dim}")
-    if branches is None and backend != "numpy":
+    if branches is None and backend_spec(backend).name != "reference":
         branches = [max(n, 1)], [1]  # dense on a fast backend: one full segment, no dilation
 
     split = lambda t: t.reshape(batch, n, heads, head_dim)  # (B, N, E) -> (B, N, H, D)
@@ -452,28 +415,16 @@ def _attention_core(q, k, v, branches, options):
     """``(o, lse)`` of dense (``branches=None``) or dilated attention, on ``options["backend"]``."""
     if branches is None:
         return dense_attention(q, k, v, causal=options["causal"], return_lse=True)
-    q, k, v = (_to_backend(t, options["backend"]) for t in (q, k, v))
+    q, k, v = (to_backend_arrays(t, options["backend"]) for t in (q, k, v))  # CuPy for a GPU backend
     o, lse = dilated_attention(q, k, v, *branches, return_lse=True, **options)
-    return _to_numpy(o), _to_numpy(lse)
+    return to_numpy(o), to_numpy(lse)
 
 
 def _attention_core_backward(do, q, k, v, o, lse, branches, options):
     if branches is None:
         return dense_attention_backward(do, q, k, v, o, lse, causal=options["causal"])
-    arrays = (_to_backend(t, options["backend"]) for t in (do, q, k, v, o, lse))
-    return tuple(_to_numpy(g) for g in dilated_attention_backward(*arrays, *branches, **options))
-
-
-def _to_backend(x, backend):
-    if backend != "cupy":
-        return x
-    import cupy
-
-    return cupy.asarray(x)
-
-
-def _to_numpy(x):
-    return x if isinstance(x, np.ndarray) else x.get()
+    arrays = (to_backend_arrays(t, options["backend"]) for t in (do, q, k, v, o, lse))
+    return tuple(to_numpy(g) for g in dilated_attention_backward(*arrays, *branches, **options))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,44 +500,25 @@ class MultiheadDilatedAttention:
         dtype=np.float64,
         seed=0,
     ):
-        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if embed_dim % num_heads:
+        self.embed_dim = check_int(embed_dim, "embed_dim", minimum=1)
+        self.num_heads = check_int(num_heads, "num_heads", minimum=1)
+        if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         branches = validate_branches(segment_lengths, dilation_rates)
-        if np.dtype(dtype) not in SUPPORTED_DTYPES:
-            raise InputTypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
-        if not isinstance(backend, str) or backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {tuple(BACKENDS)}, got {backend!r}")
-        self.embed_dim, self.num_heads = int(embed_dim), int(num_heads)
         self.segment_lengths = [b.segment_length for b in branches]
         self.dilation_rates = [b.dilation for b in branches]
         self.causal = check_flag(causal, "causal")
         self.offsets = validate_offset_rule(offsets)
+        self.dtype = check_dtype(dtype)
+        get_backend(backend)  # an unknown name, or a GPU backend without CuPy: one line, up front
         self.backend = backend
-        self.dtype = np.dtype(dtype)
-        self.params = init_attention(np.random.default_rng(seed), self.embed_dim, dtype=self.dtype)
+        self.params = init_attention(np.random.default_rng(check_int(seed, "seed")), self.embed_dim, dtype=self.dtype)
 
     def load_state_dict(self, state_dict):
         """Copy ``state_dict``'s arrays into ``params``; a missing, extra or mis-shaped key raises
         ``ValueError`` naming it. Values are converted to this layer's dtype."""
-        if not isinstance(state_dict, Mapping):
-            raise InputTypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
         shapes = attention_shapes(self.embed_dim)
-        missing = sorted(set(shapes) - set(state_dict))
-        extra = sorted(set(state_dict) - set(shapes))
-        if missing:
-            raise ValueError(f"state_dict is missing key(s) {missing}")
-        if extra:
-            raise ValueError(f"state_dict has unexpected key(s) {extra}")
-        loaded = {}
-        for name, shape in shapes.items():
-            value = np.array(state_dict[name], dtype=self.dtype)  # a copy, whatever the source
-            if value.shape != shape:
-                raise ValueError(f"state_dict[{name!r}] must have shape {shape}, got {value.shape}")
-            loaded[name] = value
-        self.params = loaded
+        self.params = check_state_dict(state_dict, shapes, self.dtype, name="state_dict", convert=True)
 
     def state_dict(self):
         """A copy of ``params``."""

@@ -31,6 +31,7 @@ import numpy as np
 
 from . import model as lm
 from .data import PasskeyTask, TextTask, accuracy
+from .validation import check_int, check_real
 
 # ----------------------------------------------------------------------------------------------
 # the optimiser
@@ -52,17 +53,12 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size"):
-            lm._check_positive_int(getattr(self, name), name)
-        lm._check_int(self.warmup, "warmup")
-        lm._check_int(self.seed, "seed")
-        if self.warmup < 0:
-            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
-        for name in ("lr", "beta1", "beta2", "eps", "clip", "weight_decay", "min_lr"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            check_int(getattr(self, name), name, minimum=1)
+        check_int(self.warmup, "warmup", minimum=0)
+        check_int(self.seed, "seed")
+        for name in ("beta1", "beta2", "eps", "clip", "weight_decay", "min_lr"):
+            check_real(getattr(self, name), name, minimum=0)
+        check_real(self.lr, "lr", above=0)
         if not (self.beta1 < 1 and self.beta2 < 1):
             raise ValueError(f"beta1 and beta2 must be < 1, got {self.beta1}, {self.beta2}")
 

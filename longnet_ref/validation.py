@@ -1,54 +1,243 @@
-"""Rejecting bad input before any computation (SPEC §7).
+"""Rejecting bad input before any computation (SPEC §7): every check lives here.
 
 Every public entry point calls these checks first, so no backend (and no jitted kernel) ever
 sees an array of the wrong rank, dtype or shape. Messages name the offending argument.
+
+The exception rule (SPEC §7): a value of the wrong *type* (a float or a bool where an integer is
+asked, a non-bool flag, an array of an unsupported dtype, an object that is not an array) raises
+[`InputTypeError`][longnet_ref.validation.InputTypeError]; a value of the right type that is
+wrong (out of range, a shape that does not fit, a name that is not one of the choices) raises
+``ValueError``. ``InputTypeError`` is a ``ValueError`` too, so ``except ValueError`` catches every
+bad input.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Mapping
+from typing import Any, Sequence
 
 import numpy as np
+from array_api_compat import is_array_api_obj, is_cupy_array, is_numpy_array
 
+from .backends import backend_spec
 from .index_sets import OFFSET_RULES, Branch
-
-if TYPE_CHECKING:
-    import cupy
 
 
 class InputTypeError(TypeError, ValueError):
     """An argument of the wrong type (SPEC §7).
 
-    SPEC §7 asks for ``TypeError`` for a wrong type and lists several type problems (dtype,
-    non-integer ``w``) among its ``ValueError`` cases; like NumPy's ``AxisError`` this class is
-    both, so either ``except`` clause catches it.
+    SPEC §7 asks for ``TypeError`` for a wrong type and ``ValueError`` for a wrong value; like
+    NumPy's ``AxisError`` this class is both, so ``except ValueError`` catches every bad input
+    and ``except TypeError`` the wrong types.
     """
+
 
 SUPPORTED_DTYPES = ("float32", "float64")
 """The dtypes every public function accepts (SPEC §1): float32 and float64."""
 HALF_DTYPES = ("float16", "bfloat16")
-"""Accepted on CuPy arrays only: the GPU paths compute them in float32."""
-GPU_BACKENDS = ("cupy", "cupy-fused", "cupy-tensor-core")
-"""The backends that take CuPy arrays."""
+"""Accepted on CuPy arrays only, by the backends whose registry entry lists them: the GPU
+paths compute them in float32."""
 
 
-def array_module_name(x: Any) -> str:
-    """``"numpy"``, ``"cupy"`` or the top-level module of another array type (``"array_api_strict"``).
+def _type_name(value: Any) -> str:
+    return type(value).__name__
 
-    Decided by type, without importing CuPy.
+
+def check_int(value: Any, name: str, *, minimum: int | None = None) -> int:
+    """Check an integer argument such as ``num_heads`` (SPEC §7); return it as a Python ``int``.
+
+    Python and NumPy integers are integers; ``bool`` is not (``True`` is no head count), nor is
+    a whole float (``2.0``).
 
     Args:
-        x: Any object.
+        value: The argument.
+        name: Its name, used in the message.
+        minimum: The smallest accepted value, or ``None`` for any integer.
 
     Returns:
-        ``"numpy"`` for a ``np.ndarray``, otherwise the top-level module of ``x``'s type
-        (``"cupy"``, ``"array_api_strict"``, ``"builtins"`` for a list, ...), for the message.
+        ``int(value)``.
+
+    Raises:
+        InputTypeError: ``value`` is not an integer: ``"num_heads must be an integer >= 1, got 2.5 (float)"``.
+        ValueError: ``value < minimum``: ``"num_heads must be an integer >= 1, got 0"``.
     """
-    if isinstance(x, np.ndarray):
-        return "numpy"
-    return type(x).__module__.split(".")[0]
+    wanted = f"an integer >= {minimum}" if minimum is not None else "an integer"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise InputTypeError(f"{name} must be {wanted}, got {value!r} ({_type_name(value)})")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+    return int(value)
+
+
+def check_real(
+    value: Any, name: str, *, minimum: float | None = None, above: float | None = None, finite: bool = True
+) -> float:
+    """Check a real-number argument such as ``temperature`` or ``lr`` (SPEC §7); return it as a ``float``.
+
+    Args:
+        value: The argument: ``int``, ``float`` or a NumPy real scalar (not ``bool``).
+        name: Its name, used in the message.
+        minimum: The smallest accepted value (inclusive), or ``None``.
+        above: A bound the value must exceed (exclusive), or ``None``.
+        finite: Refuse infinities (NaN is always refused).
+
+    Returns:
+        ``float(value)``.
+
+    Raises:
+        InputTypeError: ``value`` is not a real number (``bool``, a string, ``None``, a complex).
+        ValueError: NaN, an infinity with ``finite=True``, or a value below ``minimum`` / not above ``above``.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise InputTypeError(f"{name} must be a real number, got {value!r} ({_type_name(value)})")
+    value = float(value)
+    if math.isnan(value) or (finite and math.isinf(value)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if above is not None and value <= above:
+        raise ValueError(f"{name} must be > {above}, got {value!r}")
+    return value
+
+
+def check_flag(value: Any, name: str) -> bool:
+    """Check a boolean option such as ``causal`` (SPEC §7): ``0``, ``1`` or ``"yes"`` are refused.
+
+    Args:
+        value: The option's value; a Python ``bool`` or ``np.bool_``.
+        name: Its name, used in the message.
+
+    Returns:
+        ``value`` as a Python ``bool``.
+
+    Raises:
+        InputTypeError: ``value`` is not a ``bool`` or ``np.bool_``.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputTypeError(f"{name} must be a bool, got {value!r} ({_type_name(value)})")
+    return bool(value)
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    """Check a named option such as ``kind`` against its choices (SPEC §7).
+
+    Args:
+        value: The option's value.
+        name: Its name, used in the message.
+        choices: The accepted strings.
+
+    Returns:
+        ``value``, unchanged.
+
+    Raises:
+        ValueError: ``value`` is not one of ``choices`` (any other value or type), listing them.
+    """
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_dtype(value: Any, name: str = "dtype", allowed: Sequence[str] = SUPPORTED_DTYPES) -> np.dtype:
+    """Check a ``dtype=`` argument (``np.float32``, ``"float64"``, ...); return it as a ``np.dtype``.
+
+    Args:
+        value: Anything ``np.dtype`` understands.
+        name: Its name, used in the message.
+        allowed: The accepted dtype names.
+
+    Returns:
+        ``np.dtype(value)``.
+
+    Raises:
+        InputTypeError: ``value`` is no dtype, or not one of ``allowed`` (a dtype is a type).
+    """
+    wanted = " or ".join(allowed)
+    if value is None:  # np.dtype(None) would be float64
+        raise InputTypeError(f"{name} must be {wanted}, got None")
+    try:
+        dtype = np.dtype(value)
+    except (TypeError, ValueError):
+        raise InputTypeError(f"{name} must be {wanted}, got {value!r}") from None
+    if dtype.name not in allowed:
+        raise InputTypeError(f"{name} must be {wanted}, got {dtype.name}")
+    return dtype
+
+
+def check_tokens(tokens: Any, vocab_size: int, name: str = "tokens", *, ndim: int | None = 2) -> np.ndarray:
+    """Check token ids: an integer array of rank ``ndim`` with every id in ``[0, vocab_size)``.
+
+    Args:
+        tokens: An integer NumPy array, or a (nested) list of ints.
+        vocab_size: ``V``; ids must lie in ``[0, V)``.
+        name: The argument's name, used in the messages (``"tokens"``, ``"targets"``, ...).
+        ndim: The required rank (``2``: ``(B, N)``), or ``None`` for any.
+
+    Returns:
+        ``tokens`` as a NumPy array.
+
+    Raises:
+        InputTypeError: Not an integer array (floats, bools, strings, objects).
+        ValueError: A ragged list, the wrong rank, or an id outside ``[0, vocab_size)``.
+    """
+    try:
+        array = np.asarray(tokens)
+    except ValueError:
+        raise ValueError(f"{name} must be a rectangular integer array, got a ragged {_type_name(tokens)}") from None
+    if array.dtype.kind not in "iu":
+        raise InputTypeError(f"{name} must be integers, got dtype {array.dtype} ({_type_name(tokens)})")
+    if ndim is not None and array.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D (batch, sequence), got shape {array.shape}")
+    if array.size and (array.min() < 0 or array.max() >= vocab_size):
+        raise ValueError(f"{name} must lie in [0, {vocab_size}), got values in [{array.min()}, {array.max()}]")
+    return array
+
+
+def check_state_dict(
+    state: Any, shapes: Mapping[str, tuple[int, ...]], dtype: Any = None, *, name: str = "params", convert: bool = False
+) -> dict[str, np.ndarray]:
+    """Check a dict of parameters against the expected names and shapes (and dtype).
+
+    Args:
+        state: The mapping to check.
+        shapes: Every expected name -> its shape.
+        dtype: The required dtype of every value (``None``: any). With ``convert=True`` the
+            values are converted to it instead.
+        name: The argument's name, used in the messages (``"params"``, ``"state_dict"``).
+        convert: Accept anything ``np.asarray`` turns into an array of the right shape (a
+            PyTorch tensor's ``.numpy()``, a list) and return copies in ``dtype``.
+
+    Returns:
+        A new dict, in the order of ``shapes``: the given arrays, or their converted copies.
+
+    Raises:
+        InputTypeError: ``state`` is not a mapping; a value is not a NumPy array (or, with
+            ``convert``, cannot be converted); a value's dtype is not ``dtype``.
+        ValueError: A missing or an unexpected name; a value of the wrong shape.
+    """
+    if not isinstance(state, Mapping):
+        raise InputTypeError(f"{name} must be a mapping of names to arrays, got {_type_name(state)}")
+    missing = [key for key in shapes if key not in state]
+    extra = [key for key in state if key not in shapes]
+    if missing or extra:
+        raise ValueError(f"{name} does not match the expected names: missing {missing}, unexpected {extra}")
+    checked = {}
+    for key, shape in shapes.items():
+        value = state[key]
+        if convert:
+            try:
+                value = np.array(value, dtype=dtype)  # a copy, whatever the source
+            except (TypeError, ValueError):
+                raise InputTypeError(f"{name}[{key!r}] must be an array, got {_type_name(state[key])}") from None
+        elif not isinstance(value, np.ndarray):
+            raise InputTypeError(f"{name}[{key!r}] must be a numpy array, got {_type_name(value)}")
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"{name}[{key!r}] must have shape {tuple(shape)}, got {tuple(value.shape)}")
+        if dtype is not None and value.dtype != np.dtype(dtype):
+            raise InputTypeError(f"{name}[{key!r}] must have dtype {np.dtype(dtype)}, got {value.dtype}")
+        checked[key] = value
+    return checked
 
 
 def dtype_name(dtype) -> str:
@@ -56,41 +245,53 @@ def dtype_name(dtype) -> str:
     return str(dtype).rsplit(".", 1)[-1]
 
 
-def check_array(x: Any, name: str, backend: str, ndim: int) -> None:
+def _array_library(x: Any) -> str | None:
+    """``"numpy"``, ``"cupy"``, ``"array API"`` for another array API array, ``None`` for no array."""
+    if is_numpy_array(x):
+        return "numpy"
+    if is_cupy_array(x):
+        return "cupy"
+    return "array API" if is_array_api_obj(x) else None
+
+
+def check_array(x: Any, name: str, ndim: int, backend: str | None = None) -> None:
     """Check that ``x`` is an ``ndim``-D float array the backend accepts (SPEC §1, §7).
+
+    Which arrays and dtypes a backend accepts is its entry in the registry
+    ([`BACKENDS`][longnet_ref.backends.BACKENDS]): ``arrays`` and ``dtypes``.
 
     Args:
         x: The argument to check.
         name: Its name, used in the messages (``"q"``, ``"dout"``, ...).
-        backend: ``"reference"`` accepts NumPy or any array API array; ``"cupy"`` and
-            ``"cupy-fused"`` ask for a CuPy array; ``"numba"`` for a NumPy array.
         ndim: The required number of dimensions.
+        backend: A registered backend name, or ``None`` for the NumPy-only functions (dense
+            attention, the KV caches, the distributed code): a NumPy float32/float64 array.
 
     Returns:
         ``None``; ``x`` passed.
 
     Raises:
-        InputTypeError: ``x`` is not an array of the expected library, or its dtype is not
-            float32 or float64 (float16/bfloat16 are accepted on CuPy arrays only).
-        ValueError: ``x.ndim != ndim``.
+        InputTypeError: ``x`` is not an array of the expected library, or its dtype is not one
+            the backend accepts (float16/bfloat16 only on CuPy arrays).
+        ValueError: ``x.ndim != ndim``, or an unknown ``backend``.
     """
-    kind = array_module_name(x)
-    if backend == "reference":  # any array API array: NumPy, CuPy, array_api_strict, ...
-        if kind != "numpy" and not hasattr(x, "__array_namespace__"):
-            raise InputTypeError(f"{name} must be an array (NumPy, CuPy or array API) for backend='reference', got {type(x).__name__}")
-    else:
-        expected = "cupy" if backend in GPU_BACKENDS else "numpy"
-        if kind != expected:
-            raise InputTypeError(
-                f"{name} must be a {expected} array for backend={backend!r}, got {type(x).__module__}.{type(x).__name__}"
-            )
+    spec = None if backend is None else backend_spec(backend)
+    arrays = "numpy" if spec is None else spec.arrays
+    library = _array_library(x)
+    where = "" if backend is None else f" for backend={backend!r}"
+    if arrays == "any" and library is None:
+        raise InputTypeError(f"{name} must be an array (NumPy, CuPy or array API){where}, got {_type_name(x)}")
+    if arrays != "any" and library != arrays:
+        raise InputTypeError(f"{name} must be a {arrays} array{where}, got {type(x).__module__}.{_type_name(x)}")
     if x.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
     dtype = dtype_name(x.dtype)
-    if dtype in HALF_DTYPES and kind != "cupy":
-        raise InputTypeError(f"{name} must be float32 or float64, got dtype {dtype} (float16/bfloat16: CuPy arrays only)")
-    if dtype not in SUPPORTED_DTYPES + HALF_DTYPES:
-        raise InputTypeError(f"{name} must be float32 or float64, got dtype {x.dtype}")
+    accepted = SUPPORTED_DTYPES if spec is None else spec.dtypes
+    on_this_array = accepted if library == "cupy" else tuple(d for d in accepted if d not in HALF_DTYPES)
+    if dtype in on_this_array:
+        return
+    note = " (float16/bfloat16: CuPy arrays only)" if dtype in HALF_DTYPES and dtype in accepted else ""
+    raise InputTypeError(f"{name} must be {' or '.join(on_this_array)}{where}, got dtype {dtype}{note}")
 
 
 def lse_dtype_name(dtype: Any) -> str:
@@ -105,7 +306,7 @@ def lse_dtype_name(dtype: Any) -> str:
     return "float32" if dtype_name(dtype) in HALF_DTYPES else dtype_name(dtype)
 
 
-def check_attention_inputs(q: Any, k: Any, v: Any, backend: str = "numpy") -> tuple[int, int, int, int, int]:
+def check_attention_inputs(q: Any, k: Any, v: Any, backend: str | None = None) -> tuple[int, int, int, int, int]:
     """Check ``q, k: (B, N, H, D)``, ``v: (B, N, H, Dv)``, one float dtype; return the sizes (SPEC §1, §7).
 
     Args:
@@ -124,7 +325,7 @@ def check_attention_inputs(q: Any, k: Any, v: Any, backend: str = "numpy") -> tu
             or ``D = 0``.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
-        check_array(x, name, backend, 4)
+        check_array(x, name, 4, backend)
     if not (q.dtype == k.dtype == v.dtype):
         raise InputTypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
     if k.shape != q.shape:
@@ -138,12 +339,12 @@ def check_attention_inputs(q: Any, k: Any, v: Any, backend: str = "numpy") -> tu
 
 
 def check_gradient_inputs(
-    dout: np.ndarray | cupy.ndarray,
-    out: np.ndarray | cupy.ndarray,
-    lse: np.ndarray | cupy.ndarray,
-    q: np.ndarray | cupy.ndarray,
-    v: np.ndarray | cupy.ndarray,
-    backend: str = "numpy",
+    dout: Any,
+    out: Any,
+    lse: Any,
+    q: Any,
+    v: Any,
+    backend: str | None = None,
 ) -> None:
     """Check the backward's ``dout, out: (B, N, H, Dv)`` and ``lse: (B, N, H)`` against q, v (SPEC §5, §7).
 
@@ -153,7 +354,7 @@ def check_gradient_inputs(
         lse: ``(B, N, H)`` forward log-sum-exp, the dtype of ``q``.
         q: The (already checked) ``(B, N, H, D)`` queries: the reference dtype.
         v: The (already checked) ``(B, N, H, Dv)`` values: the reference shape.
-        backend: ``"cupy"`` asks for CuPy arrays; any other backend for NumPy arrays.
+        backend: which arrays are expected, as in [`check_array`][longnet_ref.validation.check_array].
 
     Returns:
         ``None``; all three passed.
@@ -165,31 +366,13 @@ def check_gradient_inputs(
     """
     expected_out = tuple(v.shape)
     for name, x, shape in (("dout", dout, expected_out), ("out", out, expected_out), ("lse", lse, expected_out[:3])):
-        check_array(x, name, backend, len(shape))
+        check_array(x, name, len(shape), backend)
         if tuple(x.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
         if name == "lse" and dtype_name(x.dtype) != lse_dtype_name(q.dtype):
             raise InputTypeError(f"lse must have dtype {lse_dtype_name(q.dtype)} (the forward's), got {x.dtype}")
         if name != "lse" and x.dtype != q.dtype:
             raise InputTypeError(f"{name} must have the dtype of q ({q.dtype}), got {x.dtype}")
-
-
-def check_flag(value: Any, name: str) -> bool:
-    """Check a boolean option such as ``causal`` (SPEC §7): ``0``, ``1`` or ``"yes"`` are refused.
-
-    Args:
-        value: The option's value; a Python ``bool`` or ``np.bool_``.
-        name: Its name, used in the message.
-
-    Returns:
-        ``value`` as a Python ``bool``.
-
-    Raises:
-        InputTypeError: ``value`` is not a ``bool`` or ``np.bool_``.
-    """
-    if not isinstance(value, (bool, np.bool_)):
-        raise InputTypeError(f"{name} must be a bool, got {value!r}")
-    return bool(value)
 
 
 def resolve_scale(scale: float | None, head_dim: int) -> float:
@@ -208,19 +391,7 @@ def resolve_scale(scale: float | None, head_dim: int) -> float:
     """
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
-        raise InputTypeError(f"scale must be a real number or None, got {scale!r}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale!r}")
-    return float(scale)
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise InputTypeError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+    return check_real(scale, "scale")
 
 
 def validate_branches(segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> tuple[Branch, ...]:
@@ -254,7 +425,7 @@ def validate_branches(segment_lengths: Sequence[int], dilation_rates: Sequence[i
             f"got {len(segment_lengths)} and {len(dilation_rates)}"
         )
     return tuple(
-        Branch(_positive_int(w, f"segment_lengths[{i}]"), _positive_int(r, f"dilation_rates[{i}]"))
+        Branch(check_int(w, f"segment_lengths[{i}]", minimum=1), check_int(r, f"dilation_rates[{i}]", minimum=1))
         for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates))
     )
 
@@ -272,6 +443,4 @@ def validate_offset_rule(offsets: str) -> str:
     Raises:
         ValueError: ``offsets`` is not one of the rules (any other value or type).
     """
-    if not isinstance(offsets, str) or offsets not in OFFSET_RULES:
-        raise ValueError(f"offsets must be one of {OFFSET_RULES}, got {offsets!r}")
-    return offsets
+    return check_choice(offsets, "offsets", OFFSET_RULES)

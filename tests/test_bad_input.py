@@ -35,7 +35,7 @@ BAD_FORWARD = [
     ("float16", dict(q=Q.astype(np.float16), k=Q.astype(np.float16), v=V.astype(np.float16)), TypeError, "float32 or float64"),
     ("integer arrays", dict(q=Q.astype(int)), TypeError, "q must be float32 or float64"),
     ("complex", dict(v=V.astype(complex)), TypeError, "v must be float32 or float64"),
-    ("a list, not an array", dict(q=Q.tolist()), TypeError, "q must be a numpy array"),
+    ("a list, not an array", dict(q=Q.tolist()), TypeError, r"q must be an array \(NumPy, CuPy or array API\)"),
     ("D = 0", dict(q=Q[..., :0], k=Q[..., :0]), ValueError, "head dimension"),
     ("empty branch list", dict(segment_lengths=[], dilation_rates=[]), ValueError, "at least one branch"),
     ("lists of different lengths", dict(dilation_rates=[1]), ValueError, "same length"),

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from longnet_ref import MultiheadDilatedAttention, dense_attention, multiplicity, nn
+from longnet_ref.backends import backend_names
 from longnet_ref.complexity import attended_pairs
 
 from .test_nn import random_attention_params
@@ -493,8 +494,9 @@ def test_numba_backend_gives_the_numpy_layer(kind):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", backend_names(device="gpu"))
 @pytest.mark.parametrize("kind", nn.ATTENTION_KINDS)
-def test_cupy_backend_gives_the_numpy_layer(kind):
+def test_gpu_backends_give_the_numpy_layer(kind, backend):
     cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
     try:
         devices = cupy.cuda.runtime.getDeviceCount()
@@ -506,7 +508,7 @@ def test_cupy_backend_gives_the_numpy_layer(kind):
     x = np.random.default_rng(1).standard_normal((2, 12, 8))
     options = {"num_heads": 2, "kind": kind, "segment_lengths": [4, 12], "dilation_rates": [1, 3], "causal": True, "rope": True}
     y, cache = nn.attention_forward(params, x, **options)
-    y_gpu, cache_gpu = nn.attention_forward(params, x, backend="cupy", **options)
+    y_gpu, cache_gpu = nn.attention_forward(params, x, backend=backend, **options)
     assert isinstance(y_gpu, np.ndarray)  # only the attention runs on the GPU
     np.testing.assert_allclose(y_gpu, y, **TOL64)
     dy = np.random.default_rng(2).standard_normal(y.shape)

@@ -88,7 +88,7 @@ def test_tensor_core_path_rejects_what_its_kernels_do_not_take():
     import cupy
 
     q = cupy.zeros((1, 64, 2, 64), cupy.float32)
-    with pytest.raises(InputTypeError, match="q: backend='cupy-tensor-core' takes float16 or bfloat16"):
+    with pytest.raises(InputTypeError, match="q must be float16 or bfloat16"):
         dilated_attention(q, q, q, [64], [1], backend=BACKEND)
     h = cupy.zeros((1, 64, 2, 32), cupy.float16)
     with pytest.raises(ValueError, match="head dims"):

@@ -1,4 +1,4 @@
-"""The one dispatch point: ``backend=`` name -> the module that computes dilated attention.
+"""The backend registry: ``backend=`` name -> what computes dilated attention, and on which arrays.
 
 Every backend module provides
 
@@ -8,58 +8,188 @@ Every backend module provides
 on inputs already validated by ``longnet_ref.attention``. The reference
 (``longnet_ref.reference``) defines the semantics; every other backend is tested against it.
 
-| backend | arrays | module |
-| --- | --- | --- |
-| ``"reference"`` (alias ``"numpy"``) | NumPy, CuPy or any array API library | ``longnet_ref.reference`` |
-| ``"numba"`` | NumPy | ``longnet_ref.backends.numba_cpu`` |
-| ``"cupy"`` | CuPy | ``longnet_ref.reference`` on CuPy (cuBLAS GEMMs per sparse segment) |
-| ``"cupy-fused"`` | CuPy | ``longnet_ref.backends.cupy_gpu`` (fused Numba-CUDA kernels) |
-| ``"cupy-tensor-core"`` | CuPy, float16/bfloat16 | ``longnet_ref.backends.tensor_core`` (CUDA C++ wmma kernels; not yet run on a GPU) |
+| backend | arrays | device | dtypes | distributed | module |
+| --- | --- | --- | --- | --- | --- |
+| ``"reference"`` (alias ``"numpy"``) | NumPy, CuPy or any array API library | the arrays' | float32, float64 (half on CuPy arrays) | yes | ``longnet_ref.reference`` |
+| ``"numba"`` | NumPy | CPU | float32, float64 | yes | ``longnet_ref.backends.numba_cpu`` |
+| ``"cupy"`` | CuPy | GPU | float32, float64, float16, bfloat16 | no | ``longnet_ref.reference`` on CuPy (cuBLAS GEMMs) |
+| ``"cupy-fused"`` | CuPy | GPU | float32, float64, float16 | no | ``longnet_ref.backends.cupy_gpu`` (fused Numba-CUDA kernels) |
+| ``"cupy-tensor-core"`` | CuPy | GPU | float16, bfloat16 (``D = Dv`` in 64, 128) | no | ``longnet_ref.backends.tensor_core`` (CUDA C++ wmma kernels; not yet run on a GPU) |
+
+This table is :data:`BACKENDS`; every other module reads it (the checks in
+``longnet_ref.validation``, the layer's array conversion in ``longnet_ref.nn``, the backends
+``longnet_ref.distributed`` accepts, the CLI's ``--backend`` choices), so a backend is added here
+and nowhere else. This module imports nothing from the package: everything may import it.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
 import numpy as np
+from array_api_compat import array_namespace, to_device
 
-BACKENDS = {
-    "reference": "longnet_ref.reference",
-    "numpy": "longnet_ref.reference",
-    "numba": "longnet_ref.backends.numba_cpu",
-    "cupy": "longnet_ref.reference",
-    "cupy-fused": "longnet_ref.backends.cupy_gpu",
-    "cupy-tensor-core": "longnet_ref.backends.tensor_core",
+__all__ = [
+    "BACKENDS", "BackendSpec", "array_namespace", "backend_names", "backend_spec", "get_backend", "install_hint",
+    "to_backend_arrays", "to_numpy",
+]
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """What one backend is: its module, the arrays it takes, where it runs, what it needs.
+
+    Attributes:
+        name: The canonical name (an alias such as ``"numpy"`` maps to the spec of ``"reference"``).
+        module: The module that provides ``forward`` and ``backward``.
+        arrays: The array library of its inputs and outputs: ``"numpy"``, ``"cupy"``, or ``"any"``
+            (NumPy, CuPy or any array API library; results in the inputs' library).
+        device: ``"cpu"`` or ``"gpu"``: where it runs on the arrays the layer and the model give it
+            (NumPy arrays for ``arrays="numpy"`` or ``"any"``).
+        dtypes: The input dtypes it accepts. float16/bfloat16 are accepted on CuPy arrays only
+            (they are computed in float32 on the GPU).
+        distributed: Whether ``longnet_ref.distributed`` may use it for a rank's local branches
+            (the distributed code exchanges NumPy arrays over MPI: CPU backends only).
+        requires: The top-level modules it imports beyond the base install.
+        extra: The pip extra of ``longnet-ref`` that installs ``requires`` (``None``: base install).
+    """
+
+    name: str
+    module: str
+    arrays: str
+    device: str
+    dtypes: tuple[str, ...]
+    distributed: bool
+    requires: tuple[str, ...] = ()
+    extra: str | None = None
+
+
+_REFERENCE = BackendSpec(
+    "reference", "longnet_ref.reference", arrays="any", device="cpu",
+    dtypes=("float32", "float64", "float16", "bfloat16"), distributed=True,
+)
+
+BACKENDS: dict[str, BackendSpec] = {
+    "reference": _REFERENCE,
+    "numpy": _REFERENCE,  # an alias: the same spec object, so the same arrays, module and checks
+    "numba": BackendSpec(
+        "numba", "longnet_ref.backends.numba_cpu", arrays="numpy", device="cpu",
+        dtypes=("float32", "float64"), distributed=True,
+    ),
+    "cupy": BackendSpec(
+        "cupy", "longnet_ref.reference", arrays="cupy", device="gpu",
+        dtypes=("float32", "float64", "float16", "bfloat16"), distributed=False, requires=("cupy",), extra="gpu",
+    ),
+    "cupy-fused": BackendSpec(
+        "cupy-fused", "longnet_ref.backends.cupy_gpu", arrays="cupy", device="gpu",
+        dtypes=("float32", "float64", "float16"), distributed=False, requires=("cupy", "numba.cuda"), extra="gpu",
+    ),
+    "cupy-tensor-core": BackendSpec(
+        "cupy-tensor-core", "longnet_ref.backends.tensor_core", arrays="cupy", device="gpu",
+        dtypes=("float16", "bfloat16"), distributed=False, requires=("cupy",), extra="gpu",
+    ),
 }
-GPU_BACKENDS = ("cupy", "cupy-fused", "cupy-tensor-core")
+"""Every accepted ``backend=`` name -> its [`BackendSpec`][longnet_ref.backends.BackendSpec]."""
 
 
-def array_namespace(x):
-    """The array library of ``x``: ``numpy``, ``cupy``, or the ``__array_namespace__()`` of an array API array."""
-    if isinstance(x, np.ndarray) or np.isscalar(x):
-        return np
-    if type(x).__module__.split(".")[0] == "cupy":
-        import cupy
+def backend_names(*, device: str | None = None, distributed: bool | None = None) -> tuple[str, ...]:
+    """The accepted names, in the registry's order, optionally only those of one device or capability.
 
-        return cupy
-    if hasattr(x, "__array_namespace__"):
-        return x.__array_namespace__()
-    raise TypeError(f"expected a NumPy, CuPy or array API array, got {type(x).__name__}")
+    Args:
+        device: ``"cpu"`` or ``"gpu"`` keeps the backends of that device; ``None`` keeps all.
+        distributed: ``True`` keeps the backends ``longnet_ref.distributed`` may use; ``None`` all.
+
+    Returns:
+        The names (aliases included), e.g. ``("reference", "numpy", "numba")`` for ``device="cpu"``.
+    """
+    return tuple(
+        name for name, spec in BACKENDS.items()
+        if (device is None or spec.device == device) and (distributed is None or spec.distributed == distributed)
+    )
 
 
-def get_backend(name):
-    """Import and return the backend module called ``name`` (SPEC §6).
+def backend_spec(name: str) -> BackendSpec:
+    """The spec of the backend called ``name`` (SPEC §6, §7); imports nothing.
 
-    The GPU backends need CuPy: without it they fail here, naming the extra to install, before
-    any work (``"cupy"`` runs the reference, which itself would import without CuPy).
+    Args:
+        name: A key of :data:`BACKENDS`.
+
+    Returns:
+        Its [`BackendSpec`][longnet_ref.backends.BackendSpec] (``"numpy"`` gives the spec of ``"reference"``).
+
+    Raises:
+        ValueError: ``name`` is not one of the names (any other value or type), listing them.
     """
     if not isinstance(name, str) or name not in BACKENDS:
-        raise ValueError(f"backend must be one of {tuple(BACKENDS)}, got {name!r}")
-    if name in GPU_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {name!r}")
+    return BACKENDS[name]
+
+
+def install_hint(extra: str) -> str:
+    """How to install an extra, from PyPI and from a clone: ``pip install "longnet-ref[gpu]"`` ...
+
+    Args:
+        extra: The extra's name in ``pyproject.toml`` (``"gpu"``, ``"mpi"``, ...).
+
+    Returns:
+        The two commands as one sentence, for an error message.
+    """
+    return f'pip install "longnet-ref[{extra}]" (in a clone of the repository: pip install ".[{extra}]")'
+
+
+def get_backend(name: str):
+    """Import and return the module of the backend called ``name`` (SPEC §6).
+
+    A backend whose requirements are not installed fails here, before any work, with one line
+    naming the extra to install (``"cupy"`` runs the reference, which would import without CuPy).
+
+    Args:
+        name: A key of :data:`BACKENDS`.
+
+    Returns:
+        The module, with ``forward`` and ``backward``.
+
+    Raises:
+        ValueError: An unknown ``name`` (:func:`backend_spec`).
+        ImportError: A module of ``requires`` cannot be imported; the message names the extra.
+    """
+    spec = backend_spec(name)
+    for module in spec.requires:
         try:
-            import cupy  # noqa: F401
+            importlib.import_module(module)
         except ImportError as error:
-            raise ImportError(
-                f"backend={name!r} needs CuPy and an NVIDIA GPU: pip install 'longnet-ref[gpu]' (see docs/gpu.md)"
-            ) from error
-    return importlib.import_module(BACKENDS[name])
+            needs = "CuPy and an NVIDIA GPU" if spec.device == "gpu" else module
+            raise ImportError(f"backend={name!r} needs {needs}: {install_hint(spec.extra)}") from error
+    return importlib.import_module(spec.module)
+
+
+def to_backend_arrays(x: np.ndarray, name: str):
+    """``x`` (a NumPy array) in the array library backend ``name`` computes on (its ``arrays``).
+
+    A CuPy copy on the current GPU for ``arrays="cupy"`` (``"cupy"``, ``"cupy-fused"``); ``x``
+    itself for ``"numpy"`` and ``"any"`` (the reference computes on NumPy arrays as given). The
+    layer, the model and the benchmarks convert with this, so the choice is the registry's.
+
+    Args:
+        x: A NumPy array.
+        name: A key of :data:`BACKENDS`.
+
+    Returns:
+        ``x`` or ``cupy.asarray(x)``.
+
+    Raises:
+        ValueError: An unknown ``name``.
+        ImportError: A CuPy backend without CuPy, naming the extra (:func:`get_backend`).
+    """
+    if backend_spec(name).arrays != "cupy":
+        return x
+    get_backend(name)  # the one-line ImportError naming the extra, if CuPy is missing
+    import cupy
+
+    return cupy.asarray(x)
+
+
+def to_numpy(x) -> np.ndarray:
+    """A backend's result on the host: ``x`` itself for a NumPy array, a copy from a CuPy array."""
+    return np.asarray(to_device(x, "cpu"))

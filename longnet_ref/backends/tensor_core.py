@@ -29,16 +29,15 @@ except ImportError as error:  # pragma: no cover - depends on the machine
 
 from .. import index_sets
 from ..reference import mix_branches
-from ..validation import InputTypeError
 from . import tensor_core_tiles as tiles
 
 
 def check_inputs(q, v):
-    """The kernels' limits, checked before any work: dtype float16/bfloat16, ``D = Dv`` in ``HEAD_DIMS``."""
-    if str(q.dtype) not in tiles.DTYPES:
-        raise InputTypeError(
-            f"q: backend='cupy-tensor-core' takes float16 or bfloat16, got {q.dtype}; use backend='cupy-fused' for float32/float64"
-        )
+    """The kernels' head dims, checked before any work: ``D = Dv`` in ``HEAD_DIMS``.
+
+    The dtypes (float16, bfloat16) are the registry's (``backends.BACKENDS``), checked by
+    ``longnet_ref.validation`` before this backend is reached.
+    """
     dim, value_dim = q.shape[3], v.shape[3]
     if dim != value_dim or dim not in tiles.HEAD_DIMS:
         raise ValueError(

@@ -12,33 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..backends import GPU_BACKENDS
+from ..backends import backend_spec, to_backend_arrays
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from numpy.typing import DTypeLike
-
-
-def to_device(x: np.ndarray, backend: str) -> Any:
-    """``x`` as a CuPy array for the GPU backends (``"cupy"``, ``"cupy-fused"``), unchanged otherwise.
-
-    Args:
-        x: A NumPy array of any shape and dtype.
-        backend: The benchmarked backend (``"numba"``, ``"numpy"``, ``"cupy"`` or ``"cupy-fused"``).
-
-    Returns:
-        ``cupy.asarray(x)`` (same shape and dtype, on the current GPU) for a GPU backend; ``x``
-        itself otherwise.
-
-    Raises:
-        ImportError: ``backend="cupy"`` and CuPy is not installed (the ``gpu`` extra).
-    """
-    if backend not in GPU_BACKENDS:
-        return x
-    import cupy
-
-    return cupy.asarray(x)
 
 
 def seconds(fn: Callable[[], Any], backend: str = "numba") -> float:
@@ -56,7 +35,7 @@ def seconds(fn: Callable[[], Any], backend: str = "numba") -> float:
         ImportError: ``backend="cupy"`` and CuPy is not installed.
         Exception: Whatever ``fn`` raises, unchanged.
     """
-    if backend in GPU_BACKENDS:
+    if backend_spec(backend).device == "gpu":
         import cupy
 
         sync = cupy.cuda.Device().synchronize
@@ -73,7 +52,7 @@ def seconds(fn: Callable[[], Any], backend: str = "numba") -> float:
 def _gemm_operands(dtype, size, backend):
     """Made once: the timing loop measures the GEMM rate before every repeat."""
     rng = np.random.default_rng(0)
-    return tuple(to_device(rng.standard_normal((size, size)).astype(dtype), backend) for _ in range(2))
+    return tuple(to_backend_arrays(rng.standard_normal((size, size)).astype(dtype), backend) for _ in range(2))
 
 
 def gemm_gflops(dtype: DTypeLike, size: int = 2048, repeats: int = 5, backend: str = "numba") -> float:
@@ -97,7 +76,7 @@ def gemm_gflops(dtype: DTypeLike, size: int = 2048, repeats: int = 5, backend: s
         ImportError: ``backend="cupy"`` and CuPy is not installed.
         TypeError: ``dtype`` is not a NumPy dtype.
     """
-    size = 8192 if backend in GPU_BACKENDS else size  # a GPU needs a larger product to reach its rate
+    size = 8192 if backend_spec(backend).device == "gpu" else size  # a GPU needs a larger product to reach its rate
     a, b = _gemm_operands(np.dtype(dtype), size, backend)
     a @ b  # warm-up: BLAS threads, GPU context
     best = min(seconds(lambda: a @ b, backend) for _ in range(repeats))

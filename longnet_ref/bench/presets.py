@@ -54,8 +54,6 @@ PRESETS: dict[str, list[Config]] = {
 """The configurations of ``longnet-ref bench --preset NAME``: the paper's branches (Table 1),
 its language-model branches, and a sweep of ``N`` from ``2^14`` to ``2^20``."""
 
-BACKENDS = ("numba", "numpy", "cupy", "cupy-fused")
-"""The values of ``--backend``; ``cupy`` and ``cupy-fused`` need the ``gpu`` extra."""
 DEFAULT_PRESETS = ("quick",)
 """``--preset`` when none is given."""
 DEFAULT_BACKEND = "numba"
@@ -84,7 +82,8 @@ class WeakScaling:
         heads: ``H``.
         dim: ``D = Dv``.
         causal: Whether the attention is causal.
-        backend: ``"numba"`` or ``"numpy"`` (the local branches' backend).
+        backend: The local branches' backend: one with ``distributed=True`` in the registry
+            (``longnet_ref.backends.backend_names(distributed=True)``).
         dtype: ``"float32"`` or ``"float64"``.
         repeats: Timed runs after the warm-up; the median is reported.
     """
@@ -100,6 +99,3 @@ class WeakScaling:
     dtype: str = "float32"
     repeats: int = DEFAULT_REPEATS
 
-
-DISTRIBUTED_BACKENDS = ("numba", "numpy")
-"""The backends ``bench --distributed`` accepts (CPU only)."""

@@ -16,7 +16,8 @@ import numpy as np
 from .. import complexity
 from ..attention import dilated_attention, dilated_attention_backward
 from ..dense import dense_attention, dense_attention_backward
-from .gemm import gemm_gflops, seconds, to_device
+from ..backends import to_backend_arrays
+from .gemm import gemm_gflops, seconds
 from .presets import DEFAULT_BACKEND, DEFAULT_REPEATS, DENSE_MAX_N, REFERENCE_MAX_N, Config
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ def inputs(config: Config, heads: int | None = None, batch: int | None = None, b
     """
     rng = np.random.default_rng(0)
     shape = (batch or config.batch, config.n, heads or config.heads, config.dim)  # (B, N, H, D)
-    return tuple(to_device(rng.standard_normal(shape, dtype=np.float32).astype(config.dtype), backend) for _ in range(4))
+    return tuple(to_backend_arrays(rng.standard_normal(shape, dtype=np.float32).astype(config.dtype), backend) for _ in range(4))
 
 
 def forward_backward(q: Any, k: Any, v: Any, dout: Any, config: Config, backend: str) -> tuple[Any, Any, Any]:
