@@ -16,6 +16,7 @@ no atomics. The tiling (grid, shared memory, template names) is ``tensor_core_ti
 
 from __future__ import annotations
 
+import os
 from functools import cache
 
 import numpy as np
@@ -45,11 +46,24 @@ def check_inputs(q, v):
         )
 
 
+def _include_options():
+    """``-I`` for the CUDA toolkit's headers (``mma.h`` and its ``crt/mma.h``), where CuPy knows the toolkit.
+
+    CuPy passes its own include folders to NVRTC; naming the toolkit's again is harmless and
+    keeps ``#include <mma.h>`` working where CuPy found the toolkit through ``CUDA_PATH`` only.
+    """
+    root = cupy.cuda.get_cuda_path()
+    include = os.path.join(root, "include") if root else None
+    return (f"-I{include}",) if include and os.path.isfile(os.path.join(include, "mma.h")) else ()
+
+
 @cache
 def _module():
     """Compile every instantiation once per process (NVRTC through ``cupy.RawModule``)."""
     return cupy.RawModule(
-        code=tiles.SOURCE.read_text(), options=tiles.COMPILE_OPTIONS, name_expressions=tiles.instantiations()
+        code=tiles.SOURCE.read_text(),
+        options=(*tiles.COMPILE_OPTIONS, *_include_options()),
+        name_expressions=tiles.instantiations(),
     )
 
 

@@ -35,7 +35,9 @@ KERNELS = ("forward_branch", "backward_keys_branch", "backward_queries_branch")
 # the wmma types allowed on Ampere) and sm_90 machine code (ptxas too: registers, spills).
 ARCHITECTURES = ("compute_80", "sm_90")
 SOURCE = Path(__file__).parent / "cuda" / "dilated_attention.cu"  # shipped as package data
-COMPILE_OPTIONS = ("-std=c++17",)  # NVRTC options shared by CuPy's RawModule and the CI compile
+# NVRTC options shared by CuPy's RawModule and the CI compile: none; NVRTC's default dialect
+# (C++17 since CUDA 11) has the `if constexpr` the source uses.
+COMPILE_OPTIONS: tuple[str, ...] = ()
 
 
 def instantiation(kernel: str, dtype: str, dim: int, value_dim: int) -> str:
