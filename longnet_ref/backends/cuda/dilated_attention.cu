@@ -15,7 +15,8 @@
 // Rows of a sparse segment are s*w + o + t*r (SPEC §2): the tile loads compute that position
 // and read the row straight from q, k, v, so no gathered copy is ever written.
 // Index rules: transcribed from longnet_ref/index_sets.py (segment_size, segment_position,
-// causal_key_count), the only home of which rows a head sees; the NumPy tiling plan
+// causal_key_count), the only home of which rows a head sees; the CI compile static_asserts
+// this copy against values index_sets.py computes, and the NumPy tiling plan
 // (longnet_ref/backends/tensor_core_tiles.py) calls those functions and is tested against them.
 
 #include <mma.h>
@@ -38,19 +39,23 @@ constexpr unsigned FULL = 0xffffffffu;          // every lane of a warp
 
 // ---- the index rules of SPEC §2-3 (longnet_ref/index_sets.py) ----------------------------
 
+// Plain constexpr integer functions, so that the CI compile (tests/test_tensor_core_compile.py)
+// checks them with static_asserts against values computed by index_sets.py itself.
+
 // segment_size: #{t : o + t r < w, s w + o + t r < N}
-__device__ __forceinline__ int segment_size(int n, int w, int r, int o, int s) {
-  const long long extent = min((long long)w, (long long)n - (long long)s * w) - o;
+__host__ __device__ constexpr int segment_size(int n, int w, int r, int o, int s) {
+  const long long rest = (long long)n - (long long)s * w;             // N - s w
+  const long long extent = (w < rest ? (long long)w : rest) - o;      // rows at or after the offset
   return extent <= 0 ? 0 : (int)((extent + r - 1) / r);
 }
 
 // segment_position: the t-th selected row of segment s, s w + o + t r
-__device__ __forceinline__ long long segment_position(int w, int r, int o, int s, int t) {
+__host__ __device__ constexpr long long segment_position(int w, int r, int o, int s, int t) {
   return (long long)s * w + o + (long long)t * r;
 }
 
 // causal_key_count: query t of a sparse segment attends its keys 0..t
-__device__ __forceinline__ int causal_key_count(int t) { return t + 1; }
+__host__ __device__ constexpr int causal_key_count(int t) { return t + 1; }
 
 // ---- element types ------------------------------------------------------------------------
 
