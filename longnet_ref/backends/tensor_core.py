@@ -69,8 +69,14 @@ def _module():
 
 @cache
 def _kernel(name: str, dtype: str, dim: int, itemsize: int):
-    kernel = _module().get_function(tiles.instantiation(name, dtype, dim, dim))
     shared = tiles.shared_bytes(name, itemsize, dim, dim)
+    limit = cupy.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
+    if shared > limit:  # e.g. sm_86/sm_89 (99 KiB): the D = 128 backward does not fit
+        raise ValueError(
+            f"q: backend='cupy-tensor-core' needs {shared} bytes of shared memory per block for D = {dim}, "
+            f"this GPU allows {limit}; use backend='cupy-fused'"
+        )
+    kernel = _module().get_function(tiles.instantiation(name, dtype, dim, dim))
     kernel.max_dynamic_shared_size_bytes = shared  # beyond 48 KiB needs the opt-in attribute
     return kernel, shared
 
