@@ -3,8 +3,9 @@
 One command prints, for the paper configuration (B = 1, H = 8, D = 64, w = 2048..16384,
 r = 1, 2, 4, 8) at N = 16K and 64K, float32 and float16, causal and not:
 
-- ours, ``backend="cupy"`` (the reference on CuPy: cuBLAS GEMMs per chunk of sparse segments)
-  and ``backend="cupy-fused"`` (the Numba-CUDA kernels), on CuPy arrays;
+- ours, ``backend="cupy"`` (the reference on CuPy: cuBLAS GEMMs per chunk of sparse segments),
+  ``backend="cupy-fused"`` (the Numba-CUDA kernels) and, for float16/bfloat16,
+  ``backend="cupy-tensor-core"`` (the CUDA C++ wmma kernels), on CuPy arrays;
 - **SDPA on segments**: a torchscale-like dilated attention in PyTorch with the same gather,
   scatter and mixture, each sparse segment's attention by PyTorch's fused attention kernels
   (flash for float16, memory-efficient for float32), which also return the log-sum-exp the
@@ -16,7 +17,7 @@ r = 1, 2, 4, 8) at N = 16K and 64K, float32 and float16, causal and not:
 TFLOP/s count the attended pairs' work (``longnet_ref.complexity``: 4 N_pairs D forward,
 2.5x that backward); ``x peer`` is the peer's time over ours (above 1: ours is faster).
 
-    PYTHONPATH=$PWD python benchmarks/gpu_peer.py [--n 16384 65536] [--dtype float32 float16]
+    PYTHONPATH=$PWD python benchmarks/gpu_peer.py [--n 16384 65536] [--dtype float32 float16 bfloat16]
         [--causal no yes] [--repeats 3] [--json results.json]
 """
 
@@ -144,6 +145,10 @@ def ours(n, dtype, causal, backend, repeats):
     import cupy
 
     branches = (PAPER["segment_lengths"], PAPER["dilation_rates"])
+    if dtype == "bfloat16":  # CuPy holds bfloat16 through ml_dtypes
+        import ml_dtypes
+
+        dtype = ml_dtypes.bfloat16
     rng = cupy.random.default_rng(0)
     q, k, v, dout = (rng.standard_normal((BATCH, n, HEADS, DIM), dtype=cupy.float32).astype(dtype) for _ in range(4))
 
@@ -220,7 +225,11 @@ def run(ns, dtypes, causals, repeats, save=lambda rows: None):
                 flops = complexity.dilated_flops(n, HEADS, DIM, *PAPER.values(), causal=causal, batch=BATCH).total
                 dense_flops = complexity.dense_flops(n, HEADS, DIM, causal=causal, batch=BATCH).total
                 peer_times, peer_error = measure("sdpa-segments", peer, n, dtype, causal, repeats)
-                paths = [("ours cupy (reference)", ours, ("cupy",)), ("ours cupy-fused", ours, ("cupy-fused",))]
+                paths = [("ours cupy (reference)", ours, ("cupy",))]
+                if dtype != "bfloat16":  # the Numba kernels take no bfloat16
+                    paths.append(("ours cupy-fused", ours, ("cupy-fused",)))
+                if dtype in ("float16", "bfloat16"):  # the tensor-core kernels take half precision only
+                    paths.append(("ours cupy-tensor-core", ours, ("cupy-tensor-core",)))
                 for path, fn, extra in paths:
                     times, error = measure(path, fn, n, dtype, causal, *extra, repeats)
                     rows.append(row(n, dtype, causal, path, times, flops, peer_times, error))
@@ -228,7 +237,7 @@ def run(ns, dtypes, causals, repeats, save=lambda rows: None):
                 rows.append(row(n, dtype, causal, label, peer_times, flops, peer_times, peer_error))
                 times, error = measure("dense", dense, n, dtype, causal, repeats)
                 rows.append(row(n, dtype, causal, "torch dense SDPA", times, dense_flops, peer_times, error))
-                print_row(rows[-4:])
+                print_row(rows[-(len(paths) + 2) :])
                 save(rows)
     return rows
 
@@ -243,13 +252,13 @@ def row(n, dtype, causal, path, times, flops, peer_times, error):
     }  # fmt: skip
 
 
-HEADER = f"{'N':>6} {'dtype':8} {'causal':6} {'path':24} {'fwd s':>9} {'TF/s':>6} {'x peer':>7} {'fwd+bwd s':>10} {'TF/s':>6} {'x peer':>7}"
+HEADER = f"{'N':>6} {'dtype':8} {'causal':6} {'path':26} {'fwd s':>9} {'TF/s':>6} {'x peer':>7} {'fwd+bwd s':>10} {'TF/s':>6} {'x peer':>7}"
 
 
 def print_row(rows):
     for r in rows:
         print(
-            f"{r['n']:>6} {r['dtype']:8} {r['causal']!s:6} {r['path']:24} {r['forward_s']:9.4f} {r['forward_tflops']:6.2f} "
+            f"{r['n']:>6} {r['dtype']:8} {r['causal']!s:6} {r['path']:26} {r['forward_s']:9.4f} {r['forward_tflops']:6.2f} "
             f"{r['forward_x_peer']:7.2f} {r['forward_backward_s']:10.4f} {r['forward_backward_tflops']:6.2f} {r['forward_backward_x_peer']:7.2f}"
             + (f"  [{r['error']}]" if r["error"] else ""),
             flush=True,
@@ -259,7 +268,7 @@ def print_row(rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, nargs="+", default=[16384, 65536], help="sequence lengths (default: 16384 65536)")
-    parser.add_argument("--dtype", nargs="+", default=["float32", "float16"], choices=["float32", "float16"])
+    parser.add_argument("--dtype", nargs="+", default=["float32", "float16", "bfloat16"], choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--causal", nargs="+", default=["no", "yes"], choices=["no", "yes"])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement, after one warm-up (default: 3)")
     parser.add_argument("--json", help="also write the rows and the machine to this JSON file")

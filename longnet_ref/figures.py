@@ -23,7 +23,7 @@ from .multiplicity import multiplicity
 
 FIGURES = (
     "overview.png", "selected_rows.png", "pattern.png", "pattern_causal.png", "multiplicity.png", "flops.png",
-    "path_length.png", "distributed.png", "decode_cache.png", "train_parallel.png", "one_branch.png", "hops.png",
+    "path_length.png", "distributed.png", "decode_cache.png", "train_parallel.png", "one_branch.png", "hops.png", "tensor_core_tiles.png",
 )
 
 # Figures of experiments (training runs, benchmarks): too slow for ``longnet-ref pattern``, so each
@@ -414,7 +414,7 @@ def generate(output_dir: str | Path) -> list[Path]:
     output_dir.mkdir(parents=True, exist_ok=True)
     makers = dict(zip(FIGURES, (
         overview, selected_rows, pattern, lambda p: pattern(p, causal=True), multiplicity_map, flops_vs_n,
-        path_length_vs_n, distributed_branch, decode_cache, sequence_parallel_step, one_branch, hops,
+        path_length_vs_n, distributed_branch, decode_cache, sequence_parallel_step, one_branch, hops, tensor_core_tiles,
     )))
     for name, make in makers.items():
         make(output_dir / name)
@@ -600,3 +600,54 @@ def hops(path: str | Path) -> None:
     ax.axis("off")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+# --- The tensor-core kernels' tiles (docs/gpu.md) ---------------------------------------------
+
+
+def tensor_core_tiles(path, n=400, segment_length=400, dilation=2):
+    """The blocks and tiles of the tensor-core kernels on one causal sparse segment (``tensor_core_tiles``).
+
+    One segment of ``T = 200`` rows (``w = 400, r = 2``). Left, the forward and dQ kernels: a
+    thread block per 64 query rows (a warp per 16, shaded alternately), looping over 64-row key
+    tiles; right, the dK/dV kernel: a block per 64 key rows, looping over query tiles. Coloured:
+    the attended pairs each block computes (from the plan's masks); grey: pairs a visited tile
+    computes and masks (the diagonal tiles); white: pairs no tile visits (the causal loops skip
+    them); lines: tile borders.
+    """
+    from .backends import tensor_core_tiles as tiles
+
+    plt = _pyplot()
+    branches = validate_branches([segment_length], [dilation])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.6))
+    for ax, owner in zip(axes, ("queries", "keys")):
+        size = -(-min(segment_length, n) // dilation)
+        picture = np.ones((size, size, 3))  # (query t, key t, RGB): white where no tile goes
+        for b, block in enumerate(tiles.tile_plan(n, 1, branches, "paper", True, owner=owner)):
+            for other in block.others:
+                own = block.start + np.arange(tiles.BLOCK_Q)
+                rows = other.start + np.arange(tiles.BLOCK_K)
+                for i in np.flatnonzero(block.valid):
+                    warp = i // tiles.ROWS
+                    colour = np.array(matplotlib_rgb(BRANCH_COLOURS[b % len(BRANCH_COLOURS)])) * (0.75 if warp % 2 else 1.0)
+                    for j in np.flatnonzero(other.valid):
+                        query, key = (own[i], rows[j]) if owner == "queries" else (rows[j], own[i])
+                        picture[query, key] = colour if other.attended[i, j] else (0.92, 0.92, 0.92)
+        ax.imshow(picture, interpolation="nearest")
+        for edge in range(0, size, tiles.BLOCK_Q):
+            ax.axhline(edge - 0.5, color="black", linewidth=0.8)
+            ax.axvline(edge - 0.5, color="black", linewidth=0.8)
+        _grid_ticks(ax, size, tiles.BLOCK_Q)
+        ax.set_xlabel("key row t of the sparse segment")
+        ax.set_ylabel("query row t of the sparse segment")
+        title = "forward, dQ: a block per 64 queries" if owner == "queries" else "dK, dV: a block per 64 keys"
+        ax.set_title(title, fontsize=9)
+    fig.suptitle(f"tensor-core tiles, one causal sparse segment (w = {segment_length}, r = {dilation}, T = {size})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def matplotlib_rgb(colour):
+    """``#rrggbb`` -> an (r, g, b) tuple in [0, 1]."""
+    return tuple(int(colour[i : i + 2], 16) / 255 for i in (1, 3, 5))

@@ -142,3 +142,26 @@ FLOAT32_RECOMPUTED = dict(rtol=1e-5, atol=1e-9)
 # 1e-6 for a random seed (the seeds are fixed, so a run is deterministic); a wrong temperature
 # or a wrong top-k gives p < 1e-100 at the sample sizes used (>= 3000 draws).
 CHI_SQUARE_P_VALUE = 1e-6
+
+
+# The tensor-core kernels (and their NumPy emulation, tests/tensor_core_emulation.py) against the
+# float64 reference on the same half-precision inputs. The kernels round the softmax weights P
+# (backward: P and dS) to the input type before each tensor-core product, as FlashAttention
+# does, and the results once more; everything else is float32. Unit roundoff u = 2^-11
+# (float16), 2^-8 (bfloat16). out = sum_k P_k v_k with each P_k off by <= u P_k: the error is
+# <= u * sum_k P_k |v_k| <= u max|v| (~4u for unit normal v), plus u |out| for the final
+# rounding: atol 8u, rtol 2u. lse is float32 from float32 scores: 1e-5 (as half_tolerance in
+# tests/test_gpu.py). The gradients sum T products of a rounded weight (u) with O(1..4) rows,
+# then are rounded: dv = sum P dO like out (atol 8u); dq, dk = scale sum dS k, with dS rounded
+# relative to itself and |dS| <= P (|dP| + |Dsum|) ~ P * 8: atol 32u, rtol 8u.
+def _tensor_core_rounding(unit):
+    return {
+        "out": dict(rtol=2 * unit, atol=8 * unit),
+        "lse": dict(rtol=1e-5, atol=1e-5),
+        "dv": dict(rtol=8 * unit, atol=8 * unit),
+        "dq": dict(rtol=8 * unit, atol=32 * unit),
+        "dk": dict(rtol=8 * unit, atol=32 * unit),
+    }
+
+
+TENSOR_CORE_ROUNDING = {"float16": _tensor_core_rounding(2.0**-11), "bfloat16": _tensor_core_rounding(2.0**-8)}

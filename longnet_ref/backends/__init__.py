@@ -14,6 +14,7 @@ on inputs already validated by ``longnet_ref.attention``. The reference
 | ``"numba"`` | NumPy | CPU | float32, float64 | yes | ``longnet_ref.backends.numba_cpu`` |
 | ``"cupy"`` | CuPy | GPU | float32, float64, float16, bfloat16 | no | ``longnet_ref.reference`` on CuPy (cuBLAS GEMMs) |
 | ``"cupy-fused"`` | CuPy | GPU | float32, float64, float16 | no | ``longnet_ref.backends.cupy_gpu`` (fused Numba-CUDA kernels) |
+| ``"cupy-tensor-core"`` | CuPy | GPU | float16, bfloat16 (``D = Dv`` in 64, 128) | no | ``longnet_ref.backends.tensor_core`` (CUDA C++ wmma kernels; not yet run on a GPU) |
 
 This table is [`BACKENDS`][longnet_ref.backends.BACKENDS]; every other module reads it (the checks in
 ``longnet_ref.validation``, the layer's array conversion in ``longnet_ref.nn``, the backends
@@ -85,6 +86,10 @@ BACKENDS: dict[str, BackendSpec] = {
     "cupy-fused": BackendSpec(
         "cupy-fused", "longnet_ref.backends.cupy_gpu", arrays="cupy", device="gpu",
         dtypes=("float32", "float64", "float16"), distributed=False, requires=("cupy", "numba.cuda"), extra="gpu",
+    ),
+    "cupy-tensor-core": BackendSpec(
+        "cupy-tensor-core", "longnet_ref.backends.tensor_core", arrays="cupy", device="gpu",
+        dtypes=("float16", "bfloat16"), distributed=False, requires=("cupy",), extra="gpu",
     ),
 }
 """Every accepted ``backend=`` name -> its [`BackendSpec`][longnet_ref.backends.BackendSpec]."""
