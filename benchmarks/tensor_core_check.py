@@ -19,7 +19,6 @@ import traceback
 
 import cupy
 import ml_dtypes
-import numpy as np
 
 from longnet_ref import dilated_attention, dilated_attention_backward
 

@@ -28,7 +28,7 @@ import importlib
 from dataclasses import dataclass
 
 import numpy as np
-from array_api_compat import array_namespace, to_device
+from array_api_compat import array_namespace, to_device  # noqa: F401 (array_namespace: re-exported for reference.py)
 
 __all__ = [
     "BACKENDS", "BackendSpec", "backend_names", "backend_spec", "get_backend", "install_hint",

@@ -49,7 +49,7 @@ if not hasattr(np, "row_stack"):
     # numba-cuda <= 0.30 registers an overload for np.row_stack at import, which NumPy 2.5
     # removed (it was an alias of vstack since NumPy 1.x). Restore the alias so numba-cuda
     # imports; no numerical behaviour depends on it.
-    np.row_stack = np.vstack
+    np.row_stack = np.vstack  # noqa: NPY201 (the alias numba-cuda still calls)
 
 from numba import config as numba_config
 from numba import cuda, float32, float64
