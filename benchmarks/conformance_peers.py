@@ -59,8 +59,15 @@ def torchscale_forward(torch, path):
 
     def forward(q, k, v, segment_lengths, dilation_rates, *, causal):
         batch, n, heads, dim = q.shape
-        args = types.SimpleNamespace(flash_attention=True, segment_length=list(segment_lengths), dilated_ratio=list(dilation_rates),
-                                     seq_parallel=False, xpos_rel_pos=False, multiway=False, layernorm_eps=1e-5)
+        args = types.SimpleNamespace(
+            flash_attention=True,
+            segment_length=list(segment_lengths),
+            dilated_ratio=list(dilation_rates),
+            seq_parallel=False,
+            xpos_rel_pos=False,
+            multiway=False,
+            layernorm_eps=1e-5,
+        )
         layer = DilatedAttention(args, heads * dim, heads, self_attention=True).to(q.dtype)
         # identity projections as modules, not as weight I: x @ I would mix a NaN into every feature
         layer.q_proj = layer.k_proj = layer.v_proj = layer.out_proj = torch.nn.Identity()
@@ -151,8 +158,11 @@ def run(args) -> dict:
     from longnet_ref.conformance import check
 
     torch.set_num_threads(1)
-    makers = {"torchscale": lambda: torchscale_forward(torch, args.torchscale), "fkodom": lambda: fkodom_forward(torch),
-              "kyegomez": lambda: kyegomez_forward(torch)}
+    makers = {
+        "torchscale": lambda: torchscale_forward(torch, args.torchscale),
+        "fkodom": lambda: fkodom_forward(torch),
+        "kyegomez": lambda: kyegomez_forward(torch),
+    }
     results = {"command": " ".join(["python", "benchmarks/conformance_peers.py", *sys.argv[1:]]), "torch": torch.__version__, "peers": {}}
     for key, peer in PEERS.items():
         entry = {"name": peer["name"], "offsets": peer["offsets"], "domain": peer["domain"], "replaced": REPLACED[key]}
@@ -161,8 +171,7 @@ def run(args) -> dict:
         except Exception as error:  # noqa: BLE001 (record why it cannot run)
             entry.update(runs=False, why=f"{type(error).__name__}: {error}")
         else:
-            report = check(forward, offsets=peer["offsets"], domain=peer["domain"], framework="torch",
-                           max_examples=args.examples, seed=args.seed)
+            report = check(forward, offsets=peer["offsets"], domain=peer["domain"], framework="torch", max_examples=args.examples, seed=args.seed)
             entry.update(runs=True, report=json.loads(report.to_json()))
             print(f"== {peer['name']}\n{report}\n", flush=True)
         results["peers"][key] = entry

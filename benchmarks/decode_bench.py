@@ -42,10 +42,19 @@ FULL = {
     "positions": [2**10, 2**13, 2**16, 2**19, 2**20],
     "segment_lengths": [2048, 4096, 8192, 16384, 32768],
     "dilation_rates": [1, 2, 4, 8, 16],
-    "num_heads": 8, "head_dim": 64, "batch": 1, "steps": 32,
+    "num_heads": 8,
+    "head_dim": 64,
+    "batch": 1,
+    "steps": 32,
 }
 QUICK = {
-    "positions": [2**6, 2**9], "segment_lengths": [64, 128], "dilation_rates": [1, 2], "num_heads": 2, "head_dim": 16, "batch": 1, "steps": 4,
+    "positions": [2**6, 2**9],
+    "segment_lengths": [64, 128],
+    "dilation_rates": [1, 2],
+    "num_heads": 2,
+    "head_dim": 16,
+    "batch": 1,
+    "steps": 4,
 }
 
 
@@ -87,8 +96,13 @@ def time_steps(caches, rng, steps: int) -> list[np.ndarray]:
 def dilated_at(position, config, rng):
     """A ``DilatedKVCache`` in the state of position ``position``, built by ``fill`` from the tail."""
     cache = DilatedKVCache(
-        config["batch"], config["num_heads"], config["head_dim"], config["head_dim"],
-        config["segment_lengths"], config["dilation_rates"], dtype=np.float32,
+        config["batch"],
+        config["num_heads"],
+        config["head_dim"],
+        config["head_dim"],
+        config["segment_lengths"],
+        config["dilation_rates"],
+        dtype=np.float32,
     )
     start = cache.first_needed_position(position)
     shape = (config["batch"], position - start, config["num_heads"], config["head_dim"])  # (B, L, H, D)
@@ -154,8 +168,7 @@ def format_row(row) -> str:
             cells += ["skipped", "—"]
         else:
             cells += [
-                f"{format_time(result['median_s'])} [{format_time(result['p25_s'])}, "
-                + f"{format_time(result['p75_s'])}] ({format_time(result['min_s'])})",
+                f"{format_time(result['median_s'])} [{format_time(result['p25_s'])}, " + f"{format_time(result['p75_s'])}] ({format_time(result['min_s'])})",
                 format_bytes(result["cache_bytes"]),
             ]
     return "| " + " | ".join(cells) + " |"
@@ -174,7 +187,9 @@ def main(argv=None) -> int:
     parser.add_argument("--positions", type=lambda s: [int(x) for x in s.split(",")], help="comma-separated positions")
     parser.add_argument("--dense-max-position", type=int, default=2**20, help="skip dense beyond this position")
     parser.add_argument(
-        "--blas-threads", type=int, default=1,
+        "--blas-threads",
+        type=int,
+        default=1,
         help="BLAS threads (default 1: a step is one matrix-vector product per head, too small to split; "
         "extra threads only add latency jitter on a busy machine)",
     )
@@ -203,8 +218,14 @@ def main(argv=None) -> int:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     record = {
-        "config": config, "rows": rows, "load_average": load, "cpu_count": os.cpu_count(), "blas_threads": args.blas_threads,
-        "numpy": np.__version__, "machine": platform.platform(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": config,
+        "rows": rows,
+        "load_average": load,
+        "cpu_count": os.cpu_count(),
+        "blas_threads": args.blas_threads,
+        "numpy": np.__version__,
+        "machine": platform.platform(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     output.write_text(json.dumps(record, indent=1))
     print(f"wrote {output}")

@@ -164,10 +164,7 @@ def ours(n, dtype, causal, backend, repeats):
 
 def torch_inputs(n, dtype):
     generator = torch.Generator(device="cuda").manual_seed(0)
-    return [
-        torch.randn((BATCH, n, HEADS, DIM), device="cuda", dtype=getattr(torch, dtype), generator=generator).requires_grad_(i < 3)
-        for i in range(4)
-    ]
+    return [torch.randn((BATCH, n, HEADS, DIM), device="cuda", dtype=getattr(torch, dtype), generator=generator).requires_grad_(i < 3) for i in range(4)]
 
 
 def peer(n, dtype, causal, repeats):

@@ -46,8 +46,22 @@ MODEL = ["--d-model", "64", "--layers", "2", "--heads", str(HEADS), "--backend",
 
 
 def runs(n: int, segments: str, steps: int) -> dict[str, list[str]]:
-    common = ["train", "--n", str(n), "--passkey-span", "16", "--segment-lengths", segments, "--dilation-rates", DILATIONS,
-              *MODEL, "--steps", str(steps), "--eval-every", str(max(1, steps // 10))]
+    common = [
+        "train",
+        "--n",
+        str(n),
+        "--passkey-span",
+        "16",
+        "--segment-lengths",
+        segments,
+        "--dilation-rates",
+        DILATIONS,
+        *MODEL,
+        "--steps",
+        str(steps),
+        "--eval-every",
+        str(max(1, steps // 10)),
+    ]
     return {"dilated": [*common, "--attention", "dilated"], "window": [*common, "--attention", "window"]}
 
 
@@ -57,8 +71,7 @@ def dense_step_seconds(ns, repeats=2) -> dict[int, float]:
 
     times = {}
     for n in ns:
-        config = lm.LongNetConfig(vocab_size=32, d_model=64, n_layers=2, n_heads=HEADS, attention="dense", backend="numba",
-                                  dtype="float32")
+        config = lm.LongNetConfig(vocab_size=32, d_model=64, n_layers=2, n_heads=HEADS, attention="dense", backend="numba", dtype="float32")
         params = lm.init_params(config)
         tokens = np.random.default_rng(0).integers(0, 32, (4, n))
         samples = []
@@ -88,13 +101,14 @@ def main(argv=None) -> int:
     measured = dense_step_seconds([256, 384, 512] if args.smoke else [1024, 2048, 4096])  # three points: a quadratic
     ns = np.array(sorted(measured), float)
     fit = np.polyfit(ns, [measured[int(x)] for x in ns], 2)  # a + b N + c N^2: the N^2 term dominates at large N
-    summary = {"n": n, "dense_measured_seconds": measured, "dense_quadratic": fit.tolist(),
-               "dense_extrapolated_seconds": float(np.polyval(fit, n))}
+    summary = {"n": n, "dense_measured_seconds": measured, "dense_quadratic": fit.tolist(), "dense_extrapolated_seconds": float(np.polyval(fit, n))}
     for name in ("dilated", "window"):
         log = json.loads((root / name / "log.json").read_text())
         evals = [r for r in log["records"] if "eval_accuracy" in r]
-        summary[name] = {"final_eval_accuracy": evals[-1]["eval_accuracy"] if evals else None,
-                         "median_step_seconds": float(np.median([r["seconds"] for r in log["records"]]))}
+        summary[name] = {
+            "final_eval_accuracy": evals[-1]["eval_accuracy"] if evals else None,
+            "median_step_seconds": float(np.median([r["seconds"] for r in log["records"]])),
+        }
     (root / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return 0

@@ -29,23 +29,24 @@ PASSKEY_N = 256
 BRANCHES = ["--segment-lengths", "16,32,64,128,256", "--dilation-rates", "1,2,4,8,16"]
 MODEL = ["--d-model", "64", "--layers", "2", "--heads", "16", "--backend", "numba"]
 # A second, narrower geometry: 4 heads of dimension 16, w = (64, 128, 256), r = (1, 2, 4).
-NARROW = ["--segment-lengths", "64,128,256", "--dilation-rates", "1,2,4", "--d-model", "64", "--layers", "2",
-          "--heads", "4", "--backend", "numba"]
+NARROW = ["--segment-lengths", "64,128,256", "--dilation-rates", "1,2,4", "--d-model", "64", "--layers", "2", "--heads", "4", "--backend", "numba"]
 COMMON = ["--n", str(PASSKEY_N), "--batch", "16", "--eval-every", "25"]
 PASSKEY = {  # run name -> longnet-ref arguments
-    **{f"passkey_{kind}_span{span}": ["train", "--attention", kind, "--passkey-span", str(span), *COMMON, *BRANCHES,
-                                      *MODEL, "--steps", "300"]
-       for kind, span in (("dense", 1), ("dilated", 1), ("window", 1), ("dilated", 16))},
+    **{
+        f"passkey_{kind}_span{span}": ["train", "--attention", kind, "--passkey-span", str(span), *COMMON, *BRANCHES, *MODEL, "--steps", "300"]
+        for kind, span in (("dense", 1), ("dilated", 1), ("window", 1), ("dilated", 16))
+    },
     "passkey_h4_dilated_span4": ["train", "--attention", "dilated", "--passkey-span", "4", *COMMON, *NARROW, "--steps", "300"],
     "passkey_h4_dilated_span1": ["train", "--attention", "dilated", "--passkey-span", "1", *COMMON, *NARROW, "--steps", "600"],
-    "passkey_h4_l3_dilated_span1": ["train", "--attention", "dilated", "--passkey-span", "1", *COMMON, *NARROW,
-                                    "--layers", "3", "--steps", "600"],
+    "passkey_h4_l3_dilated_span1": ["train", "--attention", "dilated", "--passkey-span", "1", *COMMON, *NARROW, "--layers", "3", "--steps", "600"],
 }
 
 # The text experiment: the repository's own docs as a byte-level corpus.
 TEXT_N = 256
-TEXT = {kind: ["train", "--attention", kind, "--n", str(TEXT_N), *BRANCHES, *MODEL, "--steps", "200", "--batch", "8",
-               "--eval-every", "20"] for kind in ("dense", "dilated")}
+TEXT = {
+    kind: ["train", "--attention", kind, "--n", str(TEXT_N), *BRANCHES, *MODEL, "--steps", "200", "--batch", "8", "--eval-every", "20"]
+    for kind in ("dense", "dilated")
+}
 CORPUS = "corpus.txt"
 
 
@@ -60,7 +61,7 @@ def reach_table(span=1, n=PASSKEY_N, heads=16, segment_lengths=(16, 32, 64, 128,
         to_query = [path_length(n, heads, ws, rs, causal=True, source=s, target=n - 1) for s in range(n // 4 + span)]
         layers = []
         for p in range(n // 4):
-            routes = [lay for lay in to_query[p:p + span] if lay is not None]
+            routes = [lay for lay in to_query[p : p + span] if lay is not None]
             layers.append(min(routes) if routes else None)
         table[kind] = {L: sum(lay is not None and lay <= L for lay in layers) / len(layers) for L in (1, 2, 3)}
     return table, w
@@ -103,16 +104,14 @@ def plot_passkey(logs: dict, path: Path) -> None:
         label = f"{kind}, span {span}" + (f", {model['n_layers']} layers" if model["n_layers"] != 2 else "")
         ax.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], label=label, **style)
         if name == "passkey_dense_span1":  # the reference in both panels
-            axes[1].plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], color="C0", alpha=0.4,
-                         label="dense, span 1 (16 heads)")
+            axes[1].plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], color="C0", alpha=0.4, label="dense, span 1 (16 heads)")
     for ax, title in zip(axes, ("16 heads of dim 4; w = 16..256, r = 1..16", "4 heads of dim 16; w = 64, 128, 256, r = 1, 2, 4")):
         ax.axhline(1 / 8, color="gray", ls=":", label="chance")
         ax.set(xlabel="step", title=title, ylim=(-0.02, 1.02))
         ax.title.set_fontsize(9)
         ax.legend(fontsize=7)
     axes[0].set_ylabel("held-out accuracy (64 sequences)")
-    fig.suptitle(f"passkey retrieval, N = {PASSKEY_N}: the key >= {PASSKEY_N - PASSKEY_N // 4} tokens before the query",
-                 fontsize=10)
+    fig.suptitle(f"passkey retrieval, N = {PASSKEY_N}: the key >= {PASSKEY_N - PASSKEY_N // 4} tokens before the query", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -128,8 +127,7 @@ def plot_text(logs: dict, path: Path) -> None:
         steps = [r["step"] for r in log["records"]]
         ax.plot(steps, [r["loss"] for r in log["records"]], lw=0.7, alpha=0.45, color=colours[kind], label=f"{kind} (train batch)")
         evals = [r for r in log["records"] if "eval_loss" in r]
-        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", ms=3, color=colours[kind],
-                label=f"{kind} (fixed evaluation batch)")
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", ms=3, color=colours[kind], label=f"{kind} (fixed evaluation batch)")
     ax.set(xlabel="step", ylabel="next-byte loss [nats]")
     ax.set_title(f"byte-level text (the repository's README and docs), N = {TEXT_N}", fontsize=9)
     ax.legend(fontsize=8)

@@ -39,9 +39,16 @@ KINDS = ("dense", "dilated", "window")
 def measure(kind: str, n: int, args) -> dict:
     """Seconds of one training step and of its parts, and their ratios to the step."""
     config = lm.LongNetConfig(
-        vocab_size=256, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-        segment_lengths=tuple(args.segment_lengths), dilation_rates=tuple(args.dilation_rates), attention=kind,
-        backend=args.backend, rope=True, dtype=args.dtype,
+        vocab_size=256,
+        d_model=args.d_model,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        segment_lengths=tuple(args.segment_lengths),
+        dilation_rates=tuple(args.dilation_rates),
+        attention=kind,
+        backend=args.backend,
+        rope=True,
+        dtype=args.dtype,
     )
     params = lm.init_params(config)
     rng = np.random.default_rng(0)
@@ -97,8 +104,11 @@ def measure(kind: str, n: int, args) -> dict:
     seconds["other"] = max(seconds["step"] - sum(seconds[k] for k in ("attention", "projections", "mlp", "optimizer")), 0.0)
     tokens_per_step = args.batch * n
     return {
-        "kind": kind, "n": n, "tokens_per_s": tokens_per_step / seconds["step"],
-        "step_us_per_token": 1e6 * seconds["step"] / tokens_per_step, "seconds": seconds,
+        "kind": kind,
+        "n": n,
+        "tokens_per_s": tokens_per_step / seconds["step"],
+        "step_us_per_token": 1e6 * seconds["step"] / tokens_per_step,
+        "seconds": seconds,
         "ratios": {k: v / seconds["step"] for k, v in seconds.items() if k != "step"},
         "window": nn.window_for(config.segment_lengths, config.dilation_rates) if kind == "window" else None,
     }
@@ -154,10 +164,10 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="numba")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--blas-threads", type=int, default=1,
-                   help="BLAS threads for the (small) projection/MLP GEMMs; the Numba attention kernels use their own")
-    p.add_argument("--numba-threads", type=int, default=None,
-                   help="threads of the Numba kernels (default: all cores; 1 gives steadier numbers on a busy machine)")
+    p.add_argument("--blas-threads", type=int, default=1, help="BLAS threads for the (small) projection/MLP GEMMs; the Numba attention kernels use their own")
+    p.add_argument(
+        "--numba-threads", type=int, default=None, help="threads of the Numba kernels (default: all cores; 1 gives steadier numbers on a busy machine)"
+    )
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--plot", default=None, help="draw step time per token vs N here (PNG)")
     args = p.parse_args(argv)
@@ -182,9 +192,11 @@ def main(argv=None) -> int:
     print()
     print(format_table(rows))
     threads = f", {args.numba_threads} Numba thread(s)" if args.numba_threads else ""
-    title = (f"L={args.layers} C={args.d_model} H={args.heads} B={args.batch} {args.dtype} {args.backend}{threads}\n"
-             f"dilated w={args.segment_lengths} r={args.dilation_rates}; "
-             f"window W={nn.window_for(args.segment_lengths, args.dilation_rates)}")
+    title = (
+        f"L={args.layers} C={args.d_model} H={args.heads} B={args.batch} {args.dtype} {args.backend}{threads}\n"
+        f"dilated w={args.segment_lengths} r={args.dilation_rates}; "
+        f"window W={nn.window_for(args.segment_lengths, args.dilation_rates)}"
+    )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"title": title, "rows": rows}, indent=1))

@@ -56,9 +56,14 @@ def worker(args) -> None:
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     config = lm.LongNetConfig(
-        vocab_size=256, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-        segment_lengths=tuple(args.segment_lengths), dilation_rates=tuple(args.dilation_rates),
-        backend="numba", dtype=args.dtype,
+        vocab_size=256,
+        d_model=args.d_model,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        segment_lengths=tuple(args.segment_lengths),
+        dilation_rates=tuple(args.dilation_rates),
+        backend="numba",
+        dtype=args.dtype,
     )
     params = lm.init_params(config)
     optimizer, tc = AdamW.zeros_like(params), TrainConfig()
@@ -94,12 +99,21 @@ def worker(args) -> None:
     records = comm.gather(record)
     if rank == 0:
         step_seconds = max(r["seconds"] for r in records)
-        print(json.dumps({
-            "P": size, "N": n, "tokens_per_rank": length, "batch": args.batch,
-            "step_seconds": step_seconds, "us_per_token": 1e6 * step_seconds / (args.batch * n),
-            "parameters": sum(p.size for p in params.values()), "ranks": records,
-            "loadavg_1min": os.getloadavg()[0],
-        }))
+        print(
+            json.dumps(
+                {
+                    "P": size,
+                    "N": n,
+                    "tokens_per_rank": length,
+                    "batch": args.batch,
+                    "step_seconds": step_seconds,
+                    "us_per_token": 1e6 * step_seconds / (args.batch * n),
+                    "parameters": sum(p.size for p in params.values()),
+                    "ranks": records,
+                    "loadavg_1min": os.getloadavg()[0],
+                }
+            )
+        )
 
 
 def run_all(args) -> list[dict]:
@@ -192,8 +206,10 @@ def main(argv=None) -> int:
         plot(json.loads(Path(args.json).read_text()), args.plot)
         return 0
     rows = run_all(args)
-    title = (f"L={args.layers} C={args.d_model} H={args.heads} B={args.batch} {args.dtype} numba, 1 thread per rank; "
-             f"w={args.segment_lengths} r={args.dilation_rates}; {args.tokens_per_rank} tokens per rank")
+    title = (
+        f"L={args.layers} C={args.d_model} H={args.heads} B={args.batch} {args.dtype} numba, 1 thread per rank; "
+        f"w={args.segment_lengths} r={args.dilation_rates}; {args.tokens_per_rank} tokens per rank"
+    )
     result = {"title": title, "command": " ".join(["python", "benchmarks/train_scaling.py", *(argv or sys.argv[1:])]), "rows": rows}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

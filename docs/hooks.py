@@ -46,8 +46,7 @@ def for_jupyter(text):
     Markdown would eat the backslash), admonitions -> block quotes with a bold title."""
     parts = re.split(r"(^```.*?^```$|`[^`\n]*`)", text, flags=re.DOTALL | re.MULTILINE)  # not in code
     text = "".join(
-        part if index % 2 else re.sub(r"\\\((.+?)\\\)", lambda m: f"${m.group(1).strip()}$", part, flags=re.DOTALL)
-        for index, part in enumerate(parts)
+        part if index % 2 else re.sub(r"\\\((.+?)\\\)", lambda m: f"${m.group(1).strip()}$", part, flags=re.DOTALL) for index, part in enumerate(parts)
     )
 
     def quote(match):
@@ -63,8 +62,7 @@ def notebook(markdown):
     for cell in book.cells:
         if cell.cell_type == "markdown":
             cell.source = for_jupyter(cell.source)
-    book.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-                     "language_info": {"name": "python"}}
+    book.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}, "language_info": {"name": "python"}}
     return book
 
 

@@ -72,9 +72,7 @@ def dilated_attention(
             the message names the argument.
         TypeError: an argument of the wrong type (a non-integer ``w``, a non-bool flag).
     """
-    module, branches, causal, scale, offsets = _check_config(
-        backend, q, k, v, segment_lengths, dilation_rates, causal, scale, offsets
-    )
+    module, branches, causal, scale, offsets = _check_config(backend, q, k, v, segment_lengths, dilation_rates, causal, scale, offsets)
     return_lse = check_flag(return_lse, "return_lse")
     out, lse = module.forward(q, k, v, branches, causal, scale, offsets)
     return (out, lse) if return_lse else out
@@ -124,8 +122,6 @@ def dilated_attention_backward(
         ValueError: as in the forward, and for a ``dout``, ``out`` or ``lse`` of the wrong shape.
         TypeError: an argument of the wrong type.
     """
-    module, branches, causal, scale, offsets = _check_config(
-        backend, q, k, v, segment_lengths, dilation_rates, causal, scale, offsets
-    )
+    module, branches, causal, scale, offsets = _check_config(backend, q, k, v, segment_lengths, dilation_rates, causal, scale, offsets)
     check_gradient_inputs(dout, out, lse, q, v, backend)
     return module.backward(dout, q, k, v, out, lse, branches, causal, scale, offsets)

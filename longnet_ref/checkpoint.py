@@ -54,8 +54,14 @@ def save_checkpoint(state: TrainState, path, extra: dict | None = None) -> Path:
     arrays |= {f"adam_m/{k}": v for k, v in state.optimizer.m.items()}
     arrays |= {f"adam_v/{k}": v for k, v in state.optimizer.v.items()}
     meta = {
-        "format": FORMAT, "version": VERSION, "model": state.config.to_dict(), "train": dataclasses.asdict(state.train),
-        "step": state.step, "adam_t": state.optimizer.t, "rng": state.rng.bit_generator.state, "extra": extra or {},
+        "format": FORMAT,
+        "version": VERSION,
+        "model": state.config.to_dict(),
+        "train": dataclasses.asdict(state.train),
+        "step": state.step,
+        "adam_t": state.optimizer.t,
+        "rng": state.rng.bit_generator.state,
+        "extra": extra or {},
     }
     arrays[META] = np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,8 +95,7 @@ def _require(condition, message: str) -> None:
 def _integer_field(meta: dict, name: str) -> int:
     value = meta.get(name)
     _require(name in meta, f"its metadata has no {name!r}")
-    _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-             f"{name!r} must be a non-negative integer, got {value!r}")
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, f"{name!r} must be a non-negative integer, got {value!r}")
     return value
 
 
@@ -106,8 +111,7 @@ def _dict_field(meta: dict, name: str, fields=None) -> dict:
 
 
 def _read_meta(archive, files) -> dict:
-    _require(META in files, f"it has no {META!r} entry: not a longnet-ref checkpoint (a foreign .npz, or one "
-                            "written before checkpoints were one file)")
+    _require(META in files, f"it has no {META!r} entry: not a longnet-ref checkpoint (a foreign .npz, or one written before checkpoints were one file)")
     raw = archive[META]
     _require(raw.dtype == np.uint8 and raw.ndim == 1, f"its {META!r} entry is not UTF-8 JSON bytes")
     try:
@@ -116,8 +120,7 @@ def _read_meta(archive, files) -> dict:
         raise _Invalid(f"its metadata is not valid JSON ({error})") from None
     _require(isinstance(meta, dict), "its metadata is not a JSON object")
     _require(meta.get("format") == FORMAT, f"its metadata's format is {meta.get('format')!r}, not {FORMAT!r}")
-    _require(meta.get("version") == VERSION, f"it has format version {meta.get('version')!r}; this version of "
-                                             f"longnet-ref reads version {VERSION}")
+    _require(meta.get("version") == VERSION, f"it has format version {meta.get('version')!r}; this version of longnet-ref reads version {VERSION}")
     return meta
 
 

@@ -159,9 +159,7 @@ def dense_pairs(n: int, num_heads: int, *, causal: bool = False, batch: int = 1)
     return batch * num_heads * (n * (n + 1) // 2 if causal else n * n)
 
 
-def dense_flops(
-    n: int, num_heads: int, head_dim: int, *, value_dim: int | None = None, causal: bool = False, batch: int = 1
-) -> Flops:
+def dense_flops(n: int, num_heads: int, head_dim: int, *, value_dim: int | None = None, causal: bool = False, batch: int = 1) -> Flops:
     """Forward FLOPs of dense attention: ``4 N^2 H D`` for ``D = Dv`` (non-causal).
 
     Args:

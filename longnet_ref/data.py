@@ -146,9 +146,7 @@ class TextTask:
             raise InputTypeError(f"data must be a 1-D uint8 array of bytes (read_text(path)), got {type(self.data).__name__}")
         check_int(self.n, "n", minimum=1)
         if self.data.size < self.n + 1:
-            raise ValueError(
-                f"the text has {self.data.size} bytes, fewer than n + 1 = {self.n + 1}: use a longer text or a smaller n"
-            )
+            raise ValueError(f"the text has {self.data.size} bytes, fewer than n + 1 = {self.n + 1}: use a longer text or a smaller n")
 
     @property
     def chance_loss(self) -> float:

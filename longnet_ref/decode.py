@@ -91,9 +91,7 @@ class _Cache:
     def _check_sequence(self, name, x, last, length=None) -> None:
         """A ``(B, T, H, last)`` array of the cache's sizes and dtype."""
         check_array(x, name, 4)
-        if (x.shape[0], x.shape[2], x.shape[3]) != (self.batch, self.num_heads, last) or (
-            length is not None and x.shape[1] != length
-        ):
+        if (x.shape[0], x.shape[2], x.shape[3]) != (self.batch, self.num_heads, last) or (length is not None and x.shape[1] != length):
             expected = (self.batch, "T" if length is None else length, self.num_heads, last)
             raise ValueError(f"{name} must have shape (B, T, H, .) = {expected}, got {x.shape}")
         if x.dtype != self.dtype:
@@ -133,8 +131,18 @@ class DilatedKVCache(_Cache):
     """
 
     def __init__(
-        self, batch, num_heads, head_dim, value_dim, segment_lengths, dilation_rates, *,
-        offsets="paper", scale=None, dtype=np.float64, causal=True,
+        self,
+        batch,
+        num_heads,
+        head_dim,
+        value_dim,
+        segment_lengths,
+        dilation_rates,
+        *,
+        offsets="paper",
+        scale=None,
+        dtype=np.float64,
+        causal=True,
     ):
         super().__init__(batch, num_heads, head_dim, value_dim, scale, dtype)
         _check_causal(causal)
@@ -143,9 +151,7 @@ class DilatedKVCache(_Cache):
         self.segment_lengths = tuple(b.segment_length for b in self.branches)
         self.dilation_rates = tuple(b.dilation for b in self.branches)
         # o_i(h): the offset of every head in every branch (SPEC §2), from index_sets.py.
-        self.head_offsets = tuple(
-            tuple(int(o) for o in head_offsets(self.num_heads, b.dilation, self.offsets)) for b in self.branches
-        )
+        self.head_offsets = tuple(tuple(int(o) for o in head_offsets(self.num_heads, b.dilation, self.offsets)) for b in self.branches)
         # R_i = ceil(w_i / r_i): the most rows any offset selects in one segment.
         self.rows = tuple(math.ceil(b.segment_length / b.dilation) for b in self.branches)
         shape = lambda rows, dim: (self.batch, self.num_heads, rows, dim)  # (B, H, R_i, .)
@@ -204,9 +210,7 @@ class DilatedKVCache(_Cache):
         held = []
         for i, (w, r) in enumerate(zip(self.segment_lengths, self.dilation_rates)):
             s = max(self.position - 1, 0) // w
-            held.append([
-                segment_position(w, r, o, s, np.arange(c)) for o, c in zip(self.head_offsets[i], self.count[i])
-            ])
+            held.append([segment_position(w, r, o, s, np.arange(c)) for o, c in zip(self.head_offsets[i], self.count[i])])
         return held
 
     def step(self, q_t, k_t, v_t):
@@ -263,8 +267,14 @@ class DilatedKVCache(_Cache):
         get_backend(backend)  # an unknown name, or a GPU backend without CuPy, before any work
         self._check_prompt(q, k, v)
         out, lse = dilated_attention(
-            *(to_backend_arrays(x, backend) for x in (q, k, v)), self.segment_lengths, self.dilation_rates,
-            causal=True, scale=self.scale, offsets=self.offsets, backend=backend, return_lse=True,
+            *(to_backend_arrays(x, backend) for x in (q, k, v)),
+            self.segment_lengths,
+            self.dilation_rates,
+            causal=True,
+            scale=self.scale,
+            offsets=self.offsets,
+            backend=backend,
+            return_lse=True,
         )
         self.fill(k, v)
         return to_numpy(out), to_numpy(lse)
@@ -311,8 +321,10 @@ class DenseKVCache(_Cache):
         _check_causal(causal)
         self.growable = capacity is None
         capacity = 16 if capacity is None else check_int(capacity, "capacity", minimum=1)
-        check_memory(self.batch * self.num_heads * capacity * (self.head_dim + self.value_dim) * self.dtype.itemsize,
-                     f"DenseKVCache(capacity={capacity}), B H capacity (D + Dv) values,")
+        check_memory(
+            self.batch * self.num_heads * capacity * (self.head_dim + self.value_dim) * self.dtype.itemsize,
+            f"DenseKVCache(capacity={capacity}), B H capacity (D + Dv) values,",
+        )
         self.keys = np.zeros((self.batch, self.num_heads, capacity, self.head_dim), self.dtype)  # (B, H, C, D)
         self.values = np.zeros((self.batch, self.num_heads, capacity, self.value_dim), self.dtype)  # (B, H, C, Dv)
 

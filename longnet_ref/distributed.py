@@ -59,6 +59,7 @@ from .validation import check_attention_inputs, check_flag, check_gradient_input
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+
 @dataclass
 class CommunicationStats:
     """Bytes this rank moved, one record per collective call (the module docstring's formula).
@@ -210,10 +211,7 @@ def _validate(comm, q, k, v, segment_lengths, dilation_rates, causal, scale, off
 
     def same_everywhere():
         if any(s != signatures[0] for s in signatures):
-            raise ValueError(
-                "every rank must hold a chunk of the same shape (B, N/P, H, D), dtype and configuration; "
-                f"got {sorted(set(map(str, signatures)))}"
-            )
+            raise ValueError(f"every rank must hold a chunk of the same shape (B, N/P, H, D), dtype and configuration; got {sorted(set(map(str, signatures)))}")
 
     _collective_check(comm, same_everywhere)
     causal, scale, offsets = options
@@ -256,7 +254,6 @@ class SharedSegment:
     first: int
     last: int
     counts: np.ndarray  # rows held by each member rank
-
 
     @property
     def shared(self) -> bool:
@@ -313,9 +310,7 @@ def _gather_keys(comm, segment, k, v, branch_index, stats):
     counts = segment.counts * int(np.prod(send.shape[1:]))  # elements per member
     displacements = np.concatenate([[0], np.cumsum(counts)[:-1]])
     received = np.empty((int(segment.counts.sum()),) + send.shape[1:], send.dtype)  # (T, B, Hs, D + Dv)
-    _group(comm, segment.first, segment.last).Allgatherv(
-        send, [received, counts, displacements, from_numpy_dtype(send.dtype)]
-    )
+    _group(comm, segment.first, segment.last).Allgatherv(send, [received, counts, displacements, from_numpy_dtype(send.dtype)])
     stats.record("allgatherv", branch_index, send.nbytes, received.nbytes - send.nbytes)
     keys_values = received.transpose(1, 2, 0, 3)  # (B, Hs, T, D + Dv)
     return keys_values[..., :dim], keys_values[..., dim:]
@@ -396,8 +391,16 @@ def _backward(comm, dout, q, k, v, out, lse, layout, branches, causal, scale, of
         for segment in _shared_segments(branch, heads, layout, offsets):
             keys, values = _gather_keys(comm, segment, k, v, index, stats)
             grads = _segment_backward(
-                _rows(q, segment), keys, values, _rows(dout, segment), _rows(lse[..., None], segment)[..., 0],
-                _rows(dsum[..., None], segment)[..., 0], segment, causal, scale, backend,
+                _rows(q, segment),
+                keys,
+                values,
+                _rows(dout, segment),
+                _rows(lse[..., None], segment)[..., 0],
+                _rows(dsum[..., None], segment)[..., 0],
+                segment,
+                causal,
+                scale,
+                backend,
             )  # dQ (B, Hs, nq, D), dK (B, Hs, T, D), dV (B, Hs, T, Dv)
             where = (slice(None), segment.local_rows[:, None], segment.heads[None, :])
             dq[where] += grads[0].transpose(0, 2, 1, 3)
@@ -530,11 +533,18 @@ def dilated_attention_backward(
             ranks before any communication.
     """
     layout, branches, causal, scale, offsets = _validate(
-        comm, q, k, v, segment_lengths, dilation_rates, causal, scale, offsets, backend,
+        comm,
+        q,
+        k,
+        v,
+        segment_lengths,
+        dilation_rates,
+        causal,
+        scale,
+        offsets,
+        backend,
         extra=lambda: check_gradient_inputs(dout, out, lse, q, v),
     )
     stats = CommunicationStats()
-    grads = _abort_on_error(
-        comm, lambda: _backward(comm, dout, q, k, v, out, lse, layout, branches, causal, scale, offsets, backend, stats)
-    )
+    grads = _abort_on_error(comm, lambda: _backward(comm, dout, q, k, v, out, lse, layout, branches, causal, scale, offsets, backend, stats))
     return (*grads, stats) if return_stats else grads

@@ -22,8 +22,19 @@ from .validation import validate_branches
 from .multiplicity import multiplicity
 
 FIGURES = (
-    "overview.png", "selected_rows.png", "pattern.png", "pattern_causal.png", "multiplicity.png", "flops.png",
-    "path_length.png", "distributed.png", "decode_cache.png", "train_parallel.png", "one_branch.png", "hops.png", "tensor_core_tiles.png",
+    "overview.png",
+    "selected_rows.png",
+    "pattern.png",
+    "pattern_causal.png",
+    "multiplicity.png",
+    "flops.png",
+    "path_length.png",
+    "distributed.png",
+    "decode_cache.png",
+    "train_parallel.png",
+    "one_branch.png",
+    "hops.png",
+    "tensor_core_tiles.png",
 )
 
 # Figures of experiments (training runs, benchmarks): too slow for ``longnet-ref pattern``, so each
@@ -106,16 +117,14 @@ def overview(path: str | Path) -> None:
         show(axes[0, i], paint(per_branch[i], BRANCH_COLOURS[i]), f"branch {i}: w = {w}, r = {r} (head 0)")
     counts = multiplicity(n, heads, lengths, rates)[0]  # (N, N) m(p, k) of head 0
     shades = np.array([to_rgba(c) for c in COUNT_COLOURS])[counts]
-    show(axes[0, 3], shades, "all three: m(p, k), head 0", np.where(counts > 0, counts.astype(str), ""),
-         np.where(counts >= 2, "white", "black"))
+    show(axes[0, 3], shades, "all three: m(p, k), head 0", np.where(counts > 0, counts.astype(str), ""), np.where(counts >= 2, "white", "black"))
 
     w, r = lengths[-1], rates[-1]
     per_head = multiplicity(n, heads, [w], [r]) > 0  # (H, N, N), one branch
     for h in range(3):
         show(axes[1, h], paint(per_head[h], BRANCH_COLOURS[2]), f"branch 2: head {h}, offset {h % r}")
     head_of = np.where(per_head.any(0), per_head.argmax(0).astype(str), "")  # each cell: the head attending it
-    show(axes[1, 3], paint(per_head.any(0), BRANCH_COLOURS[2]), "branch 2: heads 0-3 together", head_of,
-         np.full((n, n), "white"))
+    show(axes[1, 3], paint(per_head.any(0), BRANCH_COLOURS[2]), "branch 2: heads 0-3 together", head_of, np.full((n, n), "white"))
     for ax in axes[:, 0]:
         ax.set_ylabel("query p", fontsize=8)
     for ax in axes[1]:
@@ -316,25 +325,23 @@ def distributed_branch(path: str | Path) -> None:
             ax.text(x + 0.45, -0.35, str(x), ha="center", va="top", fontsize=7)
     for rank in range(ranks):
         start = rank * rows_per_rank
-        ax.text(start + rows_per_rank / 2 - 0.05, 1.25, f"rank g = {rank}\nrows {start}..{start + rows_per_rank - 1}",
-                ha="center", va="bottom", fontsize=8)
+        ax.text(start + rows_per_rank / 2 - 0.05, 1.25, f"rank g = {rank}\nrows {start}..{start + rows_per_rank - 1}", ha="center", va="bottom", fontsize=8)
         ax.plot([start - 0.05, start - 0.05], [-0.1, 1.0], color="black", linewidth=0.8, linestyle=":")
     for segment in range(n // w):
         left, right = segment * w - 0.05, (segment + 1) * w - 0.15
         ax.plot([left, left, right, right], [-0.9, -1.1, -1.1, -0.9], color="black", linewidth=1.2)
-        ax.text((left + right) / 2, -1.25, f"segment s = {segment} of w = {w}: ranks {2 * segment} and {2 * segment + 1}",
-                ha="center", va="top", fontsize=8)
+        ax.text((left + right) / 2, -1.25, f"segment s = {segment} of w = {w}: ranks {2 * segment} and {2 * segment + 1}", ha="center", va="top", fontsize=8)
         a, b = (2 * segment + 0.5) * rows_per_rank, (2 * segment + 1.5) * rows_per_rank
-        ax.add_patch(FancyArrowPatch((a, 2.4), (b, 2.4), arrowstyle="<|-|>", mutation_scale=12, color="black",
-                                     connectionstyle="arc3,rad=-0.25"))
-        ax.text((a + b) / 2, 3.35, "forward: all-gather the sparse rows of K, V\nbackward: reduce-scatter dK, dV",
-                ha="center", va="bottom", fontsize=8)
+        ax.add_patch(FancyArrowPatch((a, 2.4), (b, 2.4), arrowstyle="<|-|>", mutation_scale=12, color="black", connectionstyle="arc3,rad=-0.25"))
+        ax.text((a + b) / 2, 3.35, "forward: all-gather the sparse rows of K, V\nbackward: reduce-scatter dK, dV", ha="center", va="bottom", fontsize=8)
     ax.set_xlim(-1, n + 0.5)
     ax.set_ylim(-2.2, 4.6)
     ax.axis("off")
-    ax.set_title(f"N = {n}, G = {ranks} ranks of L = {rows_per_rank} rows, branch (w, r) = ({w}, {r}), head 0: "
-                 f"coloured rows are sent (L / r = {rows_per_rank // r} per rank), grey rows never leave their rank",
-                 fontsize=9)
+    ax.set_title(
+        f"N = {n}, G = {ranks} ranks of L = {rows_per_rank} rows, branch (w, r) = ({w}, {r}), head 0: "
+        f"coloured rows are sent (L / r = {rows_per_rank // r} per rank), grey rows never leave their rank",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -380,13 +387,22 @@ def sequence_parallel_step(path: str | Path) -> None:
             ax.add_patch(Rectangle((rank * length + 0.15, y), length - 0.3, 0.7, facecolor=colour, edgecolor="#777777", linewidth=0.6))
         ax.text(n + 0.6, y + 0.35, label, va="center", fontsize=8)
     for rank in range(ranks):
-        ax.text(rank * length + length / 2, top + 1.0, f"rank p = {rank}\npositions {rank * length}..{(rank + 1) * length - 1}",
-                ha="center", va="bottom", fontsize=8)
+        ax.text(
+            rank * length + length / 2,
+            top + 1.0,
+            f"rank p = {rank}\npositions {rank * length}..{(rank + 1) * length - 1}",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     for row in (2, 5):  # the attention rows: arrows between the ranks that share a segment
         y = top - row + 0.35
         for a, b in sorted(pairs):
-            ax.add_patch(FancyArrowPatch(((a + 0.5) * length + 1.5, y), ((b + 0.5) * length - 1.5, y), arrowstyle="<|-|>",
-                                         mutation_scale=10, color="black", linewidth=1.0))
+            ax.add_patch(
+                FancyArrowPatch(
+                    ((a + 0.5) * length + 1.5, y), ((b + 0.5) * length - 1.5, y), arrowstyle="<|-|>", mutation_scale=10, color="black", linewidth=1.0
+                )
+            )
     y = 0.0
     ax.add_patch(Rectangle((0.15, y), n - 0.3, 0.7, facecolor="#dadaeb", edgecolor="#555555", linewidth=0.8))
     ax.text(n / 2, y + 0.35, "one Allreduce(SUM) of one flat buffer: every gradient + the loss", ha="center", va="center", fontsize=8)
@@ -394,8 +410,10 @@ def sequence_parallel_step(path: str | Path) -> None:
     ax.set_xlim(-0.5, n + 21)
     ax.set_ylim(-0.4, top + 2.1)
     ax.axis("off")
-    ax.set_title(f"N = {n} tokens over P = {ranks} ranks of L = {length}: arrows = the only exchanges of activations "
-                 f"(segments of w = {shared[0]} span 2 ranks)", fontsize=9)
+    ax.set_title(
+        f"N = {n} tokens over P = {ranks} ranks of L = {length}: arrows = the only exchanges of activations (segments of w = {shared[0]} span 2 ranks)",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -412,10 +430,26 @@ def generate(output_dir: str | Path) -> list[Path]:
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    makers = dict(zip(FIGURES, (
-        overview, selected_rows, pattern, lambda p: pattern(p, causal=True), multiplicity_map, flops_vs_n,
-        path_length_vs_n, distributed_branch, decode_cache, sequence_parallel_step, one_branch, hops, tensor_core_tiles,
-    )))
+    makers = dict(
+        zip(
+            FIGURES,
+            (
+                overview,
+                selected_rows,
+                pattern,
+                lambda p: pattern(p, causal=True),
+                multiplicity_map,
+                flops_vs_n,
+                path_length_vs_n,
+                distributed_branch,
+                decode_cache,
+                sequence_parallel_step,
+                one_branch,
+                hops,
+                tensor_core_tiles,
+            ),
+        )
+    )
     for name, make in makers.items():
         make(output_dir / name)
     return [output_dir / name for name in FIGURES]
@@ -436,7 +470,7 @@ def decode_cache(path, position=26):
     from .decode import DilatedKVCache
 
     plt = _pyplot()
-    colours = ListedColormap(["#d0d0d0", *BRANCH_COLOURS[:len(SEGMENT_LENGTHS)]])  # 0: dropped, then branch i
+    colours = ListedColormap(["#d0d0d0", *BRANCH_COLOURS[: len(SEGMENT_LENGTHS)]])  # 0: dropped, then branch i
     cache = DilatedKVCache(1, HEADS, 1, 1, SEGMENT_LENGTHS, DILATION_RATES)
     keys = np.zeros((1, position + 1, HEADS, 1))  # (B, t+1, H, D): only the positions matter here
     cache.fill(keys, keys)
@@ -464,7 +498,6 @@ def decode_cache(path, position=26):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
 
 
 # --- Diagrams of one branch (docs/segments.md) and of the connectivity proof (docs/complexity.md) --
@@ -505,8 +538,7 @@ def one_branch(path: str | Path) -> None:
 
     def column(x0, filled, fill, labels=True):
         for p in range(n):
-            _cell(ax, x0, p, fill if p in filled else "#f2f2f2", str(p) if labels else "",
-                  "white" if p in filled else "#999999")
+            _cell(ax, x0, p, fill if p in filled else "#f2f2f2", str(p) if labels else "", "white" if p in filled else "#999999")
 
     def title(x, text):
         ax.text(x, -0.8, text, ha="center", va="bottom", fontsize=8.5)
@@ -585,15 +617,24 @@ def hops(path: str | Path) -> None:
     for z in range(n):  # the tokens
         _cell(ax, z, 0, "#555555" if z in on_route else "#ffffff", str(z), "white" if z in on_route else "black")
     for layer, (i, a, b) in enumerate(zip(hop_branch, route, route[1:]), 1):
-        ax.add_patch(FancyArrowPatch((a + 0.45, 0.95), (b + 0.45, 0.95), arrowstyle="-|>", mutation_scale=12,
-                                     color=BRANCH_COLOURS[i], linewidth=2,
-                                     connectionstyle=f"arc3,rad={-0.5 if b > a else 0.5}"))
-        ax.text((a + b) / 2 + 0.45, 1.1 + 0.25 * abs(a - b), f"layer {layer}", ha="center", va="bottom", fontsize=8,
-                color=BRANCH_COLOURS[i])
+        ax.add_patch(
+            FancyArrowPatch(
+                (a + 0.45, 0.95),
+                (b + 0.45, 0.95),
+                arrowstyle="-|>",
+                mutation_scale=12,
+                color=BRANCH_COLOURS[i],
+                linewidth=2,
+                connectionstyle=f"arc3,rad={-0.5 if b > a else 0.5}",
+            )
+        )
+        ax.text((a + b) / 2 + 0.45, 1.1 + 0.25 * abs(a - b), f"layer {layer}", ha="center", va="bottom", fontsize=8, color=BRANCH_COLOURS[i])
     ax.text(-0.4, 0.45, "tokens", ha="right", va="center", fontsize=8)
-    ax.set_title(f"token {x} reaches token {y} in 2k - 1 = {2 * k - 1} layers: up through the first rows of ever larger "
-                 "segments,\nacross in the last branch, down again (one head; coloured rows: the rows it keeps in each branch)",
-                 fontsize=9)
+    ax.set_title(
+        f"token {x} reaches token {y} in 2k - 1 = {2 * k - 1} layers: up through the first rows of ever larger "
+        "segments,\nacross in the last branch, down again (one head; coloured rows: the rows it keeps in each branch)",
+        fontsize=9,
+    )
     ax.set_xlim(-5.5, n + 0.5)
     ax.set_ylim(-1.6 - 1.25 * (k - 1) - 0.3, 1.6 + 0.25 * n / 2)
     ax.set_aspect("equal")

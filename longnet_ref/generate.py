@@ -38,8 +38,7 @@ def new_caches(config: lm.LongNetConfig, batch: int) -> list:
         branches = ([window], [1])
     else:
         branches = (list(config.segment_lengths), list(config.dilation_rates))
-    return [DilatedKVCache(batch, H, D, D, *branches, offsets=config.offsets, dtype=config.dtype)
-            for _ in range(config.n_layers)]
+    return [DilatedKVCache(batch, H, D, D, *branches, offsets=config.offsets, dtype=config.dtype) for _ in range(config.n_layers)]
 
 
 class Decoder:

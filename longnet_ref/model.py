@@ -164,9 +164,15 @@ def check_params(config: LongNetConfig, params: dict) -> None:
 def attention_options(config: LongNetConfig) -> dict:
     """Keyword arguments of ``nn.attention_forward`` that the config fixes."""
     return {
-        "num_heads": config.n_heads, "kind": config.attention, "segment_lengths": list(config.segment_lengths),
-        "dilation_rates": list(config.dilation_rates), "window": config.window, "causal": config.causal,
-        "offsets": config.offsets, "backend": config.backend, "rope": config.rope,
+        "num_heads": config.n_heads,
+        "kind": config.attention,
+        "segment_lengths": list(config.segment_lengths),
+        "dilation_rates": list(config.dilation_rates),
+        "window": config.window,
+        "causal": config.causal,
+        "offsets": config.offsets,
+        "backend": config.backend,
+        "rope": config.rope,
     }
 
 

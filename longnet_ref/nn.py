@@ -42,7 +42,7 @@ def subtree(params, prefix):
     """The parameters under a dotted name, with it stripped: ``subtree(p, "h.0.mlp")`` maps
     ``"h.0.mlp.fc1.weight"`` to ``"fc1.weight"``. How a model hands each layer its own dict."""
     start = prefix + "."
-    return {name[len(start):]: value for name, value in params.items() if name.startswith(start)}
+    return {name[len(start) :]: value for name, value in params.items() if name.startswith(start)}
 
 
 def prefixed(grads, prefix):
@@ -477,10 +477,10 @@ def attention_forward(
 def attention_backward(params, cache, dy):
     """Backward of [`attention_forward`][], last layer first:
 
-        do            = dy Wo,  dWo = sum dy^T o,  dbo = sum dy
-        dq, dk, dv    = exact attention backward (SPEC §5; FA2 with the stored LSE)
-        dq, dk        = rope^T(dq), rope^T(dk)          # the inverse rotation, if RoPE
-        dx            = dq Wq + dk Wk + dv Wv           # x feeds all three projections
+    do            = dy Wo,  dWo = sum dy^T o,  dbo = sum dy
+    dq, dk, dv    = exact attention backward (SPEC §5; FA2 with the stored LSE)
+    dq, dk        = rope^T(dq), rope^T(dk)          # the inverse rotation, if RoPE
+    dx            = dq Wq + dk Wk + dv Wv           # x feeds all three projections
     """
     if not isinstance(cache, dict) or "qkv" not in cache:
         raise InputTypeError(f"cache must be the cache returned by attention_forward, got {type(cache).__name__}")
@@ -515,8 +515,7 @@ def _cached_attention(cache, q, k, v, kind, branches, causal):
     if kind == "dense":
         matches = isinstance(cache, DenseKVCache)
     else:  # dilated, or window = one branch (W, 1): the cache must hold these branches
-        matches = isinstance(cache, DilatedKVCache) and (list(cache.segment_lengths), list(cache.dilation_rates)) == (
-            list(branches[0]), list(branches[1]))
+        matches = isinstance(cache, DilatedKVCache) and (list(cache.segment_lengths), list(cache.dilation_rates)) == (list(branches[0]), list(branches[1]))
     if not matches:
         raise ValueError(f"kv_cache must be the cache of this {kind} attention, got {type(cache).__name__}")
     if cache.position == 0:
@@ -644,8 +643,7 @@ class MultiheadDilatedAttention:
         """``x (B, N, E) -> (y (B, N, E), cache)``: [`attention_forward`][longnet_ref.nn.attention_forward] with ``kind="dilated"``."""
         check_array(x, "x", 3)
         if x.shape[2] != self.embed_dim:
-            raise ValueError(f"x must have shape (B, N, {self.embed_dim}) (the layer's params are for "
-                             f"embed_dim={self.embed_dim}), got {x.shape}")
+            raise ValueError(f"x must have shape (B, N, {self.embed_dim}) (the layer's params are for embed_dim={self.embed_dim}), got {x.shape}")
         return attention_forward(
             self.params,
             x,

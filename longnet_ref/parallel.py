@@ -80,17 +80,13 @@ class SequenceParallelAttention:
         """``(o (B, L, H, Dv), lse (B, L, H))`` of this rank's rows (paper Eqs. 21-25)."""
         if branches is None:  # the model's config was checked; this guards a direct use
             raise ValueError("dense attention is not sequence-parallel: every rank would need all N keys")
-        o, lse, stats = distributed.dilated_attention(
-            q, k, v, *branches, comm=self.comm, return_lse=True, return_stats=True, **options
-        )
+        o, lse, stats = distributed.dilated_attention(q, k, v, *branches, comm=self.comm, return_lse=True, return_stats=True, **options)
         self.stats.records.extend(stats.records)
         return o, lse
 
     def backward(self, do, q, k, v, o, lse, branches, options):
         """``(dq, dk, dv)`` of this rank's rows, every rank's queries' contributions summed."""
-        *grads, stats = distributed.dilated_attention_backward(
-            do, q, k, v, o, lse, *branches, comm=self.comm, return_stats=True, **options
-        )
+        *grads, stats = distributed.dilated_attention_backward(do, q, k, v, o, lse, *branches, comm=self.comm, return_stats=True, **options)
         self.stats.records.extend(stats.records)
         return tuple(grads)
 

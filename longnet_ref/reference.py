@@ -323,7 +323,16 @@ def forward(q, k, v, branches: tuple[Branch, ...], causal: bool, scale: float, o
 
 @np.errstate(invalid="ignore", over="ignore")  # as in forward
 def backward(
-    dout, q, k, v, out, lse, branches: tuple[Branch, ...], causal: bool, scale: float, offsets: str,
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    branches: tuple[Branch, ...],
+    causal: bool,
+    scale: float,
+    offsets: str,
     memory_budget=None,
 ):
     """Exact gradient of [`forward`][] w.r.t. ``q, k, v`` (SPEC §5), in the inputs' namespace and dtype.

@@ -168,7 +168,7 @@ def evaluate(state: TrainState, batch, *, comm=None) -> dict:
     """
     size, total, loss_sum, hits = state.train.batch_size, 0, 0.0, 0.0
     for start in range(0, batch.tokens.shape[0], size):
-        part = Batch(*(x[start:start + size] for x in (batch.tokens, batch.targets, batch.mask)))
+        part = Batch(*(x[start : start + size] for x in (batch.tokens, batch.targets, batch.mask)))
         count = int(part.mask.sum())
         if count == 0:
             continue

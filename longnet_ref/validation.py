@@ -76,9 +76,7 @@ def check_int(value: Any, name: str, *, minimum: int | None = None, maximum: int
     return int(value)
 
 
-def check_real(
-    value: Any, name: str, *, minimum: float | None = None, above: float | None = None, finite: bool = True
-) -> float:
+def check_real(value: Any, name: str, *, minimum: float | None = None, above: float | None = None, finite: bool = True) -> float:
     """Check a real-number argument such as ``temperature`` or ``lr`` (SPEC §7); return it as a ``float``.
 
     Args:
@@ -128,8 +126,7 @@ def check_memory(nbytes: int, what: str) -> None:
     """
     memory = physical_memory()
     if memory is not None and nbytes > memory:
-        raise ValueError(f"{what} needs {nbytes:,} bytes ({nbytes / 2**30:,.1f} GiB), more than this machine's "
-                         f"{memory:,} bytes of memory")
+        raise ValueError(f"{what} needs {nbytes:,} bytes ({nbytes / 2**30:,.1f} GiB), more than this machine's {memory:,} bytes of memory")
 
 
 def check_rng(value: Any, name: str = "rng") -> np.random.Generator:
@@ -463,10 +460,7 @@ def validate_branches(segment_lengths: Sequence[int], dilation_rates: Sequence[i
     if len(dilation_rates) == 0:
         raise ValueError("dilation_rates must name at least one branch, got an empty list")
     if len(segment_lengths) != len(dilation_rates):
-        raise ValueError(
-            f"segment_lengths and dilation_rates must have the same length, "
-            f"got {len(segment_lengths)} and {len(dilation_rates)}"
-        )
+        raise ValueError(f"segment_lengths and dilation_rates must have the same length, got {len(segment_lengths)} and {len(dilation_rates)}")
     return tuple(
         Branch(
             check_int(w, f"segment_lengths[{i}]", minimum=1, maximum=MAX_INDEX),

@@ -43,8 +43,7 @@ def segment_attention(q, k, v, scale, causal, *, diagonal=True, padding=0, top=N
     return o, lse
 
 
-def branches_forward(q, k, v, segment_lengths, dilation_rates, *, causal, rule="paper", scale=None,
-                     diagonal=True, pad=False, mix="lse", global_max=False):
+def branches_forward(q, k, v, segment_lengths, dilation_rates, *, causal, rule="paper", scale=None, diagonal=True, pad=False, mix="lse", global_max=False):
     """Each branch by segments, then the mixture ``sum_i exp(lse_i - LSE) o_i`` (SPEC §3-§4)."""
     batch, n, num_heads, head_dim = q.shape
     scale = 1 / math.sqrt(head_dim) if scale is None else scale
@@ -60,7 +59,13 @@ def branches_forward(q, k, v, segment_lengths, dilation_rates, *, causal, rule="
                 for rows in kept_rows(n, num_heads, h, w, r, rule):
                     padding = (math.ceil(min(w, n) / r) - len(rows)) if pad and not causal else 0
                     o[b, rows, h], lse[b, rows, h] = segment_attention(
-                        q[b, rows, h], k[b, rows, h], v[b, rows, h], scale, causal, diagonal=diagonal, padding=padding,
+                        q[b, rows, h],
+                        k[b, rows, h],
+                        v[b, rows, h],
+                        scale,
+                        causal,
+                        diagonal=diagonal,
+                        padding=padding,
                         top=None if top is None else np.full((len(rows), 1), top),
                     )
         outs.append(o)

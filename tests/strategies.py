@@ -77,7 +77,20 @@ def sequence_lengths(max_n):
 
 
 @st.composite
-def problems(draw, max_n=96, min_branches=1, max_heads=6, max_dim=16, max_branches=4, max_segment=128, max_dilation=9, dtypes=(np.float32, np.float64), causal=None, scales=False, min_value_dim=1):
+def problems(
+    draw,
+    max_n=96,
+    min_branches=1,
+    max_heads=6,
+    max_dim=16,
+    max_branches=4,
+    max_segment=128,
+    max_dilation=9,
+    dtypes=(np.float32, np.float64),
+    causal=None,
+    scales=False,
+    min_value_dim=1,
+):
     """Random problems per the core issue: B 1-2, N 0-96, H 1-6, D 1-16, 1-4 arbitrary branches.
 
     With ``scales=True`` the score scale is drawn too: ``None`` (the default ``1/sqrt(D)``) or

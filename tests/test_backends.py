@@ -81,8 +81,7 @@ def test_the_layer_and_the_model_run_on_every_cpu_backend(name):
     dx, grads = layer.backward(np.ones_like(y), cache)
     assert dx.shape == x.shape and set(grads) == set(layer.params)
 
-    config = lm.LongNetConfig(vocab_size=7, d_model=8, n_layers=1, n_heads=2, segment_lengths=(4,), dilation_rates=(2,),
-                              backend=name)
+    config = lm.LongNetConfig(vocab_size=7, d_model=8, n_layers=1, n_heads=2, segment_lengths=(4,), dilation_rates=(2,), backend=name)
     tokens = np.arange(12).reshape(2, 6) % 7
     logits, _ = lm.LongNetLM(config).forward(tokens)
     numba_logits, _ = lm.LongNetLM(lm.LongNetConfig(**{**config.to_dict(), "backend": "numba"})).forward(tokens)
@@ -92,15 +91,23 @@ def test_the_layer_and_the_model_run_on_every_cpu_backend(name):
 @pytest.mark.skipif(CUPY_INSTALLED, reason="CuPy is installed: tests/test_gpu.py and test_layer.py run the GPU names")
 @pytest.mark.parametrize("name", GPU_NAMES)
 def test_a_gpu_name_without_cupy_fails_up_front_naming_the_extra(name):
-    config = lm.LongNetConfig(vocab_size=7, d_model=8, n_layers=1, n_heads=2, segment_lengths=(4,), dilation_rates=(1,),
-                              backend=name)  # a config is data: it may name a GPU it does not run on
+    config = lm.LongNetConfig(
+        vocab_size=7, d_model=8, n_layers=1, n_heads=2, segment_lengths=(4,), dilation_rates=(1,), backend=name
+    )  # a config is data: it may name a GPU it does not run on
     params = lm.init_params(config)
     calls = [
         lambda: MultiheadDilatedAttention(8, 2, [4], [1], backend=name),
         lambda: lm.LongNetLM(config),
         lambda: lm.forward(config, params, np.zeros((1, 4), np.int64)),
-        lambda: nn.attention_forward(MultiheadDilatedAttention(8, 2, [4], [1]).params, np.zeros((1, 4, 8)), num_heads=2,
-                                     kind="dilated", segment_lengths=[4], dilation_rates=[1], backend=name),
+        lambda: nn.attention_forward(
+            MultiheadDilatedAttention(8, 2, [4], [1]).params,
+            np.zeros((1, 4, 8)),
+            num_heads=2,
+            kind="dilated",
+            segment_lengths=[4],
+            dilation_rates=[1],
+            backend=name,
+        ),
         lambda: dilated_attention(np.zeros((1, 4, 1, 2)), np.zeros((1, 4, 1, 2)), np.zeros((1, 4, 1, 2)), [4], [1], backend=name),
         lambda: DilatedKVCache(1, 1, 2, 2, [4], [1]).prefill(*[np.zeros((1, 4, 1, 2))] * 3, backend=name),
     ]
@@ -144,9 +151,7 @@ def test_the_layer_hands_each_backend_the_arrays_of_its_registry_entry(name, mon
 
     recording = types.SimpleNamespace(
         forward=lambda q, k, v, *rest: rewrap(reference.forward(*map(unwrap, (q, k, v)), *rest), received[-1]),
-        backward=lambda *arrays_and_rest: rewrap(
-            reference.backward(*map(unwrap, arrays_and_rest[:6]), *arrays_and_rest[6:]), received[-1]
-        ),
+        backward=lambda *arrays_and_rest: rewrap(reference.backward(*map(unwrap, arrays_and_rest[:6]), *arrays_and_rest[6:]), received[-1]),
     )
     real_get_backend = get_backend
 

@@ -32,8 +32,7 @@ def test_peak_memory_is_measured_in_a_fresh_process():
 
 @pytest.mark.mpi
 def test_weak_scaling_runs_its_module_under_mpiexec():
-    setup = bench.WeakScaling(n_per_rank=64, ranks=(1, 2), segment_lengths=(32, 128), dilation_rates=(1, 2), heads=2, dim=8,
-                              backend="numpy", repeats=1)
+    setup = bench.WeakScaling(n_per_rank=64, ranks=(1, 2), segment_lengths=(32, 128), dilation_rates=(1, 2), heads=2, dim=8, backend="numpy", repeats=1)
     rows = bench.weak_scaling(setup)
     assert [(row["ranks"], row["n"]) for row in rows] == [(1, 64), (2, 128)]
     assert sum(b[0] for b in rows[0]["bytes_per_rank"]) == 0  # one rank: nothing to receive

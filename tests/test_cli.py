@@ -18,8 +18,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_verifies_a_small_configuration(capsys):
-    assert main(["demo", "--n", "200", "--heads", "3", "--dim", "8", "--segment-lengths", "16,64,100",
-                 "--dilation-rates", "1,3,6", "--causal", "--offsets", "torchscale", "--dtype", "float32"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--n",
+                "200",
+                "--heads",
+                "3",
+                "--dim",
+                "8",
+                "--segment-lengths",
+                "16,64,100",
+                "--dilation-rates",
+                "1,3,6",
+                "--causal",
+                "--offsets",
+                "torchscale",
+                "--dtype",
+                "float32",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "OK: every error" in printed and "attended (query, key) pairs" in printed
 
@@ -31,8 +52,7 @@ def test_demo_reports_bad_configurations_as_an_error(capsys):
 
 def run_cli(*args, env=None):
     """``python -m longnet_ref.cli ARGS`` in a subprocess, on this checkout."""
-    return subprocess.run([sys.executable, "-m", "longnet_ref.cli", *args], cwd=ROOT, capture_output=True, text=True, check=False,
-                          timeout=300, env=env)
+    return subprocess.run([sys.executable, "-m", "longnet_ref.cli", *args], cwd=ROOT, capture_output=True, text=True, check=False, timeout=300, env=env)
 
 
 def assert_one_line_error(result, *fragments):
@@ -50,13 +70,16 @@ def test_a_usage_error_ends_with_one_line_and_exit_status_2_without_traceback():
     assert_one_line_error(result, "--n: expected a positive integer, got '0'")
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["demo", "--n", "0"], "--n: expected a positive integer, got '0'"),
-    (["demo", "--segment-lengths", "256.5,512"], "--segment-lengths: expected comma-separated positive integers"),
-    (["demo", "--dilation-rates", "1,-2"], "--dilation-rates: expected comma-separated positive integers"),
-    (["bench", "--backend", "fast"], "--backend: invalid choice: 'fast'"),
-    (["bench", "--repeats", "0"], "--repeats: expected a positive integer"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["demo", "--n", "0"], "--n: expected a positive integer, got '0'"),
+        (["demo", "--segment-lengths", "256.5,512"], "--segment-lengths: expected comma-separated positive integers"),
+        (["demo", "--dilation-rates", "1,-2"], "--dilation-rates: expected comma-separated positive integers"),
+        (["bench", "--backend", "fast"], "--backend: invalid choice: 'fast'"),
+        (["bench", "--repeats", "0"], "--repeats: expected a positive integer"),
+    ],
+)
 def test_malformed_options_are_usage_errors(args, fragment, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(args)
@@ -83,8 +106,7 @@ def test_distributed_honours_backend_repeats_ranks_and_rows_per_rank(capsys, mon
 
     def fake_weak_scaling(setup):
         seen.append(setup)
-        return [dict(ranks=p, n=p * setup.n_per_rank, forward_s=1.0, forward_backward_s=2.0, bytes_per_rank=[(0, 0, 0)] * p)
-                for p in setup.ranks]
+        return [dict(ranks=p, n=p * setup.n_per_rank, forward_s=1.0, forward_backward_s=2.0, bytes_per_rank=[(0, 0, 0)] * p) for p in setup.ranks]
 
     monkeypatch.setattr(bench, "weak_scaling", fake_weak_scaling)
     assert main(["bench", "--distributed", "--backend", "numpy", "--repeats", "5", "--ranks", "1", "2", "--n-per-rank", "512"]) == 0
@@ -121,8 +143,9 @@ def test_bench_on_cupy_without_the_gpu_extra_names_the_extra(capsys, monkeypatch
 def test_missing_extras_are_named_with_the_install_command(capsys, monkeypatch, tmp_path):
     block_import(monkeypatch, "matplotlib", "matplotlib.pyplot")
     assert main(["pattern", "--output-dir", str(tmp_path)]) == 3
-    assert capsys.readouterr().err.strip() == ('longnet-ref pattern: error: this command needs matplotlib: '
-                                             'pip install "longnet-ref[bench]" (in a clone of the repository: pip install ".[bench]")')
+    assert capsys.readouterr().err.strip() == (
+        'longnet-ref pattern: error: this command needs matplotlib: pip install "longnet-ref[bench]" (in a clone of the repository: pip install ".[bench]")'
+    )
     block_import(monkeypatch, "mpi4py")
     assert main(["bench", "--distributed"]) == 3
     assert 'pip install "longnet-ref[mpi]"' in capsys.readouterr().err
@@ -153,7 +176,7 @@ def test_help_documents_every_option_with_its_default_and_no_markup(capsys):
         options = [line.split()[0] for line in text.splitlines() if line.startswith("  --")]
         assert options, text
         for option in options:
-            block = text[text.index("  " + option):].split("\n  -")[0]
+            block = text[text.index("  " + option) :].split("\n  -")[0]
             # every option has help text, and every option that takes a value shows its default
             assert len(block.split()) > 2, f"{command} {option} has no help"
             if option not in ("--causal", "--distributed", "--memory"):
@@ -182,8 +205,27 @@ def assert_refused(capsys, args, *fragments, status=2):
     return captured
 
 
-TINY = ["--n", "16", "--batch", "2", "--d-model", "16", "--heads", "4", "--layers", "1", "--segment-lengths", "4,8",
-        "--dilation-rates", "1,2", "--eval-every", "2", "--backend", "numpy", "--quiet"]
+TINY = [
+    "--n",
+    "16",
+    "--batch",
+    "2",
+    "--d-model",
+    "16",
+    "--heads",
+    "4",
+    "--layers",
+    "1",
+    "--segment-lengths",
+    "4,8",
+    "--dilation-rates",
+    "1,2",
+    "--eval-every",
+    "2",
+    "--backend",
+    "numpy",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -206,9 +248,14 @@ def never_called(*args, **kwargs):
     pytest.fail("the command did work before refusing")
 
 
-@pytest.mark.parametrize("option", [
-    ["train", "--out"], ["pattern", "--output-dir"], ["bench", "--preset", "paper", "--output-dir"],
-])
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["train", "--out"],
+        ["pattern", "--output-dir"],
+        ["bench", "--preset", "paper", "--output-dir"],
+    ],
+)
 def test_an_output_path_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, monkeypatch, option):
     monkeypatch.setattr(bench, "run", never_called)
     monkeypatch.setattr("longnet_ref.cli.train.fit", never_called)
@@ -225,14 +272,17 @@ def test_bench_checks_its_output_directory_before_the_benchmark_runs(tmp_path, c
     assert_refused(capsys, ["bench", "--output-dir", str(tmp_path / "results")], "exists and is not a directory")
 
 
-@pytest.mark.parametrize("args, fragments", [
-    (["demo", "--n", "100000000"], ["demo --n 100000000", "bytes", "the dense oracle", "available; lower --n"]),
-    (["demo", "--dim", "1000000000"], ["bytes", "lower"]),
-    (["train", "--n", "100000000"], ["a training step of 16 x 100000000 tokens", "bytes", "lower --n"]),
-    (["train", "--d-model", "1000000"], ["params, gradients, AdamW moments", "bytes"]),
-    (["train", "--layers", "100000000"], ["bytes"]),
-    (["train", "--attention", "dense", "--n", "65536"], ["dense attention scores", "bytes"]),
-])
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["demo", "--n", "100000000"], ["demo --n 100000000", "bytes", "the dense oracle", "available; lower --n"]),
+        (["demo", "--dim", "1000000000"], ["bytes", "lower"]),
+        (["train", "--n", "100000000"], ["a training step of 16 x 100000000 tokens", "bytes", "lower --n"]),
+        (["train", "--d-model", "1000000"], ["params, gradients, AdamW moments", "bytes"]),
+        (["train", "--layers", "100000000"], ["bytes"]),
+        (["train", "--attention", "dense", "--n", "65536"], ["dense attention scores", "bytes"]),
+    ],
+)
 def test_work_that_cannot_fit_in_memory_is_refused_with_the_bytes_it_needs(tmp_path, capsys, monkeypatch, args, fragments):
     monkeypatch.setattr("longnet_ref.cli.train.fit", never_called)
     monkeypatch.setattr("longnet_ref.cli.demo.dilated_attention", never_called)
@@ -247,8 +297,7 @@ def test_the_evaluation_is_forwarded_in_slices_of_the_training_batch(monkeypatch
     from longnet_ref.train import TrainConfig, TrainState, evaluate
 
     task = PasskeyTask(16)
-    config = lm.LongNetConfig(vocab_size=task.vocab_size, d_model=16, n_layers=1, n_heads=4, segment_lengths=(4, 8),
-                              dilation_rates=(1, 2))
+    config = lm.LongNetConfig(vocab_size=task.vocab_size, d_model=16, n_layers=1, n_heads=4, segment_lengths=(4, 8), dilation_rates=(1, 2))
     state = TrainState.fresh(config, TrainConfig(steps=1, batch_size=3))
     batch = task.batch(8, np.random.default_rng(0))
     seen = []
@@ -268,43 +317,68 @@ def log_softmax(z):
 
 def test_train_on_a_missing_gpu_extra_fails_before_the_banner_and_the_output_directory(tmp_path, capsys, monkeypatch):
     block_import(monkeypatch, "cupy")
-    captured = assert_refused(capsys, ["train", "--backend", "cupy", "--out", str(tmp_path / "r")],
-                              "needs CuPy", 'pip install "longnet-ref[gpu]"', 'pip install ".[gpu]"', status=3)
+    captured = assert_refused(
+        capsys, ["train", "--backend", "cupy", "--out", str(tmp_path / "r")], "needs CuPy", 'pip install "longnet-ref[gpu]"', 'pip install ".[gpu]"', status=3
+    )
     assert captured.out == "" and not (tmp_path / "r").exists()
 
 
 def test_train_n_too_short_names_the_options_not_internal_fields(capsys, tmp_path):
-    captured = assert_refused(capsys, ["train", "--n", "3", "--out", str(tmp_path / "r")],
-                              "--n 3 is too short", "--passkey-span 4", "--n >= 6")
+    captured = assert_refused(capsys, ["train", "--n", "3", "--out", str(tmp_path / "r")], "--n 3 is too short", "--passkey-span 4", "--n >= 6")
     assert "reach_fraction" not in captured.err
 
 
-@pytest.mark.parametrize("args", [
-    ["train", "--eval-every", "-1"], ["train", "--checkpoint-every", "-1"], ["train", "--blas-threads", "0"],
-    ["train", "--steps", "0"], ["train", "--batch", "-2"], ["train", "--lr", "0"], ["train", "--lr", "nan"],
-    ["train", "--lr", "inf"], ["train", "--clip", "-1"], ["train", "--weight-decay", "inf"], ["train", "--warmup", "-1"],
-    ["train", "--n", "2.5"], ["train", "--seed", "-1"], ["train", "--window", "0"], ["train", "--heads", "x"],
-    ["train", "--segment-lengths", "64,,128"], ["train", "--attention", "sparse"], ["train", "--backend", "fast"],
-    ["generate", "--checkpoint", "c", "--prompt", "a", "--temperature", "inf"],
-    ["generate", "--checkpoint", "c", "--prompt", "a", "--temperature", "nan"],
-    ["generate", "--checkpoint", "c", "--prompt", "a", "--temperature", "-1"],
-    ["generate", "--checkpoint", "c", "--prompt", "a", "--max-new-tokens", "-1"],
-    ["generate", "--checkpoint", "c", "--prompt", "a", "--top-k", "0"],
-    ["generate", "--checkpoint", "c", "--prompt", "a", "--seed", "-3"],
-    ["generate", "--prompt", "a"], ["generate", "--checkpoint", "c"],
-    ["demo", "--n", "-5"], ["demo", "--dim", "0"], ["demo", "--batch", "1e9"], ["demo", "--seed", "nan"],
-    ["bench", "--max-n", "0"], ["nonsense"], [],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--eval-every", "-1"],
+        ["train", "--checkpoint-every", "-1"],
+        ["train", "--blas-threads", "0"],
+        ["train", "--steps", "0"],
+        ["train", "--batch", "-2"],
+        ["train", "--lr", "0"],
+        ["train", "--lr", "nan"],
+        ["train", "--lr", "inf"],
+        ["train", "--clip", "-1"],
+        ["train", "--weight-decay", "inf"],
+        ["train", "--warmup", "-1"],
+        ["train", "--n", "2.5"],
+        ["train", "--seed", "-1"],
+        ["train", "--window", "0"],
+        ["train", "--heads", "x"],
+        ["train", "--segment-lengths", "64,,128"],
+        ["train", "--attention", "sparse"],
+        ["train", "--backend", "fast"],
+        ["generate", "--checkpoint", "c", "--prompt", "a", "--temperature", "inf"],
+        ["generate", "--checkpoint", "c", "--prompt", "a", "--temperature", "nan"],
+        ["generate", "--checkpoint", "c", "--prompt", "a", "--temperature", "-1"],
+        ["generate", "--checkpoint", "c", "--prompt", "a", "--max-new-tokens", "-1"],
+        ["generate", "--checkpoint", "c", "--prompt", "a", "--top-k", "0"],
+        ["generate", "--checkpoint", "c", "--prompt", "a", "--seed", "-3"],
+        ["generate", "--prompt", "a"],
+        ["generate", "--checkpoint", "c"],
+        ["demo", "--n", "-5"],
+        ["demo", "--dim", "0"],
+        ["demo", "--batch", "1e9"],
+        ["demo", "--seed", "nan"],
+        ["bench", "--max-n", "0"],
+        ["nonsense"],
+        [],
+    ],
+)
 def test_a_malformed_option_is_one_line_naming_it(capsys, args):
     captured = assert_refused(capsys, args, "error:", "(see longnet-ref")
     assert captured.out == ""
 
 
-@pytest.mark.parametrize("checkpoint, message", [
-    ("README.md", "is not a longnet-ref checkpoint: not a .npz archive"),
-    ("docs", "is a directory, not a file"),
-    ("nothing.npz", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "checkpoint, message",
+    [
+        ("README.md", "is not a longnet-ref checkpoint: not a .npz archive"),
+        ("docs", "is a directory, not a file"),
+        ("nothing.npz", "does not exist"),
+    ],
+)
 def test_generate_names_a_bad_checkpoint_without_inventing_a_file_name(capsys, monkeypatch, checkpoint, message):
     monkeypatch.chdir(ROOT)
     captured = assert_refused(capsys, ["generate", "--checkpoint", checkpoint, "--prompt", "x"], checkpoint, message)
@@ -314,8 +388,10 @@ def test_generate_names_a_bad_checkpoint_without_inventing_a_file_name(capsys, m
 def test_a_damaged_checkpoint_is_one_line_from_generate_and_from_resume(tmp_path, capsys, passkey_run):
     truncated = tmp_path / "checkpoint.npz"
     truncated.write_bytes((passkey_run / "checkpoint.npz").read_bytes()[:2000])
-    for args in (["generate", "--checkpoint", str(truncated), "--prompt", "3"],
-                 ["train", "--resume", str(truncated), "--steps", "9", "--out", str(tmp_path / "r")]):
+    for args in (
+        ["generate", "--checkpoint", str(truncated), "--prompt", "3"],
+        ["train", "--resume", str(truncated), "--steps", "9", "--out", str(tmp_path / "r")],
+    ):
         assert_refused(capsys, args, str(truncated), "truncated")
 
 
@@ -323,8 +399,9 @@ def test_generate_checks_everything_before_printing_the_prompt(capsys, text_run)
     checkpoint = str(text_run / "checkpoint.npz")
     captured = assert_refused(capsys, ["generate", "--checkpoint", checkpoint, "--prompt", ""], "--prompt must not be empty")
     assert captured.out == ""
-    captured = assert_refused(capsys, ["generate", "--checkpoint", checkpoint, "--prompt", "abc", "--max-new-tokens",
-                                       str(10**18)], "bytes", "lower --max-new-tokens")
+    captured = assert_refused(
+        capsys, ["generate", "--checkpoint", checkpoint, "--prompt", "abc", "--max-new-tokens", str(10**18)], "bytes", "lower --max-new-tokens"
+    )
     assert captured.out == ""
 
 
@@ -334,20 +411,23 @@ def test_generate_on_a_passkey_checkpoint_takes_a_passkey_and_prints_the_answer(
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("passkey 3 hidden 4 times from position ") and "of a 16-token sequence" in lines[0]
     assert lines[1].startswith("answer: ") and lines[1].endswith(("(correct)", "(wrong)"))
-    captured = assert_refused(capsys, ["generate", "--checkpoint", checkpoint, "--prompt", "Dilated attention"],
-                              "is a passkey-retrieval model", "an integer from 1 to 8", "--text FILE")
+    captured = assert_refused(
+        capsys,
+        ["generate", "--checkpoint", checkpoint, "--prompt", "Dilated attention"],
+        "is a passkey-retrieval model",
+        "an integer from 1 to 8",
+        "--text FILE",
+    )
     assert captured.out == ""
     assert_refused(capsys, ["generate", "--checkpoint", checkpoint, "--prompt", "9"], "from 1 to 8, got '9'")
-    assert_refused(capsys, ["generate", "--checkpoint", checkpoint, "--prompt", "3", "--temperature", "0.5"],
-                   "--temperature applies to text checkpoints only")
+    assert_refused(capsys, ["generate", "--checkpoint", checkpoint, "--prompt", "3", "--temperature", "0.5"], "--temperature applies to text checkpoints only")
 
 
 def test_a_run_is_not_overwritten_by_another_unless_asked(tmp_path, capsys, monkeypatch, passkey_run, text_run):
     text = text_run.parent / "t.txt"
     monkeypatch.setattr("longnet_ref.cli.train.fit", never_called)
     before = (passkey_run / "checkpoint.npz").read_bytes()
-    assert_refused(capsys, ["train", *TINY, "--text", str(text), "--out", str(passkey_run)],
-                   f"--out {passkey_run} already holds a run", "--overwrite")
+    assert_refused(capsys, ["train", *TINY, "--text", str(text), "--out", str(passkey_run)], f"--out {passkey_run} already holds a run", "--overwrite")
     assert (passkey_run / "checkpoint.npz").read_bytes() == before
     monkeypatch.undo()  # train for real from here on
     monkeypatch.chdir(tmp_path)  # the default directories differ per task
@@ -357,23 +437,36 @@ def test_a_run_is_not_overwritten_by_another_unless_asked(tmp_path, capsys, monk
     assert main(["train", *TINY, "--steps", "1", "--eval-every", "0", "--overwrite"]) == 0
 
 
-@pytest.mark.parametrize("option, value, saved", [
-    ("--d-model", "32", "16"), ("--lr", "0.1", "0.003"), ("--layers", "2", "1"), ("--heads", "2", "4"),
-    ("--attention", "dense", "dilated"), ("--segment-lengths", "4,16", "4,8"), ("--batch", "3", "2"),
-    ("--dtype", "float64", "float32"), ("--seed", "1", "0"), ("--n", "32", "16"), ("--passkey-span", "2", "4"),
-])
+@pytest.mark.parametrize(
+    "option, value, saved",
+    [
+        ("--d-model", "32", "16"),
+        ("--lr", "0.1", "0.003"),
+        ("--layers", "2", "1"),
+        ("--heads", "2", "4"),
+        ("--attention", "dense", "dilated"),
+        ("--segment-lengths", "4,16", "4,8"),
+        ("--batch", "3", "2"),
+        ("--dtype", "float64", "float32"),
+        ("--seed", "1", "0"),
+        ("--n", "32", "16"),
+        ("--passkey-span", "2", "4"),
+    ],
+)
 def test_resume_refuses_options_that_contradict_its_checkpoint(tmp_path, capsys, monkeypatch, passkey_run, option, value, saved):
     monkeypatch.setattr("longnet_ref.cli.train.fit", never_called)
-    assert_refused(capsys, ["train", "--resume", str(passkey_run / "checkpoint.npz"), "--steps", "8", option, value,
-                            "--out", str(tmp_path / "r")], f"{option} {value} conflicts with the checkpoint's {saved}")
+    assert_refused(
+        capsys,
+        ["train", "--resume", str(passkey_run / "checkpoint.npz"), "--steps", "8", option, value, "--out", str(tmp_path / "r")],
+        f"{option} {value} conflicts with the checkpoint's {saved}",
+    )
 
 
 def test_resume_with_nothing_left_to_do_is_an_error_not_an_empty_log(tmp_path, capsys, monkeypatch, passkey_run):
     monkeypatch.setattr("longnet_ref.cli.train.fit", never_called)
     log = (passkey_run / "log.json").read_bytes()
     for steps in (["--steps", "3"], ["--steps", "4"], []):
-        assert_refused(capsys, ["train", "--resume", str(passkey_run / "checkpoint.npz"), *steps],
-                       "the checkpoint is at step 4 of 4", "nothing to do", "N > 4")
+        assert_refused(capsys, ["train", "--resume", str(passkey_run / "checkpoint.npz"), *steps], "the checkpoint is at step 4 of 4", "nothing to do", "N > 4")
     assert (passkey_run / "log.json").read_bytes() == log
 
 
@@ -396,8 +489,7 @@ def test_an_unexpected_exception_is_one_line_asking_for_a_report(capsys, monkeyp
         raise RuntimeError("an internal\ninvariant broke")
 
     monkeypatch.setattr("longnet_ref.cli.demo.run", bug)
-    assert_refused(capsys, ["demo"], "unexpected RuntimeError: an internal invariant broke", "please report it",
-                   status=70)
+    assert_refused(capsys, ["demo"], "unexpected RuntimeError: an internal invariant broke", "please report it", status=70)
 
 
 def test_help_has_a_description_per_command_and_each_default_once(capsys):
@@ -407,12 +499,12 @@ def test_help_has_a_description_per_command_and_each_default_once(capsys):
         assert len(description.split()) > 5, f"{command} has no description"
         options = [line.split()[0] for line in text.splitlines() if line.startswith("  --")]
         for option in options:
-            block = text[text.index("  " + option):].split("\n  -")[0]
+            block = text[text.index("  " + option) :].split("\n  -")[0]
             assert block.count("default") <= 1, f"{command} {option}: {block}"
             assert "(default: None)" not in block, f"{command} {option}: {block}"
     generate_help = help_text(capsys, "generate")
     for required in ("--checkpoint", "--prompt"):
-        block = generate_help[generate_help.index("  " + required):].split("\n  -")[0]
+        block = generate_help[generate_help.index("  " + required) :].split("\n  -")[0]
         assert "default" not in block
     train_help = help_text(capsys, "train")
     assert "--attention {dilated,dense,window}" in train_help
@@ -426,11 +518,14 @@ def test_every_module_the_readme_lists_in_the_api_is_an_attribute_of_the_package
     assert result.stdout.strip() == str(sorted(listed))
 
 
-@pytest.mark.parametrize("args", [
-    ["--n", "1", "--causal"],  # one row that attends itself: dq = dk = 0 exactly
-    ["--n", "8", "--heads", "3", "--segment-lengths", "4", "--dilation-rates", "2"],  # rows no branch covers: lse = -inf
-    ["--n", "64", "--segment-lengths", "16", "--dilation-rates", str(2**40)],  # r > w: one row per segment
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--n", "1", "--causal"],  # one row that attends itself: dq = dk = 0 exactly
+        ["--n", "8", "--heads", "3", "--segment-lengths", "4", "--dilation-rates", "2"],  # rows no branch covers: lse = -inf
+        ["--n", "64", "--segment-lengths", "16", "--dilation-rates", str(2**40)],  # r > w: one row per segment
+    ],
+)
 def test_demo_passes_configurations_with_vanishing_gradients_and_uncovered_rows(capsys, args):
     assert main(["demo", *args, "--backend", "numpy"]) == 0, capsys.readouterr().out
     assert "OK: every error" in capsys.readouterr().out
@@ -447,17 +542,28 @@ def test_the_demo_check_counts_a_one_sided_infinity_or_nan_as_an_error():
     assert max_relative_error(np.array([1e-3, 0.0]), np.array([1e-17, 0.0])) == abs(1e-3 - 1e-17)  # absolute below 1
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--window", "8"], "--window applies only with --attention window"),
-    (["--text", "README.md", "--passkey-span", "2"], "--passkey-span applies only to the passkey task"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--window", "8"], "--window applies only with --attention window"),
+        (["--text", "README.md", "--passkey-span", "2"], "--passkey-span applies only to the passkey task"),
+    ],
+)
 def test_an_option_the_run_would_ignore_is_refused(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(ROOT)
     assert_refused(capsys, ["train", *args, "--out", str(tmp_path / "r")], message)
 
 
-@pytest.mark.parametrize("args", [["train", "--out", ""], ["pattern", "--output-dir", ""], ["bench", "--output-dir", ""],
-                                  ["train", "--text", ""], ["generate", "--checkpoint", "", "--prompt", "x"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--out", ""],
+        ["pattern", "--output-dir", ""],
+        ["bench", "--output-dir", ""],
+        ["train", "--text", ""],
+        ["generate", "--checkpoint", "", "--prompt", "x"],
+    ],
+)
 def test_an_empty_path_is_refused(capsys, args):
     assert_refused(capsys, args, "must not be empty")
 
@@ -470,8 +576,13 @@ def test_version(capsys):
 
 def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys):
     out = tmp_path / "r"
-    assert_refused(capsys, ["train", *TINY, "--steps", "6", "--lr", "1e20", "--checkpoint-every", "1", "--out", str(out)],
-                   "are not finite at step", "training diverged", "--lr 1e+20")
+    assert_refused(
+        capsys,
+        ["train", *TINY, "--steps", "6", "--lr", "1e20", "--checkpoint-every", "1", "--out", str(out)],
+        "are not finite at step",
+        "training diverged",
+        "--lr 1e+20",
+    )
     state, _ = load_checkpoint(out / "checkpoint.npz")  # the last step whose parameters were finite
     assert all(np.isfinite(p).all() for p in state.params.values())
     assert not (out / "log.json").exists()

@@ -69,7 +69,9 @@ MISTAKES = [
 ]
 
 
-@pytest.mark.parametrize(("forward", "backward", "section", "diagnosis", "causal"), MISTAKES, ids=[m[0].__name__ + (f"+{m[1].__name__}" if m[1] else "") for m in MISTAKES])
+@pytest.mark.parametrize(
+    ("forward", "backward", "section", "diagnosis", "causal"), MISTAKES, ids=[m[0].__name__ + (f"+{m[1].__name__}" if m[1] else "") for m in MISTAKES]
+)
 def test_each_classic_mistake_fails_in_its_own_section_with_a_small_counterexample(forward, backward, section, diagnosis, causal):
     report = run(forward, backward, causal=causal)
     assert [f.section for f in report.failures] == [section], str(report)
@@ -155,8 +157,9 @@ TARGETS = "longnet_ref.conformance.targets"
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
 def test_longnet_ref_check_of_our_backends_exits_0(backend, capsys, tmp_path):
     report = tmp_path / "report.json"
-    status = main(["check", f"{TARGETS}:{backend}_forward", "--backward", f"{TARGETS}:{backend}_backward",
-                   "--examples", "4", "--seed", "0", "--json", str(report)])
+    status = main(
+        ["check", f"{TARGETS}:{backend}_forward", "--backward", f"{TARGETS}:{backend}_backward", "--examples", "4", "--seed", "0", "--json", str(report)]
+    )
     assert status == 0
     assert "CONFORMANT" in capsys.readouterr().out
     assert json.loads(report.read_text())["ok"] is True

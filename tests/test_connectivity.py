@@ -21,9 +21,7 @@ from longnet_ref import complexity
 
 def neighbours_share_a_dilation_one_segment(n, segment_lengths, dilation_rates):
     """The condition written from the definition: b - 1 and b in one segment of an r = 1 branch."""
-    return all(
-        any(r == 1 and b // w == (b - 1) // w for w, r in zip(segment_lengths, dilation_rates)) for b in range(1, n)
-    )
+    return all(any(r == 1 and b // w == (b - 1) // w for w, r in zip(segment_lengths, dilation_rates)) for b in range(1, n))
 
 
 @settings(max_examples=60, deadline=None)

@@ -26,9 +26,7 @@ def simulate(check, *args):
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     command = [sys.executable, "-m", "tests.simulated_cuda_kernels", check, *map(str, args)]
     result = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0 and f"ok {check}" in result.stdout, (
-        f"{' '.join(command[1:])} failed:\n{result.stdout[-2000:]}\n{result.stderr[-6000:]}"
-    )
+    assert result.returncode == 0 and f"ok {check}" in result.stdout, f"{' '.join(command[1:])} failed:\n{result.stdout[-2000:]}\n{result.stderr[-6000:]}"
 
 
 def test_kernels_agree_with_the_reference_on_random_tiny_problems():
@@ -37,9 +35,7 @@ def test_kernels_agree_with_the_reference_on_random_tiny_problems():
     simulate("random", random.randrange(2**32))
 
 
-@pytest.mark.parametrize(
-    "check", ["production-geometry", "nan-rows", "weightless-rows", "empty-sequence", "zero-value-dim", "float16"]
-)
+@pytest.mark.parametrize("check", ["production-geometry", "nan-rows", "weightless-rows", "empty-sequence", "zero-value-dim", "float16"])
 def test_kernels_in_the_simulator(check):
     """production-geometry: the real block and tile sizes across two blocks (the cross-block
     gradient case); nan-rows: a NaN reaches exactly the rows that attend it; weightless-rows: a

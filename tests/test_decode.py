@@ -30,8 +30,14 @@ TOLERANCE = DECODE_STEP  # tests/tolerances.py
 
 def new_cache(problem, **options):
     return DilatedKVCache(
-        problem.batch, problem.num_heads, problem.head_dim, problem.value_dim, *problem.branches,
-        offsets=problem.offsets, dtype=problem.dtype, **options,
+        problem.batch,
+        problem.num_heads,
+        problem.head_dim,
+        problem.value_dim,
+        *problem.branches,
+        offsets=problem.offsets,
+        dtype=problem.dtype,
+        **options,
     )
 
 
@@ -300,7 +306,9 @@ def test_dense_cache_prefill_longer_than_twice_its_initial_capacity():
     expected_out, expected_lse = dense_attention(q, k, v, causal=True, return_lse=True)
     cache = DenseKVCache(1, 2, 3, 3)
     assert cache.capacity < prompt / 2  # the case under test: one prefill past a single doubling
-    assert_rows_equal(*cache.prefill(q[:, :prompt], k[:, :prompt], v[:, :prompt]), expected_out[:, :prompt], expected_lse[:, :prompt], TOLERANCE[np.dtype(np.float64)])
+    assert_rows_equal(
+        *cache.prefill(q[:, :prompt], k[:, :prompt], v[:, :prompt]), expected_out[:, :prompt], expected_lse[:, :prompt], TOLERANCE[np.dtype(np.float64)]
+    )
     for t in range(prompt, n):
         assert_rows_equal(*cache.step(q[:, t], k[:, t], v[:, t]), expected_out[:, t], expected_lse[:, t], TOLERANCE[np.dtype(np.float64)])
 
@@ -405,7 +413,11 @@ def test_decode_benchmark_quick_run(tmp_path):
     """The benchmark's smoke run: one command, both caches, the table printed."""
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "decode_bench.py"), "--quick", "--output", str(tmp_path / "decode.json")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "dilated" in result.stdout and "dense" in result.stdout

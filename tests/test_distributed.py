@@ -44,7 +44,11 @@ ENV = dict(
 def test_distributed_suite_passes_on_every_rank(ranks):
     result = subprocess.run(
         [*mpiexec(), "-n", str(ranks), sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/mpi"],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900,
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
     assert result.stdout.count(" passed") == ranks  # every rank ran and passed its tests
@@ -89,7 +93,12 @@ BAD_INPUT = textwrap.dedent(
 def test_a_failure_on_one_rank_ends_every_rank_quickly_with_an_error(script, message):
     start = time.monotonic()
     result = subprocess.run(
-        [*mpiexec(), "-n", "3", sys.executable, "-c", script], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120,
+        [*mpiexec(), "-n", "3", sys.executable, "-c", script],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     elapsed = time.monotonic() - start
     assert result.returncode != 0
@@ -100,9 +109,30 @@ def test_a_failure_on_one_rank_ends_every_rank_quickly_with_an_error(script, mes
 
 # ---- longnet-ref train, sequence-parallel (issue 19, section 2) -----------------------------------
 
-TRAIN = ["-m", "longnet_ref.cli", "train", "--segment-lengths", "8,32", "--dilation-rates", "1,2", "--d-model", "16",
-         "--heads", "2", "--layers", "1", "--batch", "2", "--eval-every", "2", "--backend", "numpy", "--dtype", "float64",
-         "--quiet"]
+TRAIN = [
+    "-m",
+    "longnet_ref.cli",
+    "train",
+    "--segment-lengths",
+    "8,32",
+    "--dilation-rates",
+    "1,2",
+    "--d-model",
+    "16",
+    "--heads",
+    "2",
+    "--layers",
+    "1",
+    "--batch",
+    "2",
+    "--eval-every",
+    "2",
+    "--backend",
+    "numpy",
+    "--dtype",
+    "float64",
+    "--quiet",
+]
 
 
 def _train(ranks, *options, cwd=ROOT):
@@ -150,6 +180,7 @@ def test_train_under_mpiexec_with_a_bad_option_stops_every_rank_with_one_line(tm
     result = _train(2, "--n", "33", "--steps", "2", "--out", str(tmp_path / "run"))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert lines == ["longnet-ref train: error: --n 33 is not divisible by the 2 MPI ranks (each rank holds N/P tokens "
-                     "of every sequence): use a multiple of 2"], result.stderr
+    assert lines == [
+        "longnet-ref train: error: --n 33 is not divisible by the 2 MPI ranks (each rank holds N/P tokens of every sequence): use a multiple of 2"
+    ], result.stderr
     assert not (tmp_path / "run").exists()

@@ -66,9 +66,11 @@ def test_the_model_figures_redraw_from_the_committed_training_logs(tmp_path):
     """``EXPERIMENT_FIGURES``' passkey and text commands redraw from ``benchmarks/results`` alone."""
     for experiment in ("passkey", "text"):
         result = subprocess.run(
-            [sys.executable, "benchmarks/model_figures.py", experiment, "--plot-only",
-             "--runs", "benchmarks/results/model-runs", "--figures", str(tmp_path)],
-            cwd=ROOT, capture_output=True, text=True, timeout=300,
+            [sys.executable, "benchmarks/model_figures.py", experiment, "--plot-only", "--runs", "benchmarks/results/model-runs", "--figures", str(tmp_path)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert result.returncode == 0, result.stderr[-3000:]
     assert {p.name for p in tmp_path.iterdir()} == {"model_passkey.png", "model_text_loss.png"}
@@ -79,7 +81,10 @@ def site(tmp_path_factory):
     site_dir = tmp_path_factory.mktemp("site")
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site_dir)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return site_dir
@@ -113,16 +118,27 @@ def test_the_missing_figure_check_fails_the_build(tmp_path):
     (tmp_path / "docs" / "figures" / "pattern.png").unlink()
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
     )
     assert result.returncode != 0 and "missing figures" in result.stdout + result.stderr
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--virtual-time-budget=15000", "--window-size=1280,2400",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=15000",
+    "--window-size=1280,2400",
 ]
 
 
@@ -134,7 +150,9 @@ def test_maths_is_typeset_in_headless_chromium(site, page, tmp_path):
     profile = tmp_path / "profile"
     dom = subprocess.run(
         [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url],
-        capture_output=True, text=True, timeout=180,
+        capture_output=True,
+        text=True,
+        timeout=180,
     ).stdout
     assert "<mjx-container" in dom, "MathJax did not typeset the page"
     typeset = dom.count("<mjx-container")
@@ -147,7 +165,8 @@ def test_maths_is_typeset_in_headless_chromium(site, page, tmp_path):
     shot = artefacts / (page.replace("/", "_").replace(".html", ".png"))
     subprocess.run(
         [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}", url],
-        capture_output=True, timeout=180,
+        capture_output=True,
+        timeout=180,
     )
     assert shot.is_file() and shot.stat().st_size > 20_000
 
@@ -309,9 +328,18 @@ def learn_measurements(site, tmp_path_factory):
         frame_page.write_text(FRAMES % frames)
         flags = [f for f in CHROMIUM_FLAGS if not f.startswith(("--window-size", "--virtual-time-budget"))]
         dom = subprocess.run(
-            [CHROMIUM, *flags, "--virtual-time-budget=60000", f"--window-size={width + 100},1600",
-             f"--user-data-dir={tmp_path_factory.mktemp('profile')}", "--dump-dom", frame_page.as_uri()],
-            capture_output=True, text=True, timeout=300,
+            [
+                CHROMIUM,
+                *flags,
+                "--virtual-time-budget=60000",
+                f"--window-size={width + 100},1600",
+                f"--user-data-dir={tmp_path_factory.mktemp('profile')}",
+                "--dump-dom",
+                frame_page.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
         ).stdout
         found = re.search(r"data-results=\"([^\"]*)\"", dom)
         measured[width] = json.loads(html_module.unescape(found.group(1))) if found else {}
@@ -390,8 +418,7 @@ def test_every_test_a_page_names_exists_and_the_built_page_links_its_file(site):
 
 
 def test_headings_hold_no_maths_because_the_table_of_contents_shows_it_raw():
-    headings = [f"{page.name}: {line}" for page in PAGES for line in page.read_text().splitlines()
-                if line.startswith("#") and ("\\(" in line or "$" in line)]
+    headings = [f"{page.name}: {line}" for page in PAGES for line in page.read_text().splitlines() if line.startswith("#") and ("\\(" in line or "$" in line)]
     assert not headings, headings
 
 
@@ -423,8 +450,12 @@ def test_every_learn_page_runs_as_a_notebook_top_to_bottom(tmp_path):
     assert len(scripts) >= 10
     run_all = "import runpy, sys\nfor path in sys.argv[1:]:\n    print(path, flush=True)\n    runpy.run_path(path)\n"
     result = subprocess.run(
-        [sys.executable, "-c", run_all, *map(str, scripts)], cwd=tmp_path, capture_output=True, text=True,
-        timeout=600, env=dict(os.environ, MPLBACKEND="Agg"),
+        [sys.executable, "-c", run_all, *map(str, scripts)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, MPLBACKEND="Agg"),
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 

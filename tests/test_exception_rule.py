@@ -24,8 +24,7 @@ from longnet_ref.train import TrainConfig
 # ---------------------------------------------------------------------------------------------
 # the bad values, per kind of argument: (label, value, the class SPEC §7 names)
 
-WRONG_TYPE_INTEGERS = [("a float", 2.5), ("a whole float", 2.0), ("a bool", True), ("a string", "4"), ("None", None),
-                       ("a NumPy float", np.float64(2.0))]
+WRONG_TYPE_INTEGERS = [("a float", 2.5), ("a whole float", 2.0), ("a bool", True), ("a string", "4"), ("None", None), ("a NumPy float", np.float64(2.0))]
 WRONG_TYPE_FLAGS = [("an int", 1), ("a string", "yes"), ("None", None), ("a float", 0.0)]
 WRONG_TYPE_REALS = [("a string", "hot"), ("a bool", True), ("a complex", 1j)]
 NON_FINITE_REALS = [("NaN", math.nan), ("infinity", math.inf)]
@@ -126,8 +125,7 @@ ENTRY_POINTS = [
     ("complexity.attended_pairs", "n", integer_cases(0), lambda v: complexity.attended_pairs(v, 2, [4], [1])),
     ("complexity.dilated_flops", "head_dim", integer_cases(1), lambda v: complexity.dilated_flops(8, 2, v, [4], [1])),
     ("complexity.dense_pairs", "num_heads", integer_cases(0), lambda v: complexity.dense_pairs(8, v)),
-    ("complexity.geometric_configuration", "ratio", integer_cases(2),
-     lambda v: complexity.geometric_configuration(64, 4, v)),
+    ("complexity.geometric_configuration", "ratio", integer_cases(2), lambda v: complexity.geometric_configuration(64, 4, v)),
     ("complexity.path_length", "n", integer_cases(0), lambda v: complexity.path_length(v, 2, [4], [1])),
     # flags
     ("MultiheadDilatedAttention", "causal", FLAG_CASES, lambda v: layer(causal=v)),
@@ -150,8 +148,7 @@ ENTRY_POINTS = [
     ("MultiheadDilatedAttention", "backend", BACKEND_CASES, lambda v: layer(backend=v)),
     ("LongNetConfig", "backend", BACKEND_CASES, lambda v: config(backend=v)),
     ("dilated_attention", "backend", BACKEND_CASES, lambda v: attention(backend=v)),
-    ("DilatedKVCache.prefill", "backend", BACKEND_CASES,
-     lambda v: dilated_cache().prefill(Q[:, :4, :, :], Q[:, :4, :, :], Q[:, :4, :, :], backend=v)),
+    ("DilatedKVCache.prefill", "backend", BACKEND_CASES, lambda v: dilated_cache().prefill(Q[:, :4, :, :], Q[:, :4, :, :], Q[:, :4, :, :], backend=v)),
     ("MultiheadDilatedAttention", "offsets", OFFSET_CASES, lambda v: layer(offsets=v)),
     ("DilatedKVCache", "offsets", OFFSET_CASES, lambda v: dilated_cache(offsets=v)),
     ("LongNetConfig", "offsets", OFFSET_CASES, lambda v: config(offsets=v)),
@@ -179,16 +176,11 @@ BAD_TOKENS = [
 ENTRY_POINTS += [
     ("model.forward", "tokens", BAD_TOKENS, lambda v: lm.forward(CONFIG, PARAMS, v)),
     ("LongNetLM.forward", "tokens", BAD_TOKENS, lambda v: lm.LongNetLM(CONFIG, PARAMS).forward(v)),
-    ("model.loss_and_grads", "targets", BAD_TOKENS[:-1],
-     lambda v: lm.loss_and_grads(CONFIG, PARAMS, TOKENS[:, :2], v)),
+    ("model.loss_and_grads", "targets", BAD_TOKENS[:-1], lambda v: lm.loss_and_grads(CONFIG, PARAMS, TOKENS[:, :2], v)),
     ("generate", "prompt_tokens", BAD_TOKENS, lambda v: generating(prompt_tokens=v)),
 ]
 
-CASES = [
-    pytest.param(call, name, value, error, id=f"{entry}-{name}-{label}")
-    for entry, name, cases, call in ENTRY_POINTS
-    for label, value, error in cases
-]
+CASES = [pytest.param(call, name, value, error, id=f"{entry}-{name}-{label}") for entry, name, cases, call in ENTRY_POINTS for label, value, error in cases]
 
 
 @pytest.mark.parametrize("call, name, value, error", CASES)
@@ -231,18 +223,21 @@ NOT_A_GENERATOR = [("None", None, InputTypeError), ("a seed", 0, InputTypeError)
 
 
 @pytest.mark.parametrize("label, value, error", NOT_A_GENERATOR, ids=[c[0] for c in NOT_A_GENERATOR])
-@pytest.mark.parametrize("call", [lambda g: sample(np.zeros((1, 5)), g), lambda g: PasskeyTask(n=16).batch(2, g)],
-                         ids=["sample", "PasskeyTask.batch"])
+@pytest.mark.parametrize("call", [lambda g: sample(np.zeros((1, 5)), g), lambda g: PasskeyTask(n=16).batch(2, g)], ids=["sample", "PasskeyTask.batch"])
 def test_a_random_generator_argument_must_be_a_generator(call, label, value, error):
     with pytest.raises(error, match="rng must be a numpy.random.Generator"):
         call(value)
 
 
-@pytest.mark.parametrize("logits, error, message", [
-    (np.zeros(5), ValueError, "logits must be 2-D"),
-    (np.zeros((1, 5), np.int64), InputTypeError, "logits must be float32 or float64"),
-    (np.full((1, 5), np.nan), ValueError, "logits must not contain NaN"),
-], ids=["1-D", "integers", "NaN"])
+@pytest.mark.parametrize(
+    "logits, error, message",
+    [
+        (np.zeros(5), ValueError, "logits must be 2-D"),
+        (np.zeros((1, 5), np.int64), InputTypeError, "logits must be float32 or float64"),
+        (np.full((1, 5), np.nan), ValueError, "logits must not contain NaN"),
+    ],
+    ids=["1-D", "integers", "NaN"],
+)
 def test_sample_checks_its_logits(logits, error, message):
     with pytest.raises(ValueError, match=message) as raised:
         sample(logits, rng)
@@ -270,11 +265,15 @@ def test_the_model_checks_its_params_on_every_forward():
         lm.forward(CONFIG, {name: value.astype(np.float32) for name, value in PARAMS.items()}, TOKENS)
 
 
-@pytest.mark.parametrize("call", [
-    lambda: counts(n=10**7),  # 4 H N^2 = 8e14 bytes
-    lambda: dilated_cache(segment_lengths=[10**13]),  # sum ceil(w / r) = 1e13 rows
-    lambda: dense_cache(capacity=10**13),
-], ids=["multiplicity", "DilatedKVCache", "DenseKVCache"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: counts(n=10**7),  # 4 H N^2 = 8e14 bytes
+        lambda: dilated_cache(segment_lengths=[10**13]),  # sum ceil(w / r) = 1e13 rows
+        lambda: dense_cache(capacity=10**13),
+    ],
+    ids=["multiplicity", "DilatedKVCache", "DenseKVCache"],
+)
 def test_an_allocation_beyond_the_machine_is_refused_before_it_is_tried(call):
     with pytest.raises(ValueError, match=r"needs [\d,]+ bytes .* more than this machine's [\d,]+ bytes of memory") as raised:
         call()

@@ -52,10 +52,7 @@ def test_mixture_is_the_softmax_denominator_weighted_sum_of_branches(problem):
     """Paper Eqs. 9-10 written out: each branch alone, then out = sum_i exp(lse_i - LSE) o_i."""
     q, k, v, _ = problem.arrays
     out, lse = dilated_attention(q, k, v, *problem.branches, return_lse=True, **problem.options)
-    single = [
-        dilated_attention(q, k, v, [w], [r], return_lse=True, **problem.options)
-        for w, r in zip(*problem.branches)
-    ]
+    single = [dilated_attention(q, k, v, [w], [r], return_lse=True, **problem.options) for w, r in zip(*problem.branches)]
     lses = np.stack([l for _, l in single])  # (k, B, N, H)
     expected_lse = np.logaddexp.reduce(lses, axis=0)
     with np.errstate(invalid="ignore"):

@@ -217,15 +217,35 @@ def test_generate_returns_the_prompt_and_exactly_max_new_tokens_more(new_tokens)
 def test_generate_command_streams_exactly_max_new_tokens_bytes_after_the_prompt(tmp_path, capfdbinary):
     text = tmp_path / "t.txt"
     text.write_text("abcabcabcabc " * 30)
-    small = ["--n", "16", "--steps", "3", "--batch", "2", "--d-model", "16", "--heads", "4", "--layers", "1",
-             "--segment-lengths", "4,8", "--dilation-rates", "1,2", "--quiet", "--dtype", "float64", "--backend", "numpy"]
+    small = [
+        "--n",
+        "16",
+        "--steps",
+        "3",
+        "--batch",
+        "2",
+        "--d-model",
+        "16",
+        "--heads",
+        "4",
+        "--layers",
+        "1",
+        "--segment-lengths",
+        "4,8",
+        "--dilation-rates",
+        "1,2",
+        "--quiet",
+        "--dtype",
+        "float64",
+        "--backend",
+        "numpy",
+    ]
     assert main(["train", *small, "--text", str(text), "--out", str(tmp_path / "run")]) == 0
     capfdbinary.readouterr()
     checkpoint = tmp_path / "run" / "checkpoint.npz"
     state, _ = load_checkpoint(checkpoint)
     for new_tokens in (0, 7):
-        code = main(["generate", "--checkpoint", str(checkpoint), "--prompt", "abc", "--max-new-tokens", str(new_tokens),
-                     "--temperature", "0"])
+        code = main(["generate", "--checkpoint", str(checkpoint), "--prompt", "abc", "--max-new-tokens", str(new_tokens), "--temperature", "0"])
         assert code == 0
         printed = capfdbinary.readouterr().out
         assert printed.startswith(b"abc") and printed.endswith(b"\n")

@@ -74,7 +74,7 @@ def test_the_package_import_graph_has_no_cycle():
             if nxt.startswith(node + "."):
                 continue  # a package importing its own submodule is not a back edge
             if state.get(nxt) == 1:
-                cycles.append(path[path.index(nxt):] + [nxt])
+                cycles.append(path[path.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = 2

@@ -80,12 +80,7 @@ def test_every_head_of_every_branch_is_iterated_once(n, h, k, data):
     branches = validate_branches(w, r)
     seen = {(g.branch, int(head)) for g in sparse_segments(n, h, branches, rule) for head in g.heads}
     # A (branch, head) pair is missing only when its offset selects no row: o >= min(w, N).
-    expected = {
-        (i, head)
-        for i, b in enumerate(branches)
-        for head, o in enumerate(head_offsets(h, b.dilation, rule))
-        if o < min(b.segment_length, n)
-    }
+    expected = {(i, head) for i, b in enumerate(branches) for head, o in enumerate(head_offsets(h, b.dilation, rule)) if o < min(b.segment_length, n)}
     assert seen == expected
 
 

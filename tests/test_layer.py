@@ -87,9 +87,7 @@ def make_layer(problem):
 def test_layer_equals_projections_plus_dense_attention_with_multiplicity_bias(problem):
     layer, x, _ = make_layer(problem)
     y, _ = layer.forward(x)
-    expected = oracle_layer(
-        layer.params, x, layer.num_heads, layer.segment_lengths, layer.dilation_rates, layer.causal, layer.offsets
-    )
+    expected = oracle_layer(layer.params, x, layer.num_heads, layer.segment_lengths, layer.dilation_rates, layer.causal, layer.offsets)
     np.testing.assert_allclose(y, expected, **TOL64)
 
 
@@ -147,9 +145,7 @@ def test_window_for_scores_as_many_pairs_as_the_dilated_configuration(segment_le
 
 
 def test_window_for_is_the_paper_cost_sum_of_w_over_r_squared():
-    assert nn.window_for([2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12]) == math.ceil(
-        2048 + 4096 / 4 + 8192 / 16 + 16384 / 36 + 32768 / 144
-    )
+    assert nn.window_for([2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12]) == math.ceil(2048 + 4096 / 4 + 8192 / 16 + 16384 / 36 + 32768 / 144)
     assert nn.window_for([4], [3]) == 1
 
 
@@ -263,16 +259,23 @@ def test_layer_with_torchscale_offsets_equals_torchscale_where_spec_says_it_is_e
     n = x.shape[1]
     if not torchscale_is_exact(n, layer.segment_lengths, layer.dilation_rates, layer.causal):
         return  # no exact length for this configuration (rare); the SPEC §8 cases are below
-    expected = torchscale_dilated_attention(
-        layer.params, x, layer.num_heads, layer.segment_lengths, layer.dilation_rates, layer.causal
-    )
+    expected = torchscale_dilated_attention(layer.params, x, layer.num_heads, layer.segment_lengths, layer.dilation_rates, layer.causal)
     np.testing.assert_allclose(layer.forward(x)[0], expected, **TOL64)
 
 
 def test_transcription_shows_the_padding_quirk_of_spec_section_8():
     # the transcription is not the layer: non-causal with N % w != 0, zero keys join the softmax
-    problem = {"batch": 1, "n": 6, "num_heads": 2, "head_dim": 2, "segment_lengths": [4], "dilation_rates": [1],
-               "causal": False, "offsets": "torchscale", "seed": 3}
+    problem = {
+        "batch": 1,
+        "n": 6,
+        "num_heads": 2,
+        "head_dim": 2,
+        "segment_lengths": [4],
+        "dilation_rates": [1],
+        "causal": False,
+        "offsets": "torchscale",
+        "seed": 3,
+    }
     layer, x, _ = make_layer(problem)
     expected = torchscale_dilated_attention(layer.params, x, 2, [4], [1], False)
     assert np.abs(layer.forward(x)[0] - expected).max() > 1e-3
@@ -306,12 +309,29 @@ def test_transcription_matches_real_torchscale_when_available():
     mha.flash_attn_func = flash_attn_func
     rng = np.random.default_rng(0)
     worst, exact_cases, transcription_error = 0.0, 0, 0.0
-    cases = [(16, 4, [4, 8], [1, 2], True), (16, 4, [4, 8], [1, 2], False), (12, 3, [6, 12, 4], [2, 3, 1], True),
-             (24, 3, [8, 24], [2, 4], False), (10, 5, [4, 16], [2, 3], True),
-             (6, 2, [4], [1], False), (10, 3, [3, 6], [2, 4], True)]  # the last two: SPEC §8 rows 2 and 4
+    cases = [
+        (16, 4, [4, 8], [1, 2], True),
+        (16, 4, [4, 8], [1, 2], False),
+        (12, 3, [6, 12, 4], [2, 3, 1], True),
+        (24, 3, [8, 24], [2, 4], False),
+        (10, 5, [4, 16], [2, 3], True),
+        (6, 2, [4], [1], False),
+        (10, 3, [3, 6], [2, 4], True),
+    ]  # the last two: SPEC §8 rows 2 and 4
     for n, num_heads, segment_lengths, dilation_rates, causal in cases:
-        args = type("Args", (), {"flash_attention": True, "multiway": False, "xpos_rel_pos": False, "layernorm_eps": 1e-5,
-                                 "segment_length": segment_lengths, "dilated_ratio": dilation_rates, "seq_parallel": False})()
+        args = type(
+            "Args",
+            (),
+            {
+                "flash_attention": True,
+                "multiway": False,
+                "xpos_rel_pos": False,
+                "layernorm_eps": 1e-5,
+                "segment_length": segment_lengths,
+                "dilated_ratio": dilation_rates,
+                "seq_parallel": False,
+            },
+        )()
         module = DilatedAttention(args, num_heads * 2, num_heads, self_attention=True).double()
         params = random_attention_params(rng, num_heads * 2)
         module.load_state_dict({name: torch.from_numpy(value) for name, value in params.items()})
@@ -339,9 +359,7 @@ def test_transcription_matches_real_torchscale_when_available():
 def test_params_carry_torchscale_names_and_shapes_and_depend_only_on_the_seed():
     layer = MultiheadDilatedAttention(12, 3, [4], [1], seed=5)
     assert {name: value.shape for name, value in layer.params.items()} == {
-        f"{proj}.{kind}": (12, 12) if kind == "weight" else (12,)
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj")
-        for kind in ("weight", "bias")
+        f"{proj}.{kind}": (12, 12) if kind == "weight" else (12,) for proj in ("q_proj", "k_proj", "v_proj", "out_proj") for kind in ("weight", "bias")
     }
     again = MultiheadDilatedAttention(12, 3, [8, 16], [1, 2], seed=5)
     other = MultiheadDilatedAttention(12, 3, [4], [1], seed=6)
@@ -461,8 +479,17 @@ def test_window_kind_derives_its_window_from_the_branches():
 
 
 def test_float32_layer_agrees_with_float64():
-    problem = {"batch": 2, "n": 24, "num_heads": 4, "head_dim": 4, "segment_lengths": [4, 8, 24], "dilation_rates": [1, 2, 4],
-               "causal": True, "offsets": "paper", "seed": 7}
+    problem = {
+        "batch": 2,
+        "n": 24,
+        "num_heads": 4,
+        "head_dim": 4,
+        "segment_lengths": [4, 8, 24],
+        "dilation_rates": [1, 2, 4],
+        "causal": True,
+        "offsets": "paper",
+        "seed": 7,
+    }
     layer64, x, _ = make_layer(problem)
     layer32 = MultiheadDilatedAttention(16, 4, [4, 8, 24], [1, 2, 4], causal=True, dtype=np.float32)
     layer32.load_state_dict(layer64.params)

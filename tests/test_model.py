@@ -15,8 +15,17 @@ KINDS = ("dilated", "dense", "window")
 
 
 def tiny_config(**overrides):
-    base = {"vocab_size": 11, "d_model": 8, "n_layers": 2, "n_heads": 2, "segment_lengths": (2, 4), "dilation_rates": (1, 2),
-                "attention": "dilated", "dtype": "float64", "seed": 3}
+    base = {
+        "vocab_size": 11,
+        "d_model": 8,
+        "n_layers": 2,
+        "n_heads": 2,
+        "segment_lengths": (2, 4),
+        "dilation_rates": (1, 2),
+        "attention": "dilated",
+        "dtype": "float64",
+        "seed": 3,
+    }
     return lm.LongNetConfig(**(base | overrides))
 
 

@@ -316,8 +316,12 @@ def test_initialisers_give_the_shapes_and_dtypes_the_layers_expect():
     assert {k: v.shape for k, v in mlp.items()} == {"fc1.weight": (32, 8), "fc1.bias": (32,), "fc2.weight": (8, 32), "fc2.bias": (8,)}
     assert set(attention) == {f"{p}.{w}" for p in nn.PROJECTIONS for w in ("weight", "bias")}
     assert not attention["out_proj.bias"].any()  # torchscale's reset_parameters zeroes it
-    for y in (nn.mlp_forward(mlp, x)[0], nn.layernorm_forward(norm, x)[0], nn.embedding_forward(embedding, np.zeros((2, 3), int))[0],
-              nn.attention_forward(attention, x, num_heads=2, kind="dense")[0]):
+    for y in (
+        nn.mlp_forward(mlp, x)[0],
+        nn.layernorm_forward(norm, x)[0],
+        nn.embedding_forward(embedding, np.zeros((2, 3), int))[0],
+        nn.attention_forward(attention, x, num_heads=2, kind="dense")[0],
+    ):
         assert y.shape == (2, 3, 8) and y.dtype == np.float32
 
 
@@ -332,8 +336,12 @@ def test_the_row_blocked_layers_stay_the_gradient_across_blocks(layer, monkeypat
         params = {"weight": rng.standard_normal(3), "bias": rng.standard_normal(3)}
         check_all_coordinates(nn.layernorm_forward, nn.layernorm_backward, x, params, rng)
     elif layer == "mlp":
-        params = {"fc1.weight": rng.standard_normal((4, 3)), "fc1.bias": rng.standard_normal(4),
-                  "fc2.weight": rng.standard_normal((3, 4)), "fc2.bias": rng.standard_normal(3)}
+        params = {
+            "fc1.weight": rng.standard_normal((4, 3)),
+            "fc1.bias": rng.standard_normal(4),
+            "fc2.weight": rng.standard_normal((3, 4)),
+            "fc2.bias": rng.standard_normal(3),
+        }
         check_all_coordinates(nn.mlp_forward, nn.mlp_backward, x, params, rng)
     else:
         targets = rng.integers(0, 3, (2, 5))
@@ -367,12 +375,10 @@ def test_attention_applies_rope_at_the_given_positions(kind, per_batch):
     x = rng.standard_normal((batch, n, embed_dim))
     positions = np.array([[0, 3, 4, 9, 10, 17, 30, 31, 50], [5, 6, 8, 13, 21, 34, 55, 89, 144]])
     positions = positions if per_batch else positions[0]
-    config = SimpleNamespace(n_heads=heads, rope=True, attention=kind, causal=True, offsets="paper",
-                             segment_lengths=(3, 6), dilation_rates=(1, 2), window=4)
+    config = SimpleNamespace(n_heads=heads, rope=True, attention=kind, causal=True, offsets="paper", segment_lengths=(3, 6), dilation_rates=(1, 2), window=4)
     options = dict(num_heads=heads, kind=kind, segment_lengths=[3, 6], dilation_rates=[1, 2], window=4, causal=True, rope=True)
     y, _ = nn.attention_forward({k: v for k, v in params.items()}, x, positions=positions, **options)
-    expected = np.stack([oracle.attention_layer(config, params, "", x[b : b + 1], positions[b] if per_batch else positions)[0]
-                         for b in range(batch)])
+    expected = np.stack([oracle.attention_layer(config, params, "", x[b : b + 1], positions[b] if per_batch else positions)[0] for b in range(batch)])
     np.testing.assert_allclose(y, expected, **LAYER_F64)
     default, _ = nn.attention_forward(params, x, **options)  # positions=None: 0..N-1
     np.testing.assert_allclose(default, oracle.attention_layer(config, params, "", x, np.arange(n)), **LAYER_F64)

@@ -20,7 +20,6 @@ from .strategies import Problem, problems
 from .tolerances import NUMBA
 
 
-
 def both_backends(problem):
     q, k, v, dout = problem.arrays
     results = {}
@@ -134,7 +133,9 @@ def test_numba_nan_and_inf_reach_the_same_rows_as_the_reference(problem, data, w
     with np.errstate(all="ignore"):
         for backend in ("numpy", "numba"):
             out, lse = dilated_attention(arrays["q"], arrays["k"], arrays["v"], *problem.branches, return_lse=True, backend=backend, **problem.options)
-            grads = dilated_attention_backward(arrays["dout"], arrays["q"], arrays["k"], arrays["v"], out, lse, *problem.branches, backend=backend, **problem.options)
+            grads = dilated_attention_backward(
+                arrays["dout"], arrays["q"], arrays["k"], arrays["v"], out, lse, *problem.branches, backend=backend, **problem.options
+            )
             results[backend] = (out, lse, *grads)
     for name, fast, ref in zip(("out", "lse", "dq", "dk", "dv"), results["numba"], results["numpy"]):
         np.testing.assert_array_equal(np.isnan(fast), np.isnan(ref), err_msg=name)
@@ -229,12 +230,15 @@ def test_warm_up_compiles_every_kernel_the_timed_calls_use():
     assert result.stdout.strip() == "[0, 0, 0, 0] True [2, 2, 2, 2]"
 
 
-@pytest.mark.parametrize("make_input", [
-    pytest.param(lambda x: np.broadcast_to(x[:1], x.shape), id="broadcast"),
-    pytest.param(lambda x: x[:, :, ::-1], id="negative-stride"),
-    pytest.param(lambda x: np.asfortranarray(x), id="fortran"),
-    pytest.param(lambda x: (x.setflags(write=False), x)[1], id="read-only"),
-])
+@pytest.mark.parametrize(
+    "make_input",
+    [
+        pytest.param(lambda x: np.broadcast_to(x[:1], x.shape), id="broadcast"),
+        pytest.param(lambda x: x[:, :, ::-1], id="negative-stride"),
+        pytest.param(lambda x: np.asfortranarray(x), id="fortran"),
+        pytest.param(lambda x: (x.setflags(write=False), x)[1], id="read-only"),
+    ],
+)
 def test_read_only_and_strided_inputs_reuse_the_compiled_kernels(make_input):
     """Numba specialises on layout and writeability: every input reaches the kernels as a
     C-contiguous writeable array, so no such input compiles a kernel again (which costs 20-40 s)

@@ -23,7 +23,6 @@ from longnet_ref import index_sets
 from longnet_ref.backends import tensor_core_tiles as tiles
 
 
-
 def _find(name):
     try:
         return importlib.util.find_spec(name)
@@ -61,9 +60,7 @@ def host_agreement():
         for dtype, ctype in tiles.DTYPES.items():
             for d in tiles.HEAD_DIMS:
                 expected = tiles.shared_bytes(kernel, 2, d, d)
-                checks.append(
-                    f"static_assert(dilated::{struct}<{ctype}, {d}, {d}>::bytes == {expected}, \"shared_bytes({kernel}, {dtype}, {d})\");"
-                )
+                checks.append(f"static_assert(dilated::{struct}<{ctype}, {d}, {d}>::bytes == {expected}, \"shared_bytes({kernel}, {dtype}, {d})\");")
     return "\n// tests/test_tensor_core_compile.py: the host's numbers\n" + "\n".join(checks + index_rules()) + "\n"
 
 
@@ -80,7 +77,9 @@ def index_rules():
             for o in range(min(r, 9)):
                 checks.append(f"static_assert(dilated::segment_size({n}, {w}, {r}, {o}, {s}) == {index_sets.segment_size(n, w, r, o, s)}, \"segment_size\");")
                 t = max(0, index_sets.segment_size(n, w, r, o, s) - 1)
-                checks.append(f"static_assert(dilated::segment_position({w}, {r}, {o}, {s}, {t}) == {index_sets.segment_position(w, r, o, s, t)}, \"segment_position\");")
+                checks.append(
+                    f"static_assert(dilated::segment_position({w}, {r}, {o}, {s}, {t}) == {index_sets.segment_position(w, r, o, s, t)}, \"segment_position\");"
+                )
     checks += [f"static_assert(dilated::causal_key_count({t}) == {index_sets.causal_key_count(t)}, \"causal_key_count\");" for t in (0, 1, 63, 64)]
     return checks
 

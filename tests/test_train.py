@@ -62,10 +62,8 @@ def test_clipping_scales_the_global_norm_down_to_the_limit_and_keeps_directions(
 
 def test_first_adamw_step_moves_each_weight_by_lr_times_its_gradients_sign_plus_decay():
     """Step 1: ``m_hat = g``, ``v_hat = g^2``, so the Adam step is ``lr g / (|g| + eps)``; then decay."""
-    params = {"h.0.attn.q_proj.weight": np.array([[1.0, -2.0]]), "h.0.attn.q_proj.bias": np.array([1.0]),
-              "wte.weight": np.array([[1.0]])}
-    grads = {"h.0.attn.q_proj.weight": np.array([[0.5, -3.0]]), "h.0.attn.q_proj.bias": np.array([2.0]),
-             "wte.weight": np.array([[-1.0]])}
+    params = {"h.0.attn.q_proj.weight": np.array([[1.0, -2.0]]), "h.0.attn.q_proj.bias": np.array([1.0]), "wte.weight": np.array([[1.0]])}
+    grads = {"h.0.attn.q_proj.weight": np.array([[0.5, -3.0]]), "h.0.attn.q_proj.bias": np.array([2.0]), "wte.weight": np.array([[-1.0]])}
     tc = TrainConfig(lr=0.1, weight_decay=0.5, eps=0.0)
     AdamW.zeros_like(params).step(params, grads, 0.1, tc)
     np.testing.assert_allclose(params["h.0.attn.q_proj.weight"], [[1.0 * 0.95 - 0.1, -2.0 * 0.95 + 0.1]])
@@ -76,8 +74,8 @@ def test_first_adamw_step_moves_each_weight_by_lr_times_its_gradients_sign_plus_
 def adamw_by_hand(theta, grads, lrs, beta1, beta2, eps, weight_decay):
     """Loshchilov & Hutter's AdamW for one scalar, in Python floats, step by step (t = 1, 2, ...):
 
-        m_t = b1 m + (1 - b1) g,  v_t = b2 v + (1 - b2) g^2,  m_hat = m_t / (1 - b1^t),  v_hat = v_t / (1 - b2^t)
-        theta_t = theta - lr_t (m_hat / (sqrt(v_hat) + eps) + lambda theta)     (decay decoupled from g)
+    m_t = b1 m + (1 - b1) g,  v_t = b2 v + (1 - b2) g^2,  m_hat = m_t / (1 - b1^t),  v_hat = v_t / (1 - b2^t)
+    theta_t = theta - lr_t (m_hat / (sqrt(v_hat) + eps) + lambda theta)     (decay decoupled from g)
     """
     m = v = 0.0
     trajectory = []
@@ -97,8 +95,11 @@ def test_adamw_follows_the_paper_update_over_several_steps():
     tc = TrainConfig(lr=0.05, weight_decay=0.3, beta1=0.8, beta2=0.9, eps=1e-3)
     names = ("h.0.mlp.fc1.weight", "h.0.mlp.fc1.bias", "wte.weight")
     start = {"h.0.mlp.fc1.weight": 1.5, "h.0.mlp.fc1.bias": -0.7, "wte.weight": 0.4}
-    gradients = {"h.0.mlp.fc1.weight": [0.3, -0.1, 0.02, 0.5, -0.4], "h.0.mlp.fc1.bias": [-2.0, 1.0, 0.5, 0.01, 3.0],
-                 "wte.weight": [0.0, 0.001, -0.2, 0.2, 0.05]}
+    gradients = {
+        "h.0.mlp.fc1.weight": [0.3, -0.1, 0.02, 0.5, -0.4],
+        "h.0.mlp.fc1.bias": [-2.0, 1.0, 0.5, 0.01, 3.0],
+        "wte.weight": [0.0, 0.001, -0.2, 0.2, 0.05],
+    }
     lrs = [0.05, 0.03, 0.1, 0.02, 0.07]
     params = {name: np.array([[start[name]]]) for name in names}
     optimizer = AdamW.zeros_like(params)
@@ -190,8 +191,7 @@ def test_fit_trains_to_the_last_step_and_evaluates_every_k_steps_and_at_the_end(
 def test_weight_decay_applies_to_linear_matrices_only():
     names = lm.parameter_shapes(lm.LongNetConfig(n_layers=1))
     decayed = {n for n in names if decays(n)}
-    assert decayed == {f"h.0.attn.{p}_proj.weight" for p in ("q", "k", "v", "out")} | {
-        "h.0.mlp.fc1.weight", "h.0.mlp.fc2.weight"}
+    assert decayed == {f"h.0.attn.{p}_proj.weight" for p in ("q", "k", "v", "out")} | {"h.0.mlp.fc1.weight", "h.0.mlp.fc2.weight"}
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------
@@ -199,8 +199,9 @@ def test_weight_decay_applies_to_linear_matrices_only():
 
 def small_state(seed=0):
     task = PasskeyTask(16, num_keys=4, num_fillers=5)
-    config = lm.LongNetConfig(vocab_size=task.vocab_size, d_model=16, n_layers=2, n_heads=4,
-                              segment_lengths=(4, 8), dilation_rates=(1, 2), dtype="float32", seed=seed)
+    config = lm.LongNetConfig(
+        vocab_size=task.vocab_size, d_model=16, n_layers=2, n_heads=4, segment_lengths=(4, 8), dilation_rates=(1, 2), dtype="float32", seed=seed
+    )
     return TrainState.fresh(config, TrainConfig(steps=20, batch_size=3, warmup=2, seed=seed)), task
 
 
@@ -219,8 +220,11 @@ def test_a_resumed_checkpoint_repeats_the_uninterrupted_run_bit_for_bit(tmp_path
     assert resumed.config == interrupted.config and resumed.train == interrupted.train
     assert resumed.rng.bit_generator.state == interrupted.rng.bit_generator.state
     for name in interrupted.params:
-        for got, saved in ((resumed.params, interrupted.params), (resumed.optimizer.m, interrupted.optimizer.m),
-                           (resumed.optimizer.v, interrupted.optimizer.v)):
+        for got, saved in (
+            (resumed.params, interrupted.params),
+            (resumed.optimizer.m, interrupted.optimizer.m),
+            (resumed.optimizer.v, interrupted.optimizer.v),
+        ):
             assert got[name].dtype == saved[name].dtype
             np.testing.assert_array_equal(got[name], saved[name], err_msg=name)
     del interrupted
@@ -345,24 +349,27 @@ def change(key, value):
     return lambda raw: json.dumps(json.loads(raw) | {key: value}).encode()
 
 
-@pytest.mark.parametrize("edit, message", [
-    (drop("rng"), "no 'rng'"),
-    (drop("model"), "no 'model'"),
-    (drop("train"), "no 'train'"),
-    (drop("step"), "no 'step'"),
-    (drop("adam_t"), "no 'adam_t'"),
-    (drop("format"), "format"),
-    (change("version", 99), "version 99"),
-    (change("step", -1), "'step' must be a non-negative integer"),
-    (change("step", "3"), "'step' must be a non-negative integer"),
-    (change("rng", {"bit_generator": "MT19937"}), "'rng' is not a state"),
-    (change("rng", [1, 2]), "'rng' must be a JSON object"),
-    (change("train", {"steps": 3}), "'train' lacks"),
-    (lambda raw: raw.replace(b'"d_model": 16', b'"d_model": 17'), "'model'"),
-    (lambda raw: raw[:-5], "not valid JSON"),
-    (lambda raw: b"\xff\xfe" + raw, "not valid JSON"),
-    (lambda raw: b"[1, 2]", "not a JSON object"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (drop("rng"), "no 'rng'"),
+        (drop("model"), "no 'model'"),
+        (drop("train"), "no 'train'"),
+        (drop("step"), "no 'step'"),
+        (drop("adam_t"), "no 'adam_t'"),
+        (drop("format"), "format"),
+        (change("version", 99), "version 99"),
+        (change("step", -1), "'step' must be a non-negative integer"),
+        (change("step", "3"), "'step' must be a non-negative integer"),
+        (change("rng", {"bit_generator": "MT19937"}), "'rng' is not a state"),
+        (change("rng", [1, 2]), "'rng' must be a JSON object"),
+        (change("train", {"steps": 3}), "'train' lacks"),
+        (lambda raw: raw.replace(b'"d_model": 16', b'"d_model": 17'), "'model'"),
+        (lambda raw: raw[:-5], "not valid JSON"),
+        (lambda raw: b"\xff\xfe" + raw, "not valid JSON"),
+        (lambda raw: b"[1, 2]", "not a JSON object"),
+    ],
+)
 def test_every_field_of_a_checkpoint_is_checked_on_load(tmp_path, edit, message):
     state, _ = small_state()
     path = save_checkpoint(state, tmp_path / "ckpt.npz")
@@ -373,15 +380,18 @@ def test_every_field_of_a_checkpoint_is_checked_on_load(tmp_path, edit, message)
     assert message in text and str(path) in text and "\n" not in text
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("truncate", "not a .npz archive (or a truncated one)"),
-    ("foreign", "no '__meta__' entry"),
-    ("text", "not a .npz archive"),
-    ("missing array", "lacks the arrays adam_m/h.0.attn.k_proj.bias"),
-    ("wrong shape", "got (3,)"),
-    ("wrong dtype", "float64"),
-    ("directory", "is a directory"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncate", "not a .npz archive (or a truncated one)"),
+        ("foreign", "no '__meta__' entry"),
+        ("text", "not a .npz archive"),
+        ("missing array", "lacks the arrays adam_m/h.0.attn.k_proj.bias"),
+        ("wrong shape", "got (3,)"),
+        ("wrong dtype", "float64"),
+        ("directory", "is a directory"),
+    ],
+)
 def test_a_damaged_or_foreign_checkpoint_is_one_line_naming_the_file(tmp_path, damage, message):
     state, _ = small_state()
     path = save_checkpoint(state, tmp_path / "ckpt.npz")
@@ -435,7 +445,7 @@ def test_a_passkey_span_writes_the_key_that_many_times_in_a_row():
     assert (is_key.sum(1) == 4).all()
     first = is_key.argmax(1)
     for b in range(50):
-        assert (batch.tokens[b, first[b]:first[b] + 4] == batch.targets[b, -1]).all()
+        assert (batch.tokens[b, first[b] : first[b] + 4] == batch.targets[b, -1]).all()
     with pytest.raises(ValueError, match="span"):
         PasskeyTask(8, span=7)
 
@@ -492,8 +502,29 @@ def test_a_missing_empty_or_short_text_file_is_a_clear_error(tmp_path):
 
 # ---- the command line ------------------------------------------------------------------------------
 
-SMALL = ["--n", "16", "--steps", "4", "--batch", "2", "--d-model", "16", "--heads", "4", "--layers", "1",
-         "--segment-lengths", "4,8", "--dilation-rates", "1,2", "--eval-every", "2", "--backend", "numpy", "--quiet"]
+SMALL = [
+    "--n",
+    "16",
+    "--steps",
+    "4",
+    "--batch",
+    "2",
+    "--d-model",
+    "16",
+    "--heads",
+    "4",
+    "--layers",
+    "1",
+    "--segment-lengths",
+    "4,8",
+    "--dilation-rates",
+    "1,2",
+    "--eval-every",
+    "2",
+    "--backend",
+    "numpy",
+    "--quiet",
+]
 
 
 def test_train_command_writes_a_log_a_plot_and_a_checkpoint_that_resumes(tmp_path, capsys):

@@ -129,6 +129,7 @@ def sample_mean_atol(count, std):
     """Absolute tolerance of a sample mean of ``count`` draws of standard deviation ``std``."""
     return INIT_STANDARD_ERRORS * std / count**0.5
 
+
 # A handful of float64 operations on O(1) numbers, the library's against a transcription by hand
 # (AdamW steps, the schedule, a RoPE dot product): ~10 roundings of 1.1e-16: 1e-12 leaves room.
 HAND_F64 = dict(rtol=1e-12, atol=1e-14)

@@ -31,8 +31,14 @@ import numpy as np
 from array_api_compat import array_namespace, to_device  # noqa: F401 (array_namespace: re-exported for reference.py)
 
 __all__ = [
-    "BACKENDS", "BackendSpec", "backend_names", "backend_spec", "get_backend", "install_hint",
-    "to_backend_arrays", "to_numpy",
+    "BACKENDS",
+    "BackendSpec",
+    "backend_names",
+    "backend_spec",
+    "get_backend",
+    "install_hint",
+    "to_backend_arrays",
+    "to_numpy",
 ]
 # array_namespace is array_api_compat's, imported here for longnet_ref.reference (xp = array_namespace(q)).
 # Its lookup costs ~5 us a call, under 3 % of a decoding step (benchmarks/results/decode.json): no fast path.
@@ -68,28 +74,54 @@ class BackendSpec:
 
 
 _REFERENCE = BackendSpec(
-    "reference", "longnet_ref.reference", arrays="any", device="cpu",
-    dtypes=("float32", "float64", "float16", "bfloat16"), distributed=True,
+    "reference",
+    "longnet_ref.reference",
+    arrays="any",
+    device="cpu",
+    dtypes=("float32", "float64", "float16", "bfloat16"),
+    distributed=True,
 )
 
 BACKENDS: dict[str, BackendSpec] = {
     "reference": _REFERENCE,
     "numpy": _REFERENCE,  # an alias: the same spec object, so the same arrays, module and checks
     "numba": BackendSpec(
-        "numba", "longnet_ref.backends.numba_cpu", arrays="numpy", device="cpu",
-        dtypes=("float32", "float64"), distributed=True,
+        "numba",
+        "longnet_ref.backends.numba_cpu",
+        arrays="numpy",
+        device="cpu",
+        dtypes=("float32", "float64"),
+        distributed=True,
     ),
     "cupy": BackendSpec(
-        "cupy", "longnet_ref.reference", arrays="cupy", device="gpu",
-        dtypes=("float32", "float64", "float16", "bfloat16"), distributed=False, requires=("cupy",), extra="gpu",
+        "cupy",
+        "longnet_ref.reference",
+        arrays="cupy",
+        device="gpu",
+        dtypes=("float32", "float64", "float16", "bfloat16"),
+        distributed=False,
+        requires=("cupy",),
+        extra="gpu",
     ),
     "cupy-fused": BackendSpec(
-        "cupy-fused", "longnet_ref.backends.cupy_gpu", arrays="cupy", device="gpu",
-        dtypes=("float32", "float64", "float16"), distributed=False, requires=("cupy", "numba.cuda"), extra="gpu",
+        "cupy-fused",
+        "longnet_ref.backends.cupy_gpu",
+        arrays="cupy",
+        device="gpu",
+        dtypes=("float32", "float64", "float16"),
+        distributed=False,
+        requires=("cupy", "numba.cuda"),
+        extra="gpu",
     ),
     "cupy-tensor-core": BackendSpec(
-        "cupy-tensor-core", "longnet_ref.backends.tensor_core", arrays="cupy", device="gpu",
-        dtypes=("float16", "bfloat16"), distributed=False, requires=("cupy",), extra="gpu",
+        "cupy-tensor-core",
+        "longnet_ref.backends.tensor_core",
+        arrays="cupy",
+        device="gpu",
+        dtypes=("float16", "bfloat16"),
+        distributed=False,
+        requires=("cupy",),
+        extra="gpu",
     ),
 }
 """Every accepted ``backend=`` name -> its [`BackendSpec`][longnet_ref.backends.BackendSpec]."""
@@ -106,8 +138,7 @@ def backend_names(*, device: str | None = None, distributed: bool | None = None)
         The names (aliases included), e.g. ``("reference", "numpy", "numba")`` for ``device="cpu"``.
     """
     return tuple(
-        name for name, spec in BACKENDS.items()
-        if (device is None or spec.device == device) and (distributed is None or spec.distributed == distributed)
+        name for name, spec in BACKENDS.items() if (device is None or spec.device == device) and (distributed is None or spec.distributed == distributed)
     )
 
 

@@ -477,13 +477,9 @@ KERNEL_DTYPES = ("float16", "float32", "float64")
 def check_dims(q, v):
     """The fused kernels' limits: head dims up to ``MAX_DIM``; float16, float32 or float64."""
     if q.shape[3] > MAX_DIM or v.shape[3] > MAX_DIM:
-        raise ValueError(
-            f"backend='cupy-fused' supports head dimensions up to {MAX_DIM}, got D = {q.shape[3]} and Dv = {v.shape[3]}"
-        )
+        raise ValueError(f"backend='cupy-fused' supports head dimensions up to {MAX_DIM}, got D = {q.shape[3]} and Dv = {v.shape[3]}")
     if str(q.dtype) not in KERNEL_DTYPES:
-        raise InputTypeError(
-            f"backend='cupy-fused' supports float16, float32 and float64, got {q.dtype}; backend='cupy' takes bfloat16 too"
-        )
+        raise InputTypeError(f"backend='cupy-fused' supports float16, float32 and float64, got {q.dtype}; backend='cupy' takes bfloat16 too")
 
 
 def _offsets(xp, heads, branch, rule):

@@ -439,8 +439,20 @@ def backward_segments_branch(q, k, v, dout, lse, dsum, w, r, offsets, causal, sc
                 scores = scores_flat[: (q1 - q0) * nk].reshape((q1 - q0, nk))
                 p = p_flat[: (q1 - q0) * nk].reshape((q1 - q0, nk))
                 block_pair_backward(
-                    q_seg[q0:q1], do_seg[q0:q1], k_seg[k0:k1], v_seg[k0:k1], lse_seg[q0:q1], dsum_seg[q0:q1],
-                    q0, k0, causal, scores, p, dq_seg[q0:q1], dk_seg[k0:k1], dv_seg[k0:k1],
+                    q_seg[q0:q1],
+                    do_seg[q0:q1],
+                    k_seg[k0:k1],
+                    v_seg[k0:k1],
+                    lse_seg[q0:q1],
+                    dsum_seg[q0:q1],
+                    q0,
+                    k0,
+                    causal,
+                    scores,
+                    p,
+                    dq_seg[q0:q1],
+                    dk_seg[k0:k1],
+                    dv_seg[k0:k1],
                 )
         scatter_add(dq, b, h, segment, 0, size, dq_seg, scale)
         scatter_add(dk, b, h, segment, 0, size, dk_seg, one)
@@ -581,10 +593,20 @@ def gathered_backward(q_rows, keys, values, dout_rows, lse_rows, dsum_rows, firs
                 i_end = min(nq_all, i_start + block_q)
                 rows = (i_end - i_start) * (k1 - k0)
                 block_pair_backward(
-                    q_seg[i_start:i_end], dout_rows[b, h, i_start:i_end], keys[b, h, k0:k1], values[b, h, k0:k1],
-                    lse_seg[i_start:i_end], dsum_rows[b, h, i_start:i_end], first_query + i_start, k0, causal,
-                    scores_flat[:rows].reshape((i_end - i_start, k1 - k0)), p_flat[:rows].reshape((i_end - i_start, k1 - k0)),
-                    dq_seg[i_start:i_end], dk[b, h, k0:k1], dv[b, h, k0:k1],
+                    q_seg[i_start:i_end],
+                    dout_rows[b, h, i_start:i_end],
+                    keys[b, h, k0:k1],
+                    values[b, h, k0:k1],
+                    lse_seg[i_start:i_end],
+                    dsum_rows[b, h, i_start:i_end],
+                    first_query + i_start,
+                    k0,
+                    causal,
+                    scores_flat[:rows].reshape((i_end - i_start, k1 - k0)),
+                    p_flat[:rows].reshape((i_end - i_start, k1 - k0)),
+                    dq_seg[i_start:i_end],
+                    dk[b, h, k0:k1],
+                    dv[b, h, k0:k1],
                 )
         for i in range(nq_all):
             for c in range(dim):
@@ -605,7 +627,15 @@ def segment_forward(q_rows, keys, values, first_query, causal, scale):
     if out.size or lse.size:
         with threadpool_limits(1, user_api="blas"):
             gathered_forward(
-                q_rows, keys, values, int(first_query), bool(causal), q_rows.dtype.type(scale), QUERY_BLOCK[causal], out, lse,
+                q_rows,
+                keys,
+                values,
+                int(first_query),
+                bool(causal),
+                q_rows.dtype.type(scale),
+                QUERY_BLOCK[causal],
+                out,
+                lse,
             )
     return out, lse
 
@@ -620,8 +650,19 @@ def segment_backward(q_rows, keys, values, dout_rows, lse_rows, dsum_rows, first
     if q_rows.shape[2] and keys.shape[2]:
         with threadpool_limits(1, user_api="blas"):
             gathered_backward(
-                q_rows, keys, values, dout_rows, lse_rows, dsum_rows, int(first_query), bool(causal),
-                q_rows.dtype.type(scale), QUERY_BLOCK[causal], dq, dk, dv,
+                q_rows,
+                keys,
+                values,
+                dout_rows,
+                lse_rows,
+                dsum_rows,
+                int(first_query),
+                bool(causal),
+                q_rows.dtype.type(scale),
+                QUERY_BLOCK[causal],
+                dq,
+                dk,
+                dv,
             )
     if weightless is not None:
         dq[weightless] = 0.0  # a row without weight has no gradient, even against an infinite key
@@ -670,8 +711,17 @@ def forward(q, k, v, branches, causal, scale, offsets):
         for branch in branches:
             o = head_offsets(heads, branch.dilation, offsets).astype(np.int64)
             forward_branch(
-                q, k, v, branch.segment_length, branch.dilation, o, bool(causal), q.dtype.type(scale),
-                QUERY_BLOCK[causal], out, lse,
+                q,
+                k,
+                v,
+                branch.segment_length,
+                branch.dilation,
+                o,
+                bool(causal),
+                q.dtype.type(scale),
+                QUERY_BLOCK[causal],
+                out,
+                lse,
             )
     return out, lse
 
@@ -688,8 +738,18 @@ def backward(dout, q, k, v, out, lse, branches, causal, scale, offsets):
         for branch in branches:
             o = head_offsets(q.shape[2], branch.dilation, offsets).astype(np.int64)
             args = (
-                q, k, v, dout, lse, dsum, branch.segment_length, branch.dilation, o, bool(causal),
-                q.dtype.type(scale), QUERY_BLOCK[causal],
+                q,
+                k,
+                v,
+                dout,
+                lse,
+                dsum,
+                branch.segment_length,
+                branch.dilation,
+                o,
+                bool(causal),
+                q.dtype.type(scale),
+                QUERY_BLOCK[causal],
             )
             if segments_per_branch(q.shape[0], q.shape[1], q.shape[2], branch.segment_length) >= MIN_SEGMENT_ITEMS:
                 backward_segments_branch(*args, dq, dk, dv)

@@ -83,8 +83,9 @@ def _exp_shifted_f64(scores, shift, out):
             xc = x if x >= LOW64 else LOW64  # noqa: FURB136 (NaN -> LOW64: n stays a valid exponent)
             n = np.floor(xc * LOG2E + 0.5)
             f = (x - n * LN2_HI) - n * LN2_LO
-            p = B0 + f * (B1 + f * (B2 + f * (B3 + f * (B4 + f * (B5 + f * (B6 + f * (B7 + f * (
-                B8 + f * (B9 + f * (B10 + f * (B11 + f * (B12 + f * B13))))))))))))
+            p = B0 + f * (
+                B1 + f * (B2 + f * (B3 + f * (B4 + f * (B5 + f * (B6 + f * (B7 + f * (B8 + f * (B9 + f * (B10 + f * (B11 + f * (B12 + f * B13)))))))))))
+            )
             two_n = bits_as_float((np.int64(n) + 1023) << 52)  # n >= -1021: a normal number
             out[i, j] = 0.0 if x < LOW64 else p * two_n
 

@@ -24,9 +24,7 @@ import numpy as np
 try:
     import cupy
 except ImportError as error:  # pragma: no cover - depends on the machine
-    raise ImportError(
-        "backend='cupy-tensor-core' needs CuPy and an NVIDIA GPU: pip install 'longnet-ref[gpu]' (see docs/gpu.md)"
-    ) from error
+    raise ImportError("backend='cupy-tensor-core' needs CuPy and an NVIDIA GPU: pip install 'longnet-ref[gpu]' (see docs/gpu.md)") from error
 
 from .. import index_sets
 from ..reference import mix_branches
@@ -41,9 +39,7 @@ def check_inputs(q, v):
     """
     dim, value_dim = q.shape[3], v.shape[3]
     if dim != value_dim or dim not in tiles.HEAD_DIMS:
-        raise ValueError(
-            f"q, v: backend='cupy-tensor-core' needs head dims D = Dv in {tiles.HEAD_DIMS}, got D = {dim}, Dv = {value_dim}"
-        )
+        raise ValueError(f"q, v: backend='cupy-tensor-core' needs head dims D = Dv in {tiles.HEAD_DIMS}, got D = {dim}, Dv = {value_dim}")
 
 
 def _include_options():
@@ -73,8 +69,7 @@ def _kernel(name: str, dtype: str, dim: int, itemsize: int):
     limit = cupy.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
     if shared > limit:  # e.g. sm_86/sm_89 (99 KiB): the D = 128 backward does not fit
         raise ValueError(
-            f"q: backend='cupy-tensor-core' needs {shared} bytes of shared memory per block for D = {dim}, "
-            f"this GPU allows {limit}; use backend='cupy-fused'"
+            f"q: backend='cupy-tensor-core' needs {shared} bytes of shared memory per block for D = {dim}, this GPU allows {limit}; use backend='cupy-fused'"
         )
     kernel = _module().get_function(tiles.instantiation(name, dtype, dim, dim))
     kernel.max_dynamic_shared_size_bytes = shared  # beyond 48 KiB needs the opt-in attribute

@@ -147,8 +147,8 @@ def tile_plan(n: int, num_heads: int, branches: Sequence[Branch], offsets: str, 
                     t_query, t_key = (t_own, t_other) if owner == "queries" else (t_other, t_own)
                     pairs = valid[:, None] & other_valid[None, :]  # (BLOCK_Q, BLOCK_K)
                     if causal:  # key t_k attended by query t_q iff t_k < causal_key_count(t_q)
-                        below = t_key[None, :] < causal_key_count(t_query[:, None]) if owner == "queries" else (
-                            t_key[:, None] < causal_key_count(t_query[None, :])
+                        below = (
+                            t_key[None, :] < causal_key_count(t_query[:, None]) if owner == "queries" else (t_key[:, None] < causal_key_count(t_query[None, :]))
                         )
                         pairs = pairs & below
                     tile.others.append(OtherTile(start, other_positions, other_valid, pairs))

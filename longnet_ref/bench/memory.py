@@ -89,9 +89,7 @@ def peak_memory_ratio(config: Config, backend: str) -> float:
     settings = json.dumps(dict(asdict(config), backend=backend))
     # The child imports this same copy of longnet_ref, whatever the current directory.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])))
-    result = subprocess.run(
-        [sys.executable, "-m", "longnet_ref.bench.memory", settings], capture_output=True, text=True, check=True, env=env
-    )
+    result = subprocess.run([sys.executable, "-m", "longnet_ref.bench.memory", settings], capture_output=True, text=True, check=True, env=env)
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     return measured["peak_kib"] / measured["array_kib"]
 

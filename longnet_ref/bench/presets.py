@@ -43,11 +43,7 @@ LM_BRANCHES = dict(segment_lengths=(2048, 4096, 8192, 16384, 32768), dilation_ra
 
 PRESETS: dict[str, list[Config]] = {
     "quick": [Config("quick", 4096, (256, 512, 1024), (1, 2, 4), heads=4, dim=64)],
-    "paper": [
-        Config(f"paper N={n}{' causal' if causal else ''}", n, causal=causal, **PAPER_BRANCHES)
-        for n in (16384, 65536)
-        for causal in (False, True)
-    ],
+    "paper": [Config(f"paper N={n}{' causal' if causal else ''}", n, causal=causal, **PAPER_BRANCHES) for n in (16384, 65536) for causal in (False, True)],
     "lm": [Config(f"paper LM N={n}", n, **LM_BRANCHES) for n in (32768, 65536)],
     "sweep": [Config(f"sweep N=2^{e}", 2**e, heads=4, **PAPER_BRANCHES) for e in range(14, 21)],
 }
@@ -98,4 +94,3 @@ class WeakScaling:
     backend: str = DEFAULT_BACKEND
     dtype: str = "float32"
     repeats: int = DEFAULT_REPEATS
-

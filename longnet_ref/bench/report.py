@@ -31,7 +31,8 @@ def format_spreads(results: Sequence[Result]) -> str:
     """``configuration: median (min-max)`` of the per-repeat speed-ups over the NumPy reference."""
     spreads = [
         f"{r.config.name}: {r.extra['vs_reference'][0]:.1f}x ({r.extra['vs_reference'][1]:.1f}-{r.extra['vs_reference'][2]:.1f})"
-        for r in results if "vs_reference" in r.extra
+        for r in results
+        if "vs_reference" in r.extra
     ]
     return ("vs numpy per repeat, median (min-max): " + "; ".join(spreads)) if spreads else ""
 
@@ -161,7 +162,8 @@ def format_weak_scaling(rows: Sequence[dict], setup: WeakScaling, itemsize: int 
     shared = [(w_i, r_i) for w_i, r_i in zip(w, r) if w_i > chunk]
     if shared:
         formula = sum(heads * (w_i - chunk) // r_i * 2 * dim * itemsize for w_i, r_i in shared)
-        lines.append(f"paper's claim: bytes per rank depend on w/r, not N. Docstring formula B H (w - L)/r (D + Dv) itemsize = {formula:,d}"
-                     " for every P >= w / L.")
+        lines.append(
+            f"paper's claim: bytes per rank depend on w/r, not N. Docstring formula B H (w - L)/r (D + Dv) itemsize = {formula:,d} for every P >= w / L."
+        )
     lines.append("time: with more ranks than cores, ranks share cores, so time per rank grows with P there.")
     return "\n".join(lines)

@@ -145,9 +145,7 @@ def forward_backward(q: Any, k: Any, v: Any, dout: Any, config: Config, backend:
     return dilated_attention_backward(dout, q, k, v, out, lse, *branches, causal=config.causal, backend=backend)
 
 
-def interleaved(
-    fn: Callable[[], Any], flops: float, repeats: int, dtype: DTypeLike, backend: str = DEFAULT_BACKEND
-) -> tuple[float, float, float]:
+def interleaved(fn: Callable[[], Any], flops: float, repeats: int, dtype: DTypeLike, backend: str = DEFAULT_BACKEND) -> tuple[float, float, float]:
     """Median time of ``fn``, median of ``(flops / time) / GEMM rate``, and median GEMM rate over ``repeats`` runs.
 
         fraction_j = (flops / t_j / 1e9) / gemm_j,   each run j preceded by its own GEMM measurement
@@ -176,9 +174,7 @@ def interleaved(
     return statistics.median(times), statistics.median(fractions), statistics.median(rates)
 
 
-def time_dilated(
-    config: Config, backend: str, repeats: int, flops: int = 0
-) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+def time_dilated(config: Config, backend: str, repeats: int, flops: int = 0) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     """Forward and forward+backward: ``(seconds, fraction of GEMM, GEMM GFLOP/s)`` for each.
 
     Compiles or loads every kernel first, and runs a small problem once, outside the timing.
@@ -313,15 +309,18 @@ def run(
         if bar:
             bar.set_postfix_str(config.name)
         flops = complexity.dilated_flops(
-            config.n, config.heads, config.dim, config.segment_lengths, config.dilation_rates,
-            causal=config.causal, batch=config.batch,
+            config.n,
+            config.heads,
+            config.dim,
+            config.segment_lengths,
+            config.dilation_rates,
+            causal=config.causal,
+            batch=config.batch,
         ).total
         (forward_s, forward_fraction, gemm), (both_s, both_fraction, _) = time_dilated(config, backend, repeats, flops)
         result = Result(config, backend, gemm, forward_s, both_s, flops, forward_fraction, both_fraction)
         if backend == "numba" and config.n <= reference_max_n:  # CPU vs CPU: interleaved, same threads
-            result.reference_forward_s, result.reference_forward_backward_s, result.extra["vs_reference"] = (
-                speedup_over_reference(config, backend, repeats)
-            )
+            result.reference_forward_s, result.reference_forward_backward_s, result.extra["vs_reference"] = speedup_over_reference(config, backend, repeats)
         elif backend != "numpy" and config.n <= reference_max_n:
             (reference_forward, *_), (reference_both, *_) = time_dilated(config, "numpy", 1, flops)
             result.reference_forward_s, result.reference_forward_backward_s = reference_forward, reference_both

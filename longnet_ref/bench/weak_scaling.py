@@ -72,8 +72,9 @@ def worker(settings: dict) -> dict | None:
     bytes_per_rank = comm.gather((fwd.bytes_received, bwd.bytes_received + bwd.bytes_sent, fwd.bytes_sent), root=0)
     if comm.Get_rank() != 0:
         return None
-    return dict(ranks=comm.Get_size(), n=settings["n_per_rank"] * comm.Get_size(), forward_s=forward_s,
-                forward_backward_s=both_s, bytes_per_rank=bytes_per_rank)
+    return dict(
+        ranks=comm.Get_size(), n=settings["n_per_rank"] * comm.Get_size(), forward_s=forward_s, forward_backward_s=both_s, bytes_per_rank=bytes_per_rank
+    )
 
 
 class MpiexecNotFound(RuntimeError):
@@ -129,8 +130,9 @@ def weak_scaling(setup: WeakScaling | None = None) -> list[dict]:
     settings = json.dumps(asdict(setup))
     rows = []
     for p in setup.ranks:
-        result = subprocess.run([mpiexec, "-n", str(p), sys.executable, "-m", "longnet_ref.bench.weak_scaling", settings],
-                                capture_output=True, text=True, env=env, check=True)
+        result = subprocess.run(
+            [mpiexec, "-n", str(p), sys.executable, "-m", "longnet_ref.bench.weak_scaling", settings], capture_output=True, text=True, env=env, check=True
+        )
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
     return rows
 

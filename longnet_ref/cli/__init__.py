@@ -50,8 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"longnet-ref {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}", parser_class=Parser)
     for name, command in COMMANDS.items():
-        p = sub.add_parser(name, help=command.HELP, description=command.DESCRIPTION, formatter_class=HelpFormatter,
-                           **PARSER_OPTIONS.get(name, {}))
+        p = sub.add_parser(name, help=command.HELP, description=command.DESCRIPTION, formatter_class=HelpFormatter, **PARSER_OPTIONS.get(name, {}))
         command.add_arguments(p)
         p.set_defaults(run=command.run)
     return parser

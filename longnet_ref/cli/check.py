@@ -15,8 +15,10 @@ from .options import UsageError, positive_int
 
 EXIT_NOT_CONFORMANT = 1
 HELP = "check an implementation of dilated attention against the spec, section by section"
-DESCRIPTION = ("Run the conformance kit (longnet_ref.conformance) on FUNCTION: exit 0 when conformant, 1 when not "
-               "(the table names the sections and minimal counterexamples), 2 on a usage error.")
+DESCRIPTION = (
+    "Run the conformance kit (longnet_ref.conformance) on FUNCTION: exit 0 when conformant, 1 when not "
+    "(the table names the sections and minimal counterexamples), 2 on a usage error."
+)
 
 
 def _import_callable(path: str, option: str):
@@ -45,13 +47,14 @@ def _import_callable(path: str, option: str):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``longnet-ref check`` (see ``docs/conformance.md``)."""
-    parser.add_argument("forward", metavar="MODULE:FUNCTION",
-                        help="forward(q, k, v, segment_lengths, dilation_rates, *, causal) -> out (B, N, H, Dv)")
-    parser.add_argument("--backward", metavar="MODULE:FUNCTION",
-                        help="backward(dout, q, k, v, segment_lengths, dilation_rates, *, causal) -> (dq, dk, dv); "
-                             "without it torch/jax autodiff is checked, and numpy/cupy skip the gradient")
-    parser.add_argument("--framework", choices=["numpy", "torch", "jax", "cupy"], default="numpy",
-                        help="the arrays the functions take and return")
+    parser.add_argument("forward", metavar="MODULE:FUNCTION", help="forward(q, k, v, segment_lengths, dilation_rates, *, causal) -> out (B, N, H, Dv)")
+    parser.add_argument(
+        "--backward",
+        metavar="MODULE:FUNCTION",
+        help="backward(dout, q, k, v, segment_lengths, dilation_rates, *, causal) -> (dq, dk, dv); "
+        "without it torch/jax autodiff is checked, and numpy/cupy skip the gradient",
+    )
+    parser.add_argument("--framework", choices=["numpy", "torch", "jax", "cupy"], default="numpy", help="the arrays the functions take and return")
     parser.add_argument("--offsets", choices=["paper", "torchscale"], default="paper", help="the head-offset rule claimed")
     parser.add_argument("--causal", choices=["both", "yes", "no"], default="both", help="which causal settings to check")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float64", help="dtype of the inputs")
@@ -71,8 +74,9 @@ def run(args: argparse.Namespace) -> int:
         if os.path.isdir(target) or not os.path.isdir(os.path.dirname(target)) or not os.access(os.path.dirname(target), os.W_OK):
             raise UsageError(f"--json {args.json!r} is not a file that can be written (a directory, or its folder is missing or read-only)")
     causal = {"both": None, "yes": True, "no": False}[args.causal]
-    report = check(forward, backward, offsets=args.offsets, causal=causal, dtype=args.dtype,
-                   max_examples=args.examples, seed=args.seed, framework=args.framework)
+    report = check(
+        forward, backward, offsets=args.offsets, causal=causal, dtype=args.dtype, max_examples=args.examples, seed=args.seed, framework=args.framework
+    )
     print(report)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as file:

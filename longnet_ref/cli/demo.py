@@ -16,8 +16,7 @@ from .memory import demo_bytes, refuse_if_too_big
 from .options import EXIT_FAILED, int_list, non_negative_int, positive_int
 
 HELP = "forward + backward of dilated attention, checked against dense attention"
-DESCRIPTION = ("Run dilated attention forward and backward on random inputs, time it, and check it against dense "
-               "attention with bias log(multiplicity).")
+DESCRIPTION = "Run dilated attention forward and backward on random inputs, time it, and check it against dense attention with bias log(multiplicity)."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,13 +24,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=positive_int, default=1, help="batch size B")
     p.add_argument("--heads", type=positive_int, default=4, help="number of heads H")
     p.add_argument("--dim", type=positive_int, default=32, help="head dimension D")
-    p.add_argument("--segment-lengths", type=int_list, default=[256, 512, 1024], metavar="W1,W2,...",
-                   help="segment length w_i of each branch, comma-separated")
-    p.add_argument("--dilation-rates", type=int_list, default=[1, 2, 4], metavar="R1,R2,...",
-                   help="dilation r_i of each branch, comma-separated (as many as segment lengths)")
+    p.add_argument("--segment-lengths", type=int_list, default=[256, 512, 1024], metavar="W1,W2,...", help="segment length w_i of each branch, comma-separated")
+    p.add_argument(
+        "--dilation-rates",
+        type=int_list,
+        default=[1, 2, 4],
+        metavar="R1,R2,...",
+        help="dilation r_i of each branch, comma-separated (as many as segment lengths)",
+    )
     p.add_argument("--causal", action="store_true", help="causal attention: keys at positions <= the query's only")
-    p.add_argument("--offsets", choices=["paper", "torchscale"], default="paper",
-                   help="head offsets: paper (h mod r) or torchscale (contiguous blocks of heads)")
+    p.add_argument(
+        "--offsets", choices=["paper", "torchscale"], default="paper", help="head offsets: paper (h mod r) or torchscale (contiguous blocks of heads)"
+    )
     p.add_argument("--dtype", choices=["float32", "float64"], default="float64", help="floating-point type of the inputs")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random inputs")
     p.add_argument("--backend", choices=["numba", "numpy"], default="numba", help="the backend checked and timed")
@@ -97,24 +101,24 @@ def run(args: argparse.Namespace) -> int:
     dtype = np.dtype(args.dtype)
     validate_branches(w, r)  # a bad configuration is named before any array is drawn
     backends = [args.backend] + (["numpy"] if args.backend != "numpy" else [])
-    refuse_if_too_big(demo_bytes(args.batch, args.n, args.heads, args.dim, dtype.itemsize, len(backends)),
-                      f"demo --n {args.n} --batch {args.batch} --heads {args.heads} --dim {args.dim}",
-                      "lower --n (the dense oracle grows as N^2), --batch, --heads or --dim")
+    refuse_if_too_big(
+        demo_bytes(args.batch, args.n, args.heads, args.dim, dtype.itemsize, len(backends)),
+        f"demo --n {args.n} --batch {args.batch} --heads {args.heads} --dim {args.dim}",
+        "lower --n (the dense oracle grows as N^2), --batch, --heads or --dim",
+    )
     rng = np.random.default_rng(args.seed)
     shape = (args.batch, args.n, args.heads, args.dim)  # (B, N, H, D)
     q, k, v, dout = (rng.standard_normal(shape).astype(dtype) for _ in range(4))
     options = dict(causal=args.causal, offsets=args.offsets)
 
-    print(f"longnet_ref demo: B={args.batch} N={args.n} H={args.heads} D={args.dim} w={w} r={r} "
-          f"causal={args.causal} offsets={args.offsets} dtype={dtype}")
+    print(f"longnet_ref demo: B={args.batch} N={args.n} H={args.heads} D={args.dim} w={w} r={r} causal={args.causal} offsets={args.offsets} dtype={dtype}")
     timings, results = {}, {}
     for backend in backends:
         if backend == "numba":  # compile (first run only) or load the cached kernels, outside the timing
             from ..backends.numba_cpu import warm_up
 
             seconds = warm_up()  # both dtypes: a later float32 (or float64) call does not compile silently
-            print(f"numba kernels (forward and backward, float32 and float64) ready in {seconds:.1f} s "
-                  "(compiled on the first run, then loaded from the cache)")
+            print(f"numba kernels (forward and backward, float32 and float64) ready in {seconds:.1f} s (compiled on the first run, then loaded from the cache)")
         (out, lse), t_fwd = _timed(lambda: dilated_attention(q, k, v, w, r, return_lse=True, backend=backend, **options))
         grads, t_bwd = _timed(lambda: dilated_attention_backward(dout, q, k, v, out, lse, w, r, backend=backend, **options))
         timings[backend], results[backend] = (t_fwd, t_bwd), (out, lse, *grads)

@@ -49,17 +49,19 @@ SAMPLING = {"max_new_tokens": 200, "temperature": 0.8, "top_k": None}
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="FILE", help="a checkpoint.npz written by longnet-ref train")
-    p.add_argument("--prompt", required=True,
-                   help="text to continue (text checkpoint) or the passkey to hide, 1-8 (passkey checkpoint)")
+    p.add_argument("--prompt", required=True, help="text to continue (text checkpoint) or the passkey to hide, 1-8 (passkey checkpoint)")
     hide = argparse.SUPPRESS
-    p.add_argument("--max-new-tokens", type=non_negative_int, default=hide,
-                   help=f"text: bytes to generate after the prompt (default: {SAMPLING['max_new_tokens']})")
-    p.add_argument("--temperature", type=non_negative_float, default=hide,
-                   help=f"text: softmax temperature of the sampling, 0 for greedy (default: {SAMPLING['temperature']})")
-    p.add_argument("--top-k", type=positive_int, default=hide,
-                   help="text: sample among the k most likely bytes only (default: all of them)")
-    p.add_argument("--seed", type=non_negative_int, default=0,
-                   help="seed of the sampling (text) or of the passkey sequence's filler (passkey)")
+    p.add_argument(
+        "--max-new-tokens", type=non_negative_int, default=hide, help=f"text: bytes to generate after the prompt (default: {SAMPLING['max_new_tokens']})"
+    )
+    p.add_argument(
+        "--temperature",
+        type=non_negative_float,
+        default=hide,
+        help=f"text: softmax temperature of the sampling, 0 for greedy (default: {SAMPLING['temperature']})",
+    )
+    p.add_argument("--top-k", type=positive_int, default=hide, help="text: sample among the k most likely bytes only (default: all of them)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the sampling (text) or of the passkey sequence's filler (passkey)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,8 +77,7 @@ def run(args: argparse.Namespace) -> int:
         return _continue_text(args, state)
     if task == "passkey":
         return _answer_passkey(args, state, extra)
-    raise UsageError(f"--checkpoint {args.checkpoint}: it does not say which task it was trained on "
-                     "(neither text nor passkey)")
+    raise UsageError(f"--checkpoint {args.checkpoint}: it does not say which task it was trained on (neither text nor passkey)")
 
 
 def _continue_text(args, state) -> int:
@@ -103,8 +104,7 @@ def _continue_text(args, state) -> int:
         write(bytes([int(token[0])]))
         out.flush()
 
-    generate(config, state.params, prompt, options["max_new_tokens"], temperature=options["temperature"],
-             top_k=options["top_k"], seed=args.seed, on_token=emit)
+    generate(config, state.params, prompt, options["max_new_tokens"], temperature=options["temperature"], top_k=options["top_k"], seed=args.seed, on_token=emit)
     write(b"\n")
     out.flush()
     return 0
@@ -113,30 +113,31 @@ def _continue_text(args, state) -> int:
 def _answer_passkey(args, state, extra: dict) -> int:
     given = [f"--{k.replace('_', '-')}" for k in SAMPLING if k in vars(args)]
     if given:
-        raise UsageError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to text checkpoints only; a passkey checkpoint answers with its "
-                         "most likely key")
+        raise UsageError(
+            f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to text checkpoints only; a passkey checkpoint answers with its most likely key"
+        )
     n, span = extra.get("n"), extra.get("passkey_span")
     try:
         task = PasskeyTask(n, span=span)
     except (TypeError, ValueError) as error:
         raise UsageError(f"--checkpoint {args.checkpoint}: its passkey task is not valid ({error})") from None
     if task.vocab_size != state.config.vocab_size:
-        raise UsageError(f"--checkpoint {args.checkpoint}: the model's vocabulary ({state.config.vocab_size}) is not "
-                         f"its passkey task's ({task.vocab_size})")
+        raise UsageError(f"--checkpoint {args.checkpoint}: the model's vocabulary ({state.config.vocab_size}) is not its passkey task's ({task.vocab_size})")
     try:
         key = int(args.prompt)
     except ValueError:
         key = None
     if key is None or not 1 <= key <= task.num_keys:
-        raise UsageError(f"--prompt: {args.checkpoint} is a passkey-retrieval model, so --prompt is the passkey to "
-                         f"hide, an integer from 1 to {task.num_keys}, got {args.prompt!r} (to continue text, train "
-                         "on a file: longnet-ref train --text FILE)")
+        raise UsageError(
+            f"--prompt: {args.checkpoint} is a passkey-retrieval model, so --prompt is the passkey to "
+            f"hide, an integer from 1 to {task.num_keys}, got {args.prompt!r} (to continue text, train "
+            "on a file: longnet-ref train --text FILE)"
+        )
     batch = task.batch(1, np.random.default_rng(args.seed), keys=[key])
     tokens = batch.tokens[0]  # (N,) filler, the key span times, the query marker last
     where = int(np.flatnonzero(tokens == key)[0])
     answer = int(generate(state.config, state.params, tokens, 1, temperature=0.0)[-1])
     times = f"{span} times from" if span > 1 else "at"
-    print(f"passkey {key} hidden {times} position {where} of a {n}-token sequence (filler: --seed {args.seed}); "
-          f"asked for at position {n - 1}")
+    print(f"passkey {key} hidden {times} position {where} of a {n}-token sequence (filler: --seed {args.seed}); asked for at position {n - 1}")
     print(f"answer: {answer} ({'correct' if answer == key else 'wrong'})")
     return 0

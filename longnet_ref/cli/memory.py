@@ -52,8 +52,10 @@ def refuse_if_too_big(parts: dict[str, int], what: str, hint: str) -> None:
     available = available_bytes()
     if needed > available:
         largest = ", ".join(f"{name} {size / GIB:.1f} GiB" for name, size in sorted(parts.items(), key=lambda p: -p[1])[:3])
-        raise UsageError(f"{what} needs about {needed:,} bytes ({needed / GIB:.1f} GiB: {largest}), more than the "
-                         f"{available:,} bytes ({available / GIB:.1f} GiB) available; {hint}")
+        raise UsageError(
+            f"{what} needs about {needed:,} bytes ({needed / GIB:.1f} GiB: {largest}), more than the "
+            f"{available:,} bytes ({available / GIB:.1f} GiB) available; {hint}"
+        )
 
 
 def demo_bytes(batch: int, n: int, heads: int, dim: int, itemsize: int, backends: int) -> dict[str, int]:
@@ -88,4 +90,3 @@ def train_step_bytes(config, batch: int, n: int) -> dict[str, int]:
     if config.attention == "dense":
         parts["dense attention scores"] = 3 * batch * config.n_heads * n * n * itemsize
     return parts
-

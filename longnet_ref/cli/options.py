@@ -47,8 +47,7 @@ class HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default
-        if ("(default" in text or action.required or default in (None, argparse.SUPPRESS)
-                or isinstance(default, bool) or not action.option_strings):
+        if "(default" in text or action.required or default in (None, argparse.SUPPRESS) or isinstance(default, bool) or not action.option_strings:
             return text
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
         if action.type is int_list:

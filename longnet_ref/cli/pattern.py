@@ -8,9 +8,11 @@ from .options import check_output_dir, make_output_dir
 
 FIGURES_DIR = "longnet-ref-figures"
 HELP = "draw the attention-pattern, multiplicity, FLOPs and path-length figures"
-DESCRIPTION = ("Draw the documentation's figures from the library (needs matplotlib: the bench or docs extra). They "
-               "go to --output-dir, relative to the current directory; to redraw the docs' figures, run it from the "
-               "project root with --output-dir docs/figures.")
+DESCRIPTION = (
+    "Draw the documentation's figures from the library (needs matplotlib: the bench or docs extra). They "
+    "go to --output-dir, relative to the current directory; to redraw the docs' figures, run it from the "
+    "project root with --output-dir docs/figures."
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

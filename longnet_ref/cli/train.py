@@ -59,16 +59,40 @@ machines"), rank 0 alone prints and writes, and a checkpoint written at any P re
 # The options that define a run, with their defaults. They are left out of the parsed namespace
 # unless given (SUPPRESS), so --resume can refuse the ones that contradict its checkpoint.
 DEFAULTS = {
-    "text": None, "n": 256, "passkey_span": 4, "attention": "dilated", "segment_lengths": [64, 128, 256],
-    "dilation_rates": [1, 2, 4], "window": None, "offsets": "paper", "d_model": 64, "layers": 2, "heads": 4,
-    "no_rope": False, "steps": 300, "batch": 16, "lr": 3e-3, "warmup": 30, "weight_decay": 0.1, "clip": 1.0,
-    "backend": "numba", "dtype": "float32", "seed": 0,
+    "text": None,
+    "n": 256,
+    "passkey_span": 4,
+    "attention": "dilated",
+    "segment_lengths": [64, 128, 256],
+    "dilation_rates": [1, 2, 4],
+    "window": None,
+    "offsets": "paper",
+    "d_model": 64,
+    "layers": 2,
+    "heads": 4,
+    "no_rope": False,
+    "steps": 300,
+    "batch": 16,
+    "lr": 3e-3,
+    "warmup": 30,
+    "weight_decay": 0.1,
+    "clip": 1.0,
+    "backend": "numba",
+    "dtype": "float32",
+    "seed": 0,
 }
 # option -> (its field in the checkpoint's LongNetConfig or TrainConfig, how the option maps to it)
 MODEL_FIELDS = {
-    "attention": "attention", "segment_lengths": "segment_lengths", "dilation_rates": "dilation_rates",
-    "window": "window", "offsets": "offsets", "d_model": "d_model", "layers": "n_layers", "heads": "n_heads",
-    "dtype": "dtype", "seed": "seed",
+    "attention": "attention",
+    "segment_lengths": "segment_lengths",
+    "dilation_rates": "dilation_rates",
+    "window": "window",
+    "offsets": "offsets",
+    "d_model": "d_model",
+    "layers": "n_layers",
+    "heads": "n_heads",
+    "dtype": "dtype",
+    "seed": "seed",
 }
 TRAIN_FIELDS = {"batch": "batch_size", "lr": "lr", "weight_decay": "weight_decay", "clip": "clip"}
 EVAL_SEQUENCES = {"passkey": 64, "text": 8}
@@ -88,13 +112,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     option("--text", metavar="FILE", help="train next-byte prediction on this file", default_text="the passkey task")
     option("--n", type=positive_int, help="context length N (tokens per sequence)")
-    option("--passkey-span", type=positive_int,
-           help="passkey task: write the key this many times in a row (4 = the largest dilation: one hop)")
+    option("--passkey-span", type=positive_int, help="passkey task: write the key this many times in a row (4 = the largest dilation: one hop)")
     option("--attention", choices=lm.ATTENTION_KINDS, help="attention of every layer")
     option("--segment-lengths", type=int_list, metavar="W1,W2,...", help="dilated attention: segment length w_i of each branch")
     option("--dilation-rates", type=int_list, metavar="R1,R2,...", help="dilated attention: dilation r_i of each branch")
-    option("--window", type=positive_int, help="window attention: keys per query",
-           default_text="the cost of the dilated configuration")
+    option("--window", type=positive_int, help="window attention: keys per query", default_text="the cost of the dilated configuration")
     option("--offsets", choices=["paper", "torchscale"], help="head offsets: paper (h mod r) or torchscale (blocks of heads)")
     option("--d-model", type=positive_int, help="model width C")
     option("--layers", type=positive_int, help="number of Transformer blocks")
@@ -102,33 +124,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     option("--no-rope", action="store_true", help="no rotary position embedding", default_text="RoPE on")
     option("--dtype", choices=["float32", "float64"], help="parameter and activation dtype")
     option("--seed", type=non_negative_int, help="seed of the initialisation and the data")
-    option("--steps", type=positive_int, help="total steps; with --resume: continue the run up to this many",
-           default_text="300; with --resume: the checkpoint's")
+    option(
+        "--steps", type=positive_int, help="total steps; with --resume: continue the run up to this many", default_text="300; with --resume: the checkpoint's"
+    )
     option("--batch", type=positive_int, help="sequences per step")
     option("--lr", type=positive_float, help="peak AdamW learning rate (min_lr = lr / 10)")
     option("--warmup", type=non_negative_int, help="linear warm-up steps before the cosine decay")
     option("--weight-decay", type=non_negative_float, help="decoupled weight decay on the projection and MLP matrices")
     option("--clip", type=non_negative_float, help="global gradient-norm clip (0: none)")
-    option("--backend", choices=backend_names(),
-           help="numba compiles once (~1-2 min, cached); cupy and cupy-fused need the gpu extra; "
-                "may differ from the checkpoint's with --resume")
-    p.add_argument("--eval-every", type=non_negative_int, default=25,
-                   help="evaluate on a fixed held-out batch every k steps (0: never)")
-    p.add_argument("--resume", metavar="CHECKPOINT", default=None,
-                   help="continue the run of this checkpoint.npz (the model and optimiser options are the checkpoint's)")
-    p.add_argument("--checkpoint-every", type=non_negative_int, default=100,
-                   help="also write the checkpoint every k steps (0: only at the end)")
-    p.add_argument("--out", metavar="DIR", default=None,
-                   help="directory for log.json, loss.png, checkpoint.npz (default: train-passkey or train-text; "
-                        "with --resume: the checkpoint's directory)")
+    option(
+        "--backend",
+        choices=backend_names(),
+        help="numba compiles once (~1-2 min, cached); cupy and cupy-fused need the gpu extra; may differ from the checkpoint's with --resume",
+    )
+    p.add_argument("--eval-every", type=non_negative_int, default=25, help="evaluate on a fixed held-out batch every k steps (0: never)")
+    p.add_argument(
+        "--resume", metavar="CHECKPOINT", default=None, help="continue the run of this checkpoint.npz (the model and optimiser options are the checkpoint's)"
+    )
+    p.add_argument("--checkpoint-every", type=non_negative_int, default=100, help="also write the checkpoint every k steps (0: only at the end)")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="directory for log.json, loss.png, checkpoint.npz (default: train-passkey or train-text; with --resume: the checkpoint's directory)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
-    p.add_argument("--blas-threads", type=positive_int, default=1,
-                   help="BLAS threads (1: the GEMMs of a small model are too small to share, and spinning BLAS "
-                        "threads on a busy machine cost more than they give)")
+    p.add_argument(
+        "--blas-threads",
+        type=positive_int,
+        default=1,
+        help="BLAS threads (1: the GEMMs of a small model are too small to share, and spinning BLAS threads on a busy machine cost more than they give)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
-    p.add_argument("--parallel", action="store_true",
-                   help="train sequence-parallel over the MPI ranks even when the launch is not detected "
-                        "(needs the mpi extra; detected: a launch by mpiexec/srun with more than one rank)")
+    p.add_argument(
+        "--parallel",
+        action="store_true",
+        help="train sequence-parallel over the MPI ranks even when the launch is not detected "
+        "(needs the mpi extra; detected: a launch by mpiexec/srun with more than one rank)",
+    )
 
 
 # ---- the checks, in the order they run --------------------------------------------------------------
@@ -145,12 +178,13 @@ def _task_of(given: dict, extra: dict | None, checkpoint: str | None):
         text = given.get("text", extra.get("text")) if kind == "text" else None
         if kind == "text" and (text is None or ("text" not in given and not Path(text).is_file())):
             where = f" ({text} is gone)" if text else ""
-            raise UsageError(f"--resume {checkpoint}: the checkpoint was trained on a text file{where}; "
-                             "give it with --text FILE")
+            raise UsageError(f"--resume {checkpoint}: the checkpoint was trained on a text file{where}; give it with --text FILE")
         for option, saved in (("n", extra["n"]), ("passkey_span", extra.get("passkey_span"))):
             if option in given and saved is not None and given[option] != saved:
-                raise UsageError(f"--{option.replace('_', '-')} {given[option]} conflicts with the checkpoint's {saved} "
-                                 f"(--resume {checkpoint}); leave it out to continue the run")
+                raise UsageError(
+                    f"--{option.replace('_', '-')} {given[option]} conflicts with the checkpoint's {saved} "
+                    f"(--resume {checkpoint}); leave it out to continue the run"
+                )
         n, span = extra["n"], extra.get("passkey_span") or 1
     else:
         text, n, span = given.get("text"), given.get("n", DEFAULTS["n"]), given.get("passkey_span", DEFAULTS["passkey_span"])
@@ -158,13 +192,14 @@ def _task_of(given: dict, extra: dict | None, checkpoint: str | None):
         check_input_file(text, "--text")
         data = read_text(text)
         if data.size < n + 1:
-            raise UsageError(f"--text {text} has {data.size} bytes; --n {n} needs at least n + 1 = {n + 1}: "
-                             "use a longer file or a smaller --n")
+            raise UsageError(f"--text {text} has {data.size} bytes; --n {n} needs at least n + 1 = {n + 1}: use a longer file or a smaller --n")
         return TextTask(data, n), {"task": "text", "n": n, "passkey_span": None, "text": str(Path(text).absolute())}
     shortest = PasskeyTask.shortest(span)
     if n < shortest:
-        raise UsageError(f"--n {n} is too short for the passkey task with --passkey-span {span}: "
-                         f"it needs --n >= {shortest} (the key and its copies in the first quarter, then the query)")
+        raise UsageError(
+            f"--n {n} is too short for the passkey task with --passkey-span {span}: "
+            f"it needs --n >= {shortest} (the key and its copies in the first quarter, then the query)"
+        )
     return PasskeyTask(n, span=span), {"task": "passkey", "n": n, "passkey_span": span}
 
 
@@ -178,13 +213,17 @@ def _resumed_state(given: dict, state: TrainState, checkpoint: str) -> TrainStat
         if option in given and _normalised(given[option]) != _normalised(value):
             if option == "warmup" and given[option] >= t.steps and value == t.steps:
                 continue  # the warm-up was capped at the run's length
-            raise UsageError(f"--{option.replace('_', '-')} {_shown(given[option])} conflicts with the checkpoint's "
-                             f"{_shown(value)} (--resume {checkpoint}); leave it out to continue the run, "
-                             "or start a new run without --resume")
+            raise UsageError(
+                f"--{option.replace('_', '-')} {_shown(given[option])} conflicts with the checkpoint's "
+                f"{_shown(value)} (--resume {checkpoint}); leave it out to continue the run, "
+                "or start a new run without --resume"
+            )
     steps = given.get("steps", t.steps)
     if steps <= state.step:
-        raise UsageError(f"--resume {checkpoint}: the checkpoint is at step {state.step} of {t.steps}, so "
-                         f"--steps {steps} leaves nothing to do; give --steps N with N > {state.step} to continue")
+        raise UsageError(
+            f"--resume {checkpoint}: the checkpoint is at step {state.step} of {t.steps}, so "
+            f"--steps {steps} leaves nothing to do; give --steps N with N > {state.step} to continue"
+        )
     state.train = dataclasses.replace(t, steps=steps)
     if "backend" in given:
         state.config = dataclasses.replace(c, backend=given["backend"])
@@ -209,14 +248,30 @@ def _fresh_configs(given: dict, task) -> tuple[lm.LongNetConfig, TrainConfig]:
         if option in given and not read:
             raise UsageError(f"--{option.replace('_', '-')} applies only {when}; leave it out")
     config = lm.LongNetConfig(
-        vocab_size=task.vocab_size, d_model=o["d_model"], n_layers=o["layers"], n_heads=o["heads"],
-        segment_lengths=tuple(o["segment_lengths"]), dilation_rates=tuple(o["dilation_rates"]),
-        attention=o["attention"], window=o["window"], offsets=o["offsets"], backend=o["backend"],
-        rope=not o["no_rope"], dtype=o["dtype"], seed=o["seed"],
+        vocab_size=task.vocab_size,
+        d_model=o["d_model"],
+        n_layers=o["layers"],
+        n_heads=o["heads"],
+        segment_lengths=tuple(o["segment_lengths"]),
+        dilation_rates=tuple(o["dilation_rates"]),
+        attention=o["attention"],
+        window=o["window"],
+        offsets=o["offsets"],
+        backend=o["backend"],
+        rope=not o["no_rope"],
+        dtype=o["dtype"],
+        seed=o["seed"],
     )
-    train = TrainConfig(steps=o["steps"], batch_size=o["batch"], lr=o["lr"], min_lr=o["lr"] / 10,
-                        warmup=min(o["warmup"], o["steps"]), weight_decay=o["weight_decay"], clip=o["clip"],
-                        seed=o["seed"])
+    train = TrainConfig(
+        steps=o["steps"],
+        batch_size=o["batch"],
+        lr=o["lr"],
+        min_lr=o["lr"] / 10,
+        warmup=min(o["warmup"], o["steps"]),
+        weight_decay=o["weight_decay"],
+        clip=o["clip"],
+        seed=o["seed"],
+    )
     return config, train
 
 
@@ -227,8 +282,10 @@ def _output_dir(args, extra: dict) -> Path:
     held = [name for name in ("checkpoint.npz", "log.json") if (out / name).exists()]
     continuing = args.resume is not None and (out / "checkpoint.npz").resolve() == Path(args.resume).resolve()
     if held and not continuing and not args.overwrite:
-        raise UsageError(f"--out {out} already holds a run ({', '.join(held)}): give --overwrite to replace it, "
-                         f"--resume {out / 'checkpoint.npz'} to continue it, or another --out")
+        raise UsageError(
+            f"--out {out} already holds a run ({', '.join(held)}): give --overwrite to replace it, "
+            f"--resume {out / 'checkpoint.npz'} to continue it, or another --out"
+        )
     return out
 
 
@@ -255,12 +312,13 @@ def _communicator(args):
         from mpi4py import MPI
     except ImportError as error:
         why = f"launched as one of {launched} MPI ranks" if launched > 1 else "--parallel"
-        raise ImportError(f"{why}: sequence-parallel training needs mpi4py and an MPI: {install_hint('mpi')}",
-                          name="mpi4py") from error
+        raise ImportError(f"{why}: sequence-parallel training needs mpi4py and an MPI: {install_hint('mpi')}", name="mpi4py") from error
     comm = MPI.COMM_WORLD
     if comm.Get_size() != launched and launched > 1:
-        raise UsageError(f"the launcher started {launched} ranks but MPI sees {comm.Get_size()}: mpi4py is built against "
-                         "another MPI than the mpiexec that ran this (use the mpiexec of the same installation)")
+        raise UsageError(
+            f"the launcher started {launched} ranks but MPI sees {comm.Get_size()}: mpi4py is built against "
+            "another MPI than the mpiexec that ran this (use the mpiexec of the same installation)"
+        )
     return comm
 
 
@@ -300,8 +358,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _train(args, *prepared, comm=comm)
     except BaseException as error:  # a rank failing alone would leave the others waiting in a collective
-        sys.stderr.write(f"longnet-ref train: error: rank {rank}: {' '.join(str(error).split()) or type(error).__name__}; "
-                         "stopping every rank\n")
+        sys.stderr.write(f"longnet-ref train: error: rank {rank}: {' '.join(str(error).split()) or type(error).__name__}; stopping every rank\n")
         sys.stderr.flush()
         comm.Abort(EXIT_FAILED)
         raise
@@ -317,8 +374,7 @@ def _prepare(args, ranks: int):
         state, extra = load_checkpoint(args.resume)
         task, extra = _task_of(given, extra, args.resume)
         if task.vocab_size != state.config.vocab_size:
-            raise UsageError(f"--resume {args.resume}: the model's vocabulary ({state.config.vocab_size}) is not "
-                             f"its task's ({task.vocab_size})")
+            raise UsageError(f"--resume {args.resume}: the model's vocabulary ({state.config.vocab_size}) is not its task's ({task.vocab_size})")
         state = _resumed_state(given, state, args.resume)
         config, train = state.config, state.train
     else:
@@ -331,10 +387,12 @@ def _prepare(args, ranks: int):
     if args.eval_every:  # the held-out tokens, targets and mask (int64, int64, bool): every rank holds them
         parts["held-out batch"] = EVAL_SEQUENCES[extra["task"]] * task.n * 17
     per_rank = f" on each of {ranks} ranks" if ranks > 1 else ""
-    refuse_if_too_big(parts,
-                      f"a training step of {train.batch_size} x {task.n} tokens{per_rank} (--batch {train.batch_size} "
-                      f"--n {task.n}, --d-model {config.d_model}, --layers {config.n_layers})",
-                      "lower --n, --batch, --d-model or --layers")
+    refuse_if_too_big(
+        parts,
+        f"a training step of {train.batch_size} x {task.n} tokens{per_rank} (--batch {train.batch_size} "
+        f"--n {task.n}, --d-model {config.d_model}, --layers {config.n_layers})",
+        "lower --n, --batch, --d-model or --layers",
+    )
     out = _output_dir(args, extra)
     return task, state, config, train, extra, out
 
@@ -342,14 +400,11 @@ def _prepare(args, ranks: int):
 def _check_parallel(config: lm.LongNetConfig, n: int, ranks: int) -> None:
     """What sequence-parallel training needs, named by option."""
     if n % ranks:
-        raise UsageError(f"--n {n} is not divisible by the {ranks} MPI ranks (each rank holds N/P tokens of every "
-                         f"sequence): use a multiple of {ranks}")
+        raise UsageError(f"--n {n} is not divisible by the {ranks} MPI ranks (each rank holds N/P tokens of every sequence): use a multiple of {ranks}")
     if config.attention == "dense":
-        raise UsageError("--attention dense is not sequence-parallel (every rank would need all N keys): "
-                         "use dilated or window")
+        raise UsageError("--attention dense is not sequence-parallel (every rank would need all N keys): use dilated or window")
     if not backend_spec(config.backend).distributed:
-        raise UsageError(f"--backend {config.backend} cannot train sequence-parallel: use one of "
-                         f"{', '.join(backend_names(distributed=True))}")
+        raise UsageError(f"--backend {config.backend} cannot train sequence-parallel: use one of {', '.join(backend_names(distributed=True))}")
 
 
 def _train(args, task, state, config, train, extra, out, *, comm) -> int:
@@ -388,8 +443,7 @@ def _progress(args, state: TrainState):
 
         def line(record):
             if record["step"] % every == 0 or "eval_loss" in record or record["step"] == state.train.steps:
-                text = (f"step {record['step']}/{state.train.steps}  loss {record['loss']:.3f}  "
-                        f"{record['tokens_per_s']:.0f} tokens/s")
+                text = f"step {record['step']}/{state.train.steps}  loss {record['loss']:.3f}  {record['tokens_per_s']:.0f} tokens/s"
                 if "eval_loss" in record:
                     text += f"  held-out loss {record['eval_loss']:.3f} accuracy {record['eval_accuracy']:.3f}"
                 print(text, flush=True)
@@ -409,8 +463,11 @@ def _fit_and_report(args, task, state: TrainState, extra: dict, out: Path, comm=
     title = _title(state, extra)
     if comm is not None:
         title += f" (sequence-parallel, P={comm.Get_size()})"
-    print(f"longnet-ref train: {title}; steps {state.step + 1}-{state.train.steps} of {state.train.batch_size} x "
-          f"{task.n} tokens; chance loss {task.chance_loss:.3f}", flush=True)
+    print(
+        f"longnet-ref train: {title}; steps {state.step + 1}-{state.train.steps} of {state.train.batch_size} x "
+        f"{task.n} tokens; chance loss {task.chance_loss:.3f}",
+        flush=True,
+    )
     if state.config.backend == "numba":
         from ..backends.numba_cpu import warm_up
 
@@ -426,9 +483,11 @@ def _fit_and_report(args, task, state: TrainState, extra: dict, out: Path, comm=
         show(record)
         finite = math.isfinite(record["loss"]) and all(np.isfinite(p).all() for p in state.params.values())
         if not finite:  # diverged: stop before a NaN checkpoint replaces a good one
-            raise Diverged(f"the loss or the parameters are not finite at step {record['step']} (loss {record['loss']}): training diverged "
-                           f"(--lr {state.train.lr:g}, --weight-decay {state.train.weight_decay:g}, --clip "
-                           f"{state.train.clip:g}; a smaller --lr helps); the last checkpoint written is kept")
+            raise Diverged(
+                f"the loss or the parameters are not finite at step {record['step']} (loss {record['loss']}): training diverged "
+                f"(--lr {state.train.lr:g}, --weight-decay {state.train.weight_decay:g}, --clip "
+                f"{state.train.clip:g}; a smaller --lr helps); the last checkpoint written is kept"
+            )
         if lead and args.checkpoint_every and record["step"] % args.checkpoint_every == 0:
             save_checkpoint(state, checkpoint, extra)
 
@@ -442,8 +501,15 @@ def _fit_and_report(args, task, state: TrainState, extra: dict, out: Path, comm=
     if not lead:
         return 0
     save_checkpoint(state, checkpoint, extra)
-    log = {"title": title, "model": state.config.to_dict(), "train": dataclasses.asdict(state.train), **extra,
-           "chance_loss": task.chance_loss, "seconds": seconds, "records": records}
+    log = {
+        "title": title,
+        "model": state.config.to_dict(),
+        "train": dataclasses.asdict(state.train),
+        **extra,
+        "chance_loss": task.chance_loss,
+        "seconds": seconds,
+        "records": records,
+    }
     (out / "log.json").write_text(json.dumps(log, indent=1))
     first, last = records[0], records[-1]
     evals = [r for r in records if "eval_loss" in r]

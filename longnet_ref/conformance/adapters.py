@@ -147,4 +147,3 @@ ADAPTERS = {"numpy": _numpy, "torch": _torch, "jax": _jax, "cupy": _cupy, "array
 def adapt(forward: Callable, backward: Callable | None, framework: str) -> Adapted:
     """Wrap ``forward``/``backward`` written for ``framework`` (one of ``FRAMEWORKS``)."""
     return ADAPTERS[framework](forward, backward)
-

@@ -176,9 +176,7 @@ on few rows, so a small ``max_examples`` still meets them (Hypothesis may still 
 def classic_configs(domain: Domain, causal_choices: list[bool]) -> list[Config]:
     """The classic configurations inside ``domain`` (``D = 2``, ``Dv = 3`` unless ``Dv == D`` is declared)."""
     value_dim = 2 if "dv_equals_d" in domain.flags else 3
-    candidates = [
-        Config(1, n, heads, 2, value_dim, w, r, causal, 0) for n, heads, w, r in CLASSIC_BRANCHES for causal in causal_choices
-    ]
+    candidates = [Config(1, n, heads, 2, value_dim, w, r, causal, 0) for n, heads, w, r in CLASSIC_BRANCHES for causal in causal_choices]
     return [cfg for cfg in candidates if domain.contains(cfg)]
 
 

@@ -250,7 +250,9 @@ def support_finding(kit: Kit, cfg: Config, causal: bool, section: str) -> Findin
         message += " (future keys k > p are attended)"
     other = "torchscale" if kit.offsets == "paper" else "paper"
     m_other = kit.counts(probe, causal, other)
-    if np.array_equal(attended & covered[..., None], np.broadcast_to(m_other[None] > 0, spec.shape[:1] + m_other.shape).transpose(0, 2, 1, 3) & covered[..., None]):
+    if np.array_equal(
+        attended & covered[..., None], np.broadcast_to(m_other[None] > 0, spec.shape[:1] + m_other.shape).transpose(0, 2, 1, 3) & covered[..., None]
+    ):
         message += f" (these are the head offsets of the {other!r} rule; the kit checks offsets={kit.offsets!r})"
     _, error, _ = compare(out, kit.expected(probe, q, k, v, causal), VALUES[kit.dtype])
     return Finding(message, error, f"a key is attended when its weight > {SUPPORT[kit.dtype]:g}")
@@ -397,12 +399,20 @@ def mixture(kit: Kit, cfg: Config) -> Finding | None:
     bad = uncovered & ~(np.asarray(out) == 0)
     if bad.any():
         b, p, h, _ = (int(i) for i in np.argwhere(bad)[0])
-        return Finding(f"{cfg}: row p={p} (batch {b}, head {h}) is covered by no branch; SPEC §4 gives out = 0, got {np.asarray(out)[b, p, h].tolist()}", float(np.nanmax(np.abs(np.where(bad, out, 0)))) if np.isfinite(np.where(bad, out, 0)).all() else float("inf"), "exactly 0")
+        return Finding(
+            f"{cfg}: row p={p} (batch {b}, head {h}) is covered by no branch; SPEC §4 gives out = 0, got {np.asarray(out)[b, p, h].tolist()}",
+            float(np.nanmax(np.abs(np.where(bad, out, 0)))) if np.isfinite(np.where(bad, out, 0)).all() else float("inf"),
+            "exactly 0",
+        )
     for name, (qq, kk, vv) in (("all scores equal", (*equal_scores(kit, cfg), v)), ("random inputs", (q, k, v))):
         out = kit.shaped_forward(cfg, qq, kk, vv)
         ok, error, where = compare(out, kit.expected(cfg, qq, kk, vv), tol)
         if not ok:
-            return Finding(f"{cfg}, {name}: {_row_text(where)} differs from the mixture of SPEC §4{mixture_diagnosis(kit, cfg, out, qq, kk, vv)}", error, tolerance_text(tol))
+            return Finding(
+                f"{cfg}, {name}: {_row_text(where)} differs from the mixture of SPEC §4{mixture_diagnosis(kit, cfg, out, qq, kk, vv)}",
+                error,
+                tolerance_text(tol),
+            )
     return None
 
 

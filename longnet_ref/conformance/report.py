@@ -59,9 +59,7 @@ class Report:
             return None if isinstance(x, float) and not math.isfinite(x) else x
 
         failures = [{key: clean(value) for key, value in asdict(f).items()} for f in self.failures]
-        return json.dumps(
-            {"ok": self.ok, "settings": self.settings, "sections": [asdict(r) for r in self.results], "failures": failures}, **kwargs
-        )
+        return json.dumps({"ok": self.ok, "settings": self.settings, "sections": [asdict(r) for r in self.results], "failures": failures}, **kwargs)
 
     def __str__(self) -> str:
         lines = ["| section | property | status | examples | max error | tolerance |", "| --- | --- | --- | --- | --- | --- |"]

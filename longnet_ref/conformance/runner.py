@@ -102,9 +102,7 @@ def check(
     kit.scale_rule = measured or "1/sqrt(D)"
     strategy = search_space(domain, causal_choices)
     classics = classic_configs(domain, causal_choices)
-    options = settings(
-        max_examples=max_examples, database=None, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False
-    )
+    options = settings(max_examples=max_examples, database=None, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
     results, failures = [], []
     for index, (section, (title, probe)) in enumerate(SECTIONS.items()):
         seen = {"ran": 0, "note": ""}

@@ -38,4 +38,3 @@ GRADIENTS = {
     "float32": dict(rtol=2e-3, atol=2e-3),
     "float64": dict(rtol=1e-9, atol=1e-9),
 }
-

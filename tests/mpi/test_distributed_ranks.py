@@ -48,9 +48,7 @@ def test_every_rank_holds_its_chunk_of_the_single_process_result(case, causal, b
     q, k, v, dout = global_problem(batch, heads, dim, value_dim)
     options = dict(causal=causal, offsets=offsets)
     out, lse = distributed.dilated_attention(chunk(q), chunk(k), chunk(v), w, r, comm=COMM, backend=backend, return_lse=True, **options)
-    grads = distributed.dilated_attention_backward(
-        chunk(dout), chunk(q), chunk(k), chunk(v), out, lse, w, r, comm=COMM, backend=backend, **options
-    )
+    grads = distributed.dilated_attention_backward(chunk(dout), chunk(q), chunk(k), chunk(v), out, lse, w, r, comm=COMM, backend=backend, **options)
     # the single-process NumPy reference on the whole sequence, then this rank's rows
     full_out, full_lse = dilated_attention(q, k, v, w, r, return_lse=True, **options)
     full_grads = dilated_attention_backward(dout, q, k, v, full_out, full_lse, w, r, **options)

@@ -81,8 +81,16 @@ branch_lists = st.sampled_from(
 def test_drawn_dilated_models_match_one_process_on_every_rank(branches, heads, causal, offsets, backend, seed):
     # derandomize: every rank draws the same examples in the same order, so the collectives match
     config = lm.LongNetConfig(
-        vocab_size=VOCAB, d_model=4 * heads, n_layers=2, n_heads=heads, segment_lengths=branches[0],
-        dilation_rates=branches[1], causal=causal, offsets=offsets, backend=backend, seed=seed,
+        vocab_size=VOCAB,
+        d_model=4 * heads,
+        n_layers=2,
+        n_heads=heads,
+        segment_lengths=branches[0],
+        dilation_rates=branches[1],
+        causal=causal,
+        offsets=offsets,
+        backend=backend,
+        seed=seed,
     )
     assert_equal_to_one_process(compare(config, *whole_problem(2, 8 * SIZE, seed)), "float64")
 
@@ -97,8 +105,14 @@ def test_float32_matches_one_process():
     # numpy only: the numba kernels' float32 compile would cost every rank ~30 s in a fresh CI
     # checkout; their float32 agreement with numpy is tests/test_numba_backend.py's
     config = lm.LongNetConfig(
-        vocab_size=VOCAB, d_model=8, n_layers=2, n_heads=2, segment_lengths=(4, 32), dilation_rates=(1, 2),
-        backend="numpy", dtype="float32",
+        vocab_size=VOCAB,
+        d_model=8,
+        n_layers=2,
+        n_heads=2,
+        segment_lengths=(4, 32),
+        dilation_rates=(1, 2),
+        backend="numpy",
+        dtype="float32",
     )
     assert_equal_to_one_process(compare(config, *whole_problem(2, 8 * SIZE, 2)), "float32")
 
