@@ -172,7 +172,7 @@ def test_evaluate_reports_the_masked_loss_and_accuracy_of_the_independent_model(
     batch = task.batch(6, np.random.default_rng(9))
     params64 = {k: v.astype(np.float64) for k, v in state.params.items()}
     config64 = dataclasses.replace(state.config, dtype="float64")
-    result = evaluate(state, task, batch)
+    result = evaluate(state, batch)
     np.testing.assert_allclose(result["eval_loss"], oracle.lm_loss(config64, params64, batch.tokens, batch.targets, batch.mask), **SUMMATION[F32])
     logits = oracle.lm_logits(config64, params64, batch.tokens)
     assert result["eval_accuracy"] == pytest.approx(float((logits[:, -1].argmax(-1) == batch.targets[:, -1]).mean()))
@@ -182,7 +182,7 @@ def test_fit_trains_to_the_last_step_and_evaluates_every_k_steps_and_at_the_end(
     state, task = small_state()
     state.train = dataclasses.replace(state.train, steps=5)
     seen = []
-    records = fit(state, task, eval_every=2, eval_batch=task.batch(4, np.random.default_rng(1)), progress=False, on_record=seen.append)
+    records = fit(state, task, eval_every=2, eval_batch=task.batch(4, np.random.default_rng(1)), on_record=seen.append)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and state.step == 5 and seen == records
     assert [r["step"] for r in records if "eval_loss" in r] == [2, 4, 5]
     assert all(r["tokens_per_s"] > 0 and math.isfinite(r["loss"]) for r in records)
