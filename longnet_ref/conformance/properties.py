@@ -35,7 +35,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import oracle
+from .oracle import forward as oracle_forward, gradients as oracle_gradients, multiplicity as oracle_multiplicity
 from .configs import Config, Domain, random_inputs
 from .tolerances import FINITE_DIFFERENCES, GRADIENTS, SUPPORT, VALUES
 
@@ -99,14 +99,14 @@ class Kit:
     # -- the oracle ------------------------------------------------------------------------
     def counts(self, cfg: Config, causal: bool | None = None, rule: str | None = None) -> np.ndarray:
         causal = cfg.causal if causal is None else causal
-        return oracle.multiplicity(cfg.n, cfg.heads, cfg.segment_lengths, cfg.dilation_rates, causal, rule or self.offsets)
+        return oracle_multiplicity(cfg.n, cfg.heads, cfg.segment_lengths, cfg.dilation_rates, causal, rule or self.offsets)
 
     def scale(self, head_dim: int) -> float:
         return CANDIDATE_SCALES[self.scale_rule](head_dim)
 
     def expected(self, cfg: Config, q, k, v, causal: bool | None = None, counts=None) -> np.ndarray:
         m = self.counts(cfg, causal) if counts is None else counts
-        return oracle.forward(q, k, v, m, self.scale(cfg.head_dim))
+        return oracle_forward(q, k, v, m, self.scale(cfg.head_dim))
 
     def in_dtype(self, *arrays):
         return tuple(np.asarray(x).astype(self.dtype) for x in arrays)
@@ -152,7 +152,7 @@ def scale_names_matching(kit: Kit, cfg: Config, out, q, k, v, causal: bool) -> l
     """The named scales with which dense attention reproduces ``out``."""
     m = kit.counts(cfg, causal)
     tol = VALUES[kit.dtype]
-    return [name for name, rule in CANDIDATE_SCALES.items() if compare(out, oracle.forward(q, k, v, m, rule(cfg.head_dim)), tol)[0]]
+    return [name for name, rule in CANDIDATE_SCALES.items() if compare(out, oracle_forward(q, k, v, m, rule(cfg.head_dim)), tol)[0]]
 
 
 def measure_scale(kit: Kit) -> str | None:
@@ -197,7 +197,7 @@ def tensors_and_layout(kit: Kit, cfg: Config) -> Finding | None:
     out = kit.forward(dense, q, k, v)
     m = kit.counts(dense)
     tol = VALUES[kit.dtype]
-    ok, error, where = compare(out, oracle.forward(q, k, v, m, 1 / math.sqrt(dense.head_dim)), tol)
+    ok, error, where = compare(out, oracle_forward(q, k, v, m, 1 / math.sqrt(dense.head_dim)), tol)
     if ok:
         return None
     others = [name for name in scale_names_matching(kit, dense, out, q, k, v, dense.causal) if name != "1/sqrt(D)"]
@@ -454,7 +454,7 @@ def backward(kit: Kit, cfg: Config) -> Finding | None:
     out = kit.shaped_forward(cfg, q, k, v)
     if not compare(out, kit.expected(cfg, q, k, v), VALUES[kit.dtype])[0]:
         return None  # the forward is wrong here: its own section reports it
-    exact = oracle.gradients(dout, q, k, v, kit.counts(cfg), kit.scale(cfg.head_dim))
+    exact = oracle_gradients(dout, q, k, v, kit.counts(cfg), kit.scale(cfg.head_dim))
     tol = GRADIENTS[kit.dtype]
     for name, grad, want in zip("qkv", grads, exact):
         ok, error, where = compare(grad, want, tol)
