@@ -36,20 +36,34 @@ from longnet_ref.train import AdamW, TrainConfig, clip_by_global_norm
 KINDS = ("dense", "dilated", "window")
 
 
-def measure(kind: str, n: int, args) -> dict:
-    """Seconds of one training step and of its parts, and their ratios to the step."""
-    config = lm.LongNetConfig(
+def add_model_arguments(p: argparse.ArgumentParser, *, d_model: int, segment_lengths: list[int], dilation_rates: list[int]) -> None:
+    """The model and timing options of both training benchmarks (this one and ``train_scaling.py``)."""
+    p.add_argument("--segment-lengths", type=int, nargs="+", default=segment_lengths)
+    p.add_argument("--dilation-rates", type=int, nargs="+", default=dilation_rates)
+    p.add_argument("--d-model", type=int, default=d_model)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+
+
+def model_config(args, **options) -> lm.LongNetConfig:
+    """The byte-level model the options of :func:`add_model_arguments` describe; ``options``: the rest of the config."""
+    return lm.LongNetConfig(
         vocab_size=256,
         d_model=args.d_model,
         n_layers=args.layers,
         n_heads=args.heads,
         segment_lengths=tuple(args.segment_lengths),
         dilation_rates=tuple(args.dilation_rates),
-        attention=kind,
-        backend=args.backend,
-        rope=True,
         dtype=args.dtype,
+        **options,
     )
+
+
+def measure(kind: str, n: int, args) -> dict:
+    """Seconds of one training step and of its parts, and their ratios to the step."""
+    config = model_config(args, attention=kind, backend=args.backend, rope=True)
     params = lm.init_params(config)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 256, (args.batch, n))  # (B, N)
@@ -155,14 +169,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536])
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     p.add_argument("--dense-max-n", type=int, default=16384, help="dense attention's time grows as N^2: stop here")
-    p.add_argument("--segment-lengths", type=int, nargs="+", default=[256, 512, 1024, 2048])
-    p.add_argument("--dilation-rates", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--batch", type=int, default=1)
+    add_model_arguments(p, d_model=128, segment_lengths=[256, 512, 1024, 2048], dilation_rates=[1, 2, 4, 8])
     p.add_argument("--backend", default="numba")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--blas-threads", type=int, default=1, help="BLAS threads for the (small) projection/MLP GEMMs; the Numba attention kernels use their own")
     p.add_argument(

@@ -37,6 +37,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from train_bench import add_model_arguments, model_config  # after the path: it imports longnet_ref
+
 
 def worker(args) -> None:
     """One rank of one P: time the steps, count the bytes; rank 0 prints every rank's record as JSON."""
@@ -55,16 +57,7 @@ def worker(args) -> None:
     warm_up(np.dtype(args.dtype))
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
-    config = lm.LongNetConfig(
-        vocab_size=256,
-        d_model=args.d_model,
-        n_layers=args.layers,
-        n_heads=args.heads,
-        segment_lengths=tuple(args.segment_lengths),
-        dilation_rates=tuple(args.dilation_rates),
-        backend="numba",
-        dtype=args.dtype,
-    )
+    config = model_config(args, backend="numba")
     params = lm.init_params(config)
     optimizer, tc = AdamW.zeros_like(params), TrainConfig()
     length, n = args.tokens_per_rank, args.tokens_per_rank * size
@@ -186,13 +179,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--tokens-per-rank", type=int, default=16384)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--segment-lengths", type=int, nargs="+", default=[2048, 8192, 32768])
-    p.add_argument("--dilation-rates", type=int, nargs="+", default=[1, 2, 8])
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    add_model_arguments(p, d_model=64, segment_lengths=[2048, 8192, 32768], dilation_rates=[1, 2, 8])
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--plot", default=None, help="draw the figure here (PNG), from the rows")

@@ -37,23 +37,36 @@ def learn_pages(config):
     """The source paths (``overview.md``, ...) of the Learn section of the nav, in order."""
     for entry in config["nav"] or []:
         if isinstance(entry, dict) and LEARN in entry:
-            return [next(iter(page.values())) if isinstance(page, dict) else page for page in entry[LEARN]]
+            return [
+                next(iter(page.values())) if isinstance(page, dict) else page
+                for page in entry[LEARN]
+            ]
     return []
 
 
 def for_jupyter(text):
     """Markdown of the site -> Markdown that Jupyter renders: ``\\(x\\)`` -> ``$x$`` (Jupyter's
     Markdown would eat the backslash), admonitions -> block quotes with a bold title."""
-    parts = re.split(r"(^```.*?^```$|`[^`\n]*`)", text, flags=re.DOTALL | re.MULTILINE)  # not in code
+    parts = re.split(
+        r"(^```.*?^```$|`[^`\n]*`)", text, flags=re.DOTALL | re.MULTILINE
+    )  # not in code
     text = "".join(
-        part if index % 2 else re.sub(r"\\\((.+?)\\\)", lambda m: f"${m.group(1).strip()}$", part, flags=re.DOTALL) for index, part in enumerate(parts)
+        part
+        if index % 2
+        else re.sub(r"\\\((.+?)\\\)", lambda m: f"${m.group(1).strip()}$", part, flags=re.DOTALL)
+        for index, part in enumerate(parts)
     )
 
     def quote(match):
-        body = "\n".join("> " + line[4:] if line.strip() else ">" for line in match.group(2).rstrip("\n").split("\n"))
+        body = "\n".join(
+            "> " + line[4:] if line.strip() else ">"
+            for line in match.group(2).rstrip("\n").split("\n")
+        )
         return f"> **{match.group(1)}**\n>\n{body}\n"
 
-    return re.sub(r'^!!! \w+ "([^"]*)"\n((?:(?: {4}.*)?\n)*(?: {4}.*\n?))', quote, text, flags=re.MULTILINE)
+    return re.sub(
+        r'^!!! \w+ "([^"]*)"\n((?:(?: {4}.*)?\n)*(?: {4}.*\n?))', quote, text, flags=re.MULTILINE
+    )
 
 
 def notebook(markdown):
@@ -62,21 +75,29 @@ def notebook(markdown):
     for cell in book.cells:
         if cell.cell_type == "markdown":
             cell.source = for_jupyter(cell.source)
-    book.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}, "language_info": {"name": "python"}}
+    book.metadata = {
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+        "language_info": {"name": "python"},
+    }
     return book
 
 
 def notebook_files(markdown):
     """``{suffix: text}``: the page as ``.ipynb`` and as a jupytext percent ``.py`` script."""
     book = notebook(markdown)
-    return {".ipynb": jupytext.writes(book, fmt="ipynb"), ".py": jupytext.writes(book, fmt="py:percent")}
+    return {
+        ".ipynb": jupytext.writes(book, fmt="ipynb"),
+        ".py": jupytext.writes(book, fmt="py:percent"),
+    }
 
 
 def on_pre_build(config, **kwargs):
     figures = Path(config["docs_dir"]) / "figures"
     missing = [name for name in (*FIGURES, *EXPERIMENT_FIGURES) if not (figures / name).is_file()]
     if missing:
-        raise PluginError(f"missing figures {missing} in {figures}: run `longnet-ref pattern --output-dir {figures}`")
+        raise PluginError(
+            f"missing figures {missing} in {figures}: run `longnet-ref pattern --output-dir {figures}`"
+        )
 
 
 TEST_NAME = re.compile(r"(?<!\[)`(test_\w+)`(?!\]\()")
@@ -85,7 +106,10 @@ TEST_NAME = re.compile(r"(?<!\[)`(test_\w+)`(?!\]\()")
 def test_files(config):
     """``{relative path: file}`` of every test module, ``tests/...``."""
     root = Path(config["docs_dir"]).resolve().parent
-    return {path.relative_to(root).as_posix(): path for path in sorted((root / "tests").rglob("test_*.py"))}
+    return {
+        path.relative_to(root).as_posix(): path
+        for path in sorted((root / "tests").rglob("test_*.py"))
+    }
 
 
 def defining_file(config):
@@ -104,7 +128,9 @@ def on_files(files, config, **kwargs):
     for page in learn_pages(config):
         if (docs / page).is_file():
             for suffix, text in notebook_files((docs / page).read_text(encoding="utf-8")).items():
-                files.append(File.generated(config, f"notebooks/{Path(page).stem}{suffix}", content=text))
+                files.append(
+                    File.generated(config, f"notebooks/{Path(page).stem}{suffix}", content=text)
+                )
     return files
 
 
@@ -116,9 +142,13 @@ def link_spec_citations(markdown, page, config):
     spec = Path(config["docs_dir"]) / "spec.md"
     anchors = {
         number: re.sub(r"[^\w\s-]", "", f"{number}. {title}").strip().lower().replace(" ", "-")
-        for number, title in re.findall(r"^## §(\d+)\. (.*)$", spec.read_text(encoding="utf-8"), re.MULTILINE)
+        for number, title in re.findall(
+            r"^## §(\d+)\. (.*)$", spec.read_text(encoding="utf-8"), re.MULTILINE
+        )
     }
-    target = "../" * page.file.src_uri.count("/") + ("" if page.file.src_uri == "spec.md" else "spec.md")
+    target = "../" * page.file.src_uri.count("/") + (
+        "" if page.file.src_uri == "spec.md" else "spec.md"
+    )
 
     def link(match):
         def one(number):
@@ -128,8 +158,14 @@ def link_spec_citations(markdown, page, config):
         return "SPEC " + re.sub(r"§\s*(\d+)", one, match.group(1))
 
     # only in prose: not in code blocks, inline code or an existing link's text
-    parts = re.split(r"(^```.*?^```$|`[^`\n]*`|\[[^\]\n]*\]\([^)\n]*\))", markdown, flags=re.DOTALL | re.MULTILINE)
-    return "".join(part if index % 2 else SPEC_SECTIONS.sub(link, part) for index, part in enumerate(parts))
+    parts = re.split(
+        r"(^```.*?^```$|`[^`\n]*`|\[[^\]\n]*\]\([^)\n]*\))",
+        markdown,
+        flags=re.DOTALL | re.MULTILINE,
+    )
+    return "".join(
+        part if index % 2 else SPEC_SECTIONS.sub(link, part) for index, part in enumerate(parts)
+    )
 
 
 def link_test_names(markdown, page, config):
@@ -151,7 +187,9 @@ def download_links(markdown, page):
         f"session, as the notebook does. Download the page: [notebook](notebooks/{stem}.ipynb) · "
         f"[script](notebooks/{stem}.py).</p>\n"
     )
-    return re.sub(r"^(# .*)$", lambda title: title.group(1) + line, markdown, count=1, flags=re.MULTILINE)
+    return re.sub(
+        r"^(# .*)$", lambda title: title.group(1) + line, markdown, count=1, flags=re.MULTILINE
+    )
 
 
 def on_page_markdown(markdown, page, config, files):
@@ -168,7 +206,11 @@ def on_page_markdown(markdown, page, config, files):
         with contextlib.redirect_stdout(printed):
             exec(compile(match.group(1), page.file.src_uri, "exec"), namespace)  # noqa: S102 (our own pages)
         shown = printed.getvalue()
-        return match.group(0) + (f"\n```{{ .text .output .no-copy title=\"printed by the block above\" }}\n{shown}```\n" if shown else "")
+        return match.group(0) + (
+            f"\n```{{ .text .output .no-copy title=\"printed by the block above\" }}\n{shown}```\n"
+            if shown
+            else ""
+        )
 
     return FENCE.sub(run_and_show, markdown)
 
@@ -178,7 +220,9 @@ def on_page_content(html, page, config, files):
     spec = Path(config["docs_dir"]) / "spec.md"
     anchors = {
         number: re.sub(r"[^\w\s-]", "", f"{number}. {title}").strip().lower().replace(" ", "-")
-        for number, title in re.findall(r"^## §(\d+)\. (.*)$", spec.read_text(encoding="utf-8"), re.MULTILINE)
+        for number, title in re.findall(
+            r"^## §(\d+)\. (.*)$", spec.read_text(encoding="utf-8"), re.MULTILINE
+        )
     }
     target = "../" * page.url.count("/") + "spec/"
     parts, inside = re.split(r"(<[^>]+>)", html), []
@@ -186,7 +230,9 @@ def on_page_content(html, page, config, files):
     def link(match):
         def one(number):
             anchor = anchors.get(number.group(1))
-            return f'<a href="{target}#{anchor}">§{number.group(1)}</a>' if anchor else number.group(0)
+            return (
+                f'<a href="{target}#{anchor}">§{number.group(1)}</a>' if anchor else number.group(0)
+            )
 
         return "SPEC " + re.sub(r"§\s*(\d+)", one, match.group(1))
 

@@ -13,6 +13,7 @@ from longnet_ref import model as lm
 from longnet_ref.checkpoint import load_checkpoint
 from longnet_ref.cli import main
 from tests.tolerances import SUMMATION
+from tests.cli_runs import TINY_TRAIN
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -205,34 +206,11 @@ def assert_refused(capsys, args, *fragments, status=2):
     return captured
 
 
-TINY = [
-    "--n",
-    "16",
-    "--batch",
-    "2",
-    "--d-model",
-    "16",
-    "--heads",
-    "4",
-    "--layers",
-    "1",
-    "--segment-lengths",
-    "4,8",
-    "--dilation-rates",
-    "1,2",
-    "--eval-every",
-    "2",
-    "--backend",
-    "numpy",
-    "--quiet",
-]
-
-
 @pytest.fixture(scope="module")
 def passkey_run(tmp_path_factory):
     """A 4-step passkey run of the tiny model (its directory holds checkpoint.npz, log.json)."""
     out = tmp_path_factory.mktemp("passkey") / "run"
-    assert main(["train", *TINY, "--steps", "4", "--out", str(out)]) == 0
+    assert main(["train", *TINY_TRAIN, "--steps", "4", "--out", str(out)]) == 0
     return out
 
 
@@ -240,7 +218,7 @@ def passkey_run(tmp_path_factory):
 def text_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("text")
     (folder / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 20)
-    assert main(["train", *TINY, "--steps", "2", "--text", str(folder / "t.txt"), "--out", str(folder / "run")]) == 0
+    assert main(["train", *TINY_TRAIN, "--steps", "2", "--text", str(folder / "t.txt"), "--out", str(folder / "run")]) == 0
     return folder / "run"
 
 
@@ -427,14 +405,14 @@ def test_a_run_is_not_overwritten_by_another_unless_asked(tmp_path, capsys, monk
     text = text_run.parent / "t.txt"
     monkeypatch.setattr("longnet_ref.cli.train.fit", never_called)
     before = (passkey_run / "checkpoint.npz").read_bytes()
-    assert_refused(capsys, ["train", *TINY, "--text", str(text), "--out", str(passkey_run)], f"--out {passkey_run} already holds a run", "--overwrite")
+    assert_refused(capsys, ["train", *TINY_TRAIN, "--text", str(text), "--out", str(passkey_run)], f"--out {passkey_run} already holds a run", "--overwrite")
     assert (passkey_run / "checkpoint.npz").read_bytes() == before
     monkeypatch.undo()  # train for real from here on
     monkeypatch.chdir(tmp_path)  # the default directories differ per task
-    assert main(["train", *TINY, "--steps", "1", "--text", str(text), "--eval-every", "0"]) == 0
-    assert main(["train", *TINY, "--steps", "1", "--eval-every", "0"]) == 0
+    assert main(["train", *TINY_TRAIN, "--steps", "1", "--text", str(text), "--eval-every", "0"]) == 0
+    assert main(["train", *TINY_TRAIN, "--steps", "1", "--eval-every", "0"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train-passkey", "train-text"]
-    assert main(["train", *TINY, "--steps", "1", "--eval-every", "0", "--overwrite"]) == 0
+    assert main(["train", *TINY_TRAIN, "--steps", "1", "--eval-every", "0", "--overwrite"]) == 0
 
 
 @pytest.mark.parametrize(
@@ -472,10 +450,10 @@ def test_resume_with_nothing_left_to_do_is_an_error_not_an_empty_log(tmp_path, c
 
 def test_train_runs_without_tqdm_and_matplotlib(tmp_path, capsys, monkeypatch):
     block_import(monkeypatch, "tqdm", "matplotlib", "matplotlib.pyplot")
-    assert main(["train", *TINY, "--steps", "4", "--out", str(tmp_path / "q")]) == 0  # --quiet: a base install
+    assert main(["train", *TINY_TRAIN, "--steps", "4", "--out", str(tmp_path / "q")]) == 0  # --quiet: a base install
     assert not (tmp_path / "q" / "loss.png").exists() and (tmp_path / "q" / "checkpoint.npz").exists()
     assert "no loss.png: drawing it needs matplotlib" in capsys.readouterr().out
-    loud = [a for a in TINY if a != "--quiet"]
+    loud = [a for a in TINY_TRAIN if a != "--quiet"]
     assert main(["train", *loud, "--steps", "4", "--out", str(tmp_path / "p")]) == 0
     out = capsys.readouterr().out
     # plain progress lines: every step of 4 (steps // 20 rounds up to 1), evaluations at 2 and 4
@@ -578,7 +556,7 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_p
     out = tmp_path / "r"
     assert_refused(
         capsys,
-        ["train", *TINY, "--steps", "6", "--lr", "1e20", "--checkpoint-every", "1", "--out", str(out)],
+        ["train", *TINY_TRAIN, "--steps", "6", "--lr", "1e20", "--checkpoint-every", "1", "--out", str(out)],
         "are not finite at step",
         "training diverged",
         "--lr 1e+20",

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from longnet_ref import complexity, multiplicity
 
+from .tolerances import HAND_F64
+
 
 @given(st.integers(1, 3), st.data())
 @settings(deadline=None)
@@ -105,7 +107,7 @@ def test_predicted_path_length_is_eq_20(n, w0, ratio, layers):
 
     ``math.log(x, a)`` rounds twice (two logs and a division): 1e-12 relative is ample in float64.
     """
-    assert complexity.predicted_path_length(n, w0, ratio) == pytest.approx(layers, rel=1e-12)
+    assert complexity.predicted_path_length(n, w0, ratio) == pytest.approx(layers, rel=HAND_F64["rtol"])
 
 
 def test_geometric_configuration_stops_at_the_first_segment_covering_n():

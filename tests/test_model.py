@@ -59,12 +59,12 @@ def test_one_full_segment_without_dilation_equals_the_dense_model(n):
     tokens, targets, mask = tiny_batch(dilated, n=n)
     logits_dilated, _ = lm.forward(dilated, params, tokens)
     logits_dense, _ = lm.forward(dense, params, tokens)
-    np.testing.assert_allclose(logits_dilated, logits_dense, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(logits_dilated, logits_dense, **MODEL_F64)
     loss_a, grads_a = lm.loss_and_grads(dilated, params, tokens, targets, mask)
     loss_b, grads_b = lm.loss_and_grads(dense, params, tokens, targets, mask)
-    assert loss_a == pytest.approx(loss_b, rel=1e-12)
+    assert loss_a == pytest.approx(loss_b, rel=MODEL_F64["rtol"])
     for name in params:
-        np.testing.assert_allclose(grads_a[name], grads_b[name], rtol=1e-9, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(grads_a[name], grads_b[name], **MODEL_F64, err_msg=name)
 
 
 # ---- the model written out from its equations (tests/oracle.py) -----------------------------------

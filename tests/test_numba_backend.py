@@ -37,28 +37,6 @@ def assert_agree(problem):
         np.testing.assert_allclose(fast, ref, err_msg=name, **NUMBA[problem.dtype])
 
 
-@st.composite
-def multi_block_problems(draw):
-    """Like :func:`long_segment_problems` but kept small for the main test: a first branch whose
-    sparse segments hold 129-~280 rows (two or three key blocks), N <= 129 r + 150."""
-    dilation = draw(st.integers(1, 2))
-    rows = numba_cpu.BLOCK_K + 1
-    extra = draw(st.integers(0, 2))
-    return Problem(
-        batch=1,
-        n=draw(st.integers(rows * dilation, rows * dilation + 150)),
-        num_heads=draw(st.integers(1, 3)),
-        head_dim=draw(st.integers(1, 8)),
-        value_dim=draw(st.integers(1, 8)),
-        segment_lengths=[draw(st.integers(rows * dilation, 420))] + draw(st.lists(st.integers(1, 300), min_size=extra, max_size=extra)),
-        dilation_rates=[dilation] + draw(st.lists(st.integers(1, 4), min_size=extra, max_size=extra)),
-        causal=draw(st.booleans()),
-        offsets=draw(st.sampled_from(["paper", "torchscale"])),
-        dtype=np.dtype(draw(st.sampled_from([np.float32, np.float64]))),
-        seed=draw(st.integers(0, 2**32 - 1)),
-    )
-
-
 def longest_sparse_segment(problem):
     """Rows head 0 (offset 0) keeps in a branch's first segment, the largest over branches: ``ceil(min(w, N) / r)``."""
     return max((-(-min(w, problem.n) // r) for w, r in zip(*problem.branches)), default=0)
@@ -88,27 +66,32 @@ def test_numba_agrees_with_the_reference_on_several_key_blocks():
 
 
 @st.composite
-def long_segment_problems(draw):
-    """Problems whose first branch has sparse segments longer than one key block (> 128 rows,
-    up to 700): several key blocks, ragged last blocks and causal diagonals in every example;
-    0-2 further branches of any size."""
-    dilation = draw(st.integers(1, 3))
+def long_segment_problems(draw, max_dilation=3, max_n=700, max_batch=2, max_segment=900, max_other_segment=800, max_other_dilation=3):
+    """Problems whose first branch has sparse segments longer than one key block (> 128 rows):
+    several key blocks, ragged last blocks and causal diagonals in every example; 0-2 further
+    branches of any size up to ``max_other_segment``."""
+    dilation = draw(st.integers(1, max_dilation))
     rows = numba_cpu.BLOCK_K + 1  # selected rows of a full segment at offset 0 must exceed one key block
-    n = draw(st.integers(rows * dilation, 700))
     extra = draw(st.integers(0, 2))
     return Problem(
-        batch=draw(st.integers(1, 2)),
-        n=n,
+        batch=draw(st.integers(1, max_batch)),
+        n=draw(st.integers(rows * dilation, max_n)),
         num_heads=draw(st.integers(1, 3)),
         head_dim=draw(st.integers(1, 8)),
         value_dim=draw(st.integers(1, 8)),
-        segment_lengths=[draw(st.integers(rows * dilation, 900))] + draw(st.lists(st.integers(1, 800), min_size=extra, max_size=extra)),
-        dilation_rates=[dilation] + draw(st.lists(st.integers(1, 3), min_size=extra, max_size=extra)),
+        segment_lengths=[draw(st.integers(rows * dilation, max_segment))] + draw(st.lists(st.integers(1, max_other_segment), min_size=extra, max_size=extra)),
+        dilation_rates=[dilation] + draw(st.lists(st.integers(1, max_other_dilation), min_size=extra, max_size=extra)),
         causal=draw(st.booleans()),
         offsets=draw(st.sampled_from(["paper", "torchscale"])),
         dtype=np.dtype(draw(st.sampled_from([np.float32, np.float64]))),
         seed=draw(st.integers(0, 2**32 - 1)),
     )
+
+
+def multi_block_problems():
+    """:func:`long_segment_problems` kept small for the main test: one batch, a first branch whose
+    sparse segments hold 129-~280 rows (two or three key blocks), N <= 408."""
+    return long_segment_problems(max_dilation=2, max_n=408, max_batch=1, max_segment=420, max_other_segment=300, max_other_dilation=4)
 
 
 @pytest.mark.parametrize("query_block", [None, 64, 100])

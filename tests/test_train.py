@@ -28,6 +28,7 @@ from longnet_ref.train import (
     train_step,
 )
 from tests.tolerances import INITIAL_LOSS_NATS
+from tests.cli_runs import TINY_TRAIN
 
 from . import oracle
 from .tolerances import F32, FLOAT32_RECOMPUTED, HAND_F64, SUMMATION
@@ -54,8 +55,8 @@ def test_clipping_scales_the_global_norm_down_to_the_limit_and_keeps_directions(
     grads = {"a": np.array([3.0, 0.0]), "b": np.array([[4.0]])}  # global norm 5
     clipped, norm = clip_by_global_norm(grads, 1.0)
     assert norm == pytest.approx(5.0)
-    assert math.sqrt(sum(float((g**2).sum()) for g in clipped.values())) == pytest.approx(1.0, rel=1e-5)
-    np.testing.assert_allclose(clipped["a"], [0.6, 0.0], rtol=1e-5)
+    assert math.sqrt(sum(float((g**2).sum()) for g in clipped.values())) == pytest.approx(1.0, rel=HAND_F64["rtol"])
+    np.testing.assert_allclose(clipped["a"], [0.6, 0.0], **HAND_F64)
     same, _ = clip_by_global_norm(grads, 10.0)
     assert same["a"] is grads["a"]  # under the limit: untouched
 
@@ -502,29 +503,7 @@ def test_a_missing_empty_or_short_text_file_is_a_clear_error(tmp_path):
 
 # ---- the command line ------------------------------------------------------------------------------
 
-SMALL = [
-    "--n",
-    "16",
-    "--steps",
-    "4",
-    "--batch",
-    "2",
-    "--d-model",
-    "16",
-    "--heads",
-    "4",
-    "--layers",
-    "1",
-    "--segment-lengths",
-    "4,8",
-    "--dilation-rates",
-    "1,2",
-    "--eval-every",
-    "2",
-    "--backend",
-    "numpy",
-    "--quiet",
-]
+SMALL = [*TINY_TRAIN, "--steps", "4"]
 
 
 def test_train_command_writes_a_log_a_plot_and_a_checkpoint_that_resumes(tmp_path, capsys):
@@ -537,7 +516,7 @@ def test_train_command_writes_a_log_a_plot_and_a_checkpoint_that_resumes(tmp_pat
     assert abs(records[0]["loss"] - math.log(25)) < INITIAL_LOSS_NATS
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 and r["tokens_per_s"] > 0 for r in records)
     # warm-up min(30, 4) = 4 steps: lr_t = 3e-3 t / 4
-    assert [r["lr"] for r in records] == pytest.approx([3e-3 * t / 4 for t in (1, 2, 3, 4)], rel=1e-12)
+    assert [r["lr"] for r in records] == pytest.approx([3e-3 * t / 4 for t in (1, 2, 3, 4)], rel=HAND_F64["rtol"])
     evaluated = [r["step"] for r in records if "eval_loss" in r]
     assert evaluated == [2, 4]  # --eval-every 2
     assert all(math.isfinite(r["eval_loss"]) and 0 <= r["eval_accuracy"] <= 1 for r in records if "eval_loss" in r)

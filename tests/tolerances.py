@@ -81,6 +81,24 @@ DECODE_STEP = {
     F32: dict(rtol=5e-5, atol=5e-5),
 }
 
+
+# Half-precision inputs on the fused GPU kernels (and the CuPy reference path) against the float64
+# reference on the same half values: float32 work, the result rounded once to the input type
+# (unit roundoff u = 2^-11 float16, 2^-8 bfloat16): out within 2u relative; the backward reads out
+# and dout rounded and rounds its result once more: 8u; lse stays float32 (u = 6e-8 over <= 10^4
+# terms -> 1e-5). Relative to the result, and absolute relative to its largest magnitude.
+def _half_rounding(unit):
+    return {"out": 2 * unit, "dq": 8 * unit, "dk": 8 * unit, "dv": 8 * unit, "lse": 1e-5}
+
+
+HALF_ROUNDING = {"float16": _half_rounding(2.0**-11), "bfloat16": _half_rounding(2.0**-8)}
+
+# Decoded logits (prefill + steps) against the full forward of the language model, relative to the
+# logits' largest magnitude: the same operations in other groupings (a cached row vs a segment's
+# matrix product) through 2 layers. float64: ~1e3 roundings of 1.1e-16, so 1e-10 is ~1e5 u and far
+# below any real difference (O(1)); float32: a few hundred roundings of 6e-8 -> ~1e-5, so 1e-4.
+DECODE_LOGITS = {F64: 1e-10, F32: 1e-4}
+
 # The drop-in layer (float64) against projections + dense attention with bias log m: attention
 # over <= ~30 keys and 3 branches, then O(E) projections, summed in different orders agree to
 # ~1e-14; 1e-10 leaves room and still catches any real error.

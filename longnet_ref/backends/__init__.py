@@ -73,56 +73,19 @@ class BackendSpec:
     extra: str | None = None
 
 
-_REFERENCE = BackendSpec(
-    "reference",
-    "longnet_ref.reference",
-    arrays="any",
-    device="cpu",
-    dtypes=("float32", "float64", "float16", "bfloat16"),
-    distributed=True,
-)
+_ALL_FLOATS = ("float32", "float64", "float16", "bfloat16")
+_REFERENCE = BackendSpec("reference", "longnet_ref.reference", arrays="any", device="cpu", dtypes=_ALL_FLOATS, distributed=True)
+_CUPY = dict(arrays="cupy", device="gpu", distributed=False, extra="gpu")  # every GPU backend: CuPy arrays, single device
 
 BACKENDS: dict[str, BackendSpec] = {
     "reference": _REFERENCE,
     "numpy": _REFERENCE,  # an alias: the same spec object, so the same arrays, module and checks
-    "numba": BackendSpec(
-        "numba",
-        "longnet_ref.backends.numba_cpu",
-        arrays="numpy",
-        device="cpu",
-        dtypes=("float32", "float64"),
-        distributed=True,
-    ),
-    "cupy": BackendSpec(
-        "cupy",
-        "longnet_ref.reference",
-        arrays="cupy",
-        device="gpu",
-        dtypes=("float32", "float64", "float16", "bfloat16"),
-        distributed=False,
-        requires=("cupy",),
-        extra="gpu",
-    ),
+    "numba": BackendSpec("numba", "longnet_ref.backends.numba_cpu", arrays="numpy", device="cpu", dtypes=("float32", "float64"), distributed=True),
+    "cupy": BackendSpec("cupy", "longnet_ref.reference", dtypes=_ALL_FLOATS, requires=("cupy",), **_CUPY),
     "cupy-fused": BackendSpec(
-        "cupy-fused",
-        "longnet_ref.backends.cupy_gpu",
-        arrays="cupy",
-        device="gpu",
-        dtypes=("float32", "float64", "float16"),
-        distributed=False,
-        requires=("cupy", "numba.cuda"),
-        extra="gpu",
+        "cupy-fused", "longnet_ref.backends.cupy_gpu", dtypes=("float32", "float64", "float16"), requires=("cupy", "numba.cuda"), **_CUPY
     ),
-    "cupy-tensor-core": BackendSpec(
-        "cupy-tensor-core",
-        "longnet_ref.backends.tensor_core",
-        arrays="cupy",
-        device="gpu",
-        dtypes=("float16", "bfloat16"),
-        distributed=False,
-        requires=("cupy",),
-        extra="gpu",
-    ),
+    "cupy-tensor-core": BackendSpec("cupy-tensor-core", "longnet_ref.backends.tensor_core", dtypes=("float16", "bfloat16"), requires=("cupy",), **_CUPY),
 }
 """Every accepted ``backend=`` name -> its [`BackendSpec`][longnet_ref.backends.BackendSpec]."""
 

@@ -308,15 +308,8 @@ def run(
     for config in configs:
         if bar:
             bar.set_postfix_str(config.name)
-        flops = complexity.dilated_flops(
-            config.n,
-            config.heads,
-            config.dim,
-            config.segment_lengths,
-            config.dilation_rates,
-            causal=config.causal,
-            batch=config.batch,
-        ).total
+        c = config
+        flops = complexity.dilated_flops(c.n, c.heads, c.dim, c.segment_lengths, c.dilation_rates, causal=c.causal, batch=c.batch).total
         (forward_s, forward_fraction, gemm), (both_s, both_fraction, _) = time_dilated(config, backend, repeats, flops)
         result = Result(config, backend, gemm, forward_s, both_s, flops, forward_fraction, both_fraction)
         if backend == "numba" and config.n <= reference_max_n:  # CPU vs CPU: interleaved, same threads

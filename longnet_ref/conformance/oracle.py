@@ -70,22 +70,28 @@ def _row_weights(q_p, keys_k, counts, scale):
     return e / np.sum(e)
 
 
+def _attended_rows(batch: int, m):
+    """Every ``(b, h, p)`` whose row attends a key, with those keys ``{k : m[h, p, k] > 0}``: the
+    rows both :func:`forward` and :func:`gradients` walk (a row that attends nothing is skipped: 0)."""
+    num_heads, n, _ = m.shape
+    for b in range(batch):
+        for h in range(num_heads):
+            for p in range(n):
+                keys = np.flatnonzero(m[h, p])
+                if len(keys):
+                    yield b, h, p, keys
+
+
 def forward(q, k, v, m, scale):
     """``out (B, N, H, Dv)`` of SPEC §4 from the multiplicity ``m (H, N, N)``, in float64.
 
     ``out(p) = sum_k m(p,k) e^{S_pk} v_k / sum_k m(p,k) e^{S_pk}``, ``S_pk = scale q_p . k_k``.
     """
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
-    batch, n, num_heads, _ = q.shape
     out = np.zeros(v.shape)  # (B, N, H, Dv); uncovered rows stay 0
-    for b in range(batch):
-        for h in range(num_heads):
-            for p in range(n):
-                keys = np.flatnonzero(m[h, p])
-                if len(keys) == 0:
-                    continue
-                a = _row_weights(q[b, p, h], k[b, keys, h], m[h, p, keys], scale)
-                out[b, p, h] = a @ v[b, keys, h]
+    for b, h, p, keys in _attended_rows(q.shape[0], m):
+        a = _row_weights(q[b, p, h], k[b, keys, h], m[h, p, keys], scale)  # (K,)
+        out[b, p, h] = a @ v[b, keys, h]
     return out
 
 
@@ -96,18 +102,12 @@ def gradients(dout, q, k, v, m, scale):
     ``dq_p += scale sum_j dz_j k_j``; ``dk_j += scale dz_j q_p``.
     """
     dout, q, k, v = (np.asarray(x, dtype=np.float64) for x in (dout, q, k, v))
-    batch, n, num_heads, _ = q.shape
     dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
-    for b in range(batch):
-        for h in range(num_heads):
-            for p in range(n):
-                keys = np.flatnonzero(m[h, p])
-                if len(keys) == 0:
-                    continue
-                a = _row_weights(q[b, p, h], k[b, keys, h], m[h, p, keys], scale)  # (K,)
-                g = v[b, keys, h] @ dout[b, p, h]  # d loss / d a, (K,)
-                dz = a * g - a * (a @ g)  # (diag(a) - a a^T) g
-                dv[b, keys, h] += a[:, None] * dout[b, p, h][None, :]
-                dq[b, p, h] += scale * (dz @ k[b, keys, h])
-                dk[b, keys, h] += scale * dz[:, None] * q[b, p, h][None, :]
+    for b, h, p, keys in _attended_rows(q.shape[0], m):
+        a = _row_weights(q[b, p, h], k[b, keys, h], m[h, p, keys], scale)  # (K,)
+        g = v[b, keys, h] @ dout[b, p, h]  # d loss / d a, (K,)
+        dz = a * g - a * (a @ g)  # (diag(a) - a a^T) g
+        dv[b, keys, h] += a[:, None] * dout[b, p, h][None, :]
+        dq[b, p, h] += scale * (dz @ k[b, keys, h])
+        dk[b, keys, h] += scale * dz[:, None] * q[b, p, h][None, :]
     return dq, dk, dv
