@@ -77,7 +77,8 @@ def decays(name: str) -> bool:
 
 
 def clip_by_global_norm(grads: dict, max_norm: float) -> tuple[dict, float]:
-    """``g * min(1, c / ||g||)`` with ``||g||`` the 2-norm of all gradients as one vector."""
+    """``g * c / (||g|| + 1e-6)`` when ``||g|| > c`` (else ``g``), with ``||g||`` the 2-norm of all
+    gradients as one vector; the ``1e-6`` as in ``torch.nn.utils.clip_grad_norm_``."""
     norm = math.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in grads.values()))
     if max_norm > 0 and norm > max_norm:
         scale = max_norm / (norm + 1e-6)

@@ -121,9 +121,23 @@ def test_distributed_on_the_gpu_backend_is_an_error(capsys):
     assert "--backend must be one of reference, numpy, numba" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "args, command, typed",
+    [
+        (["bench", "--n", "5"], "bench", "--n 5"),  # argparse's prefix matching would read --n-per-rank 5
+        (["train", "--step", "3"], "train", "--step 3"),
+        (["generate", "--checkpoint", "c", "--prompt", "a", "--temp", "0"], "generate", "--temp 0"),
+        (["pattern", "--n", "0"], "pattern", "--n 0"),
+        (["demo", "surplus"], "demo", "surplus"),
+    ],
+)
+def test_an_option_is_named_in_full_and_an_unknown_one_is_reported_by_its_command(capsys, args, command, typed):
+    assert_refused(capsys, args, f"longnet-ref {command}: error: unrecognized arguments: {typed}", f"(see longnet-ref {command} --help)")
+
+
 def test_ranks_without_distributed_is_an_error(capsys):
     assert main(["bench", "--ranks", "2"]) == 2
-    assert "--ranks apply only with --distributed" in capsys.readouterr().err
+    assert "--ranks applies only with --distributed" in capsys.readouterr().err
 
 
 def block_import(monkeypatch, *modules):

@@ -54,9 +54,11 @@ def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_min_lr():
 def test_clipping_scales_the_global_norm_down_to_the_limit_and_keeps_directions():
     grads = {"a": np.array([3.0, 0.0]), "b": np.array([[4.0]])}  # global norm 5
     clipped, norm = clip_by_global_norm(grads, 1.0)
-    assert norm == pytest.approx(5.0)
-    assert math.sqrt(sum(float((g**2).sum()) for g in clipped.values())) == pytest.approx(1.0, rel=HAND_F64["rtol"])
-    np.testing.assert_allclose(clipped["a"], [0.6, 0.0], **HAND_F64)
+    assert norm == pytest.approx(5.0, rel=HAND_F64["rtol"])
+    scale = 1.0 / (5.0 + 1e-6)  # c / (||g|| + 1e-6), as torch.nn.utils.clip_grad_norm_
+    assert math.sqrt(sum(float((g**2).sum()) for g in clipped.values())) == pytest.approx(5.0 * scale, rel=HAND_F64["rtol"])
+    np.testing.assert_allclose(clipped["a"], [3.0 * scale, 0.0], **HAND_F64)
+    np.testing.assert_allclose(clipped["b"], [[4.0 * scale]], **HAND_F64)
     same, _ = clip_by_global_norm(grads, 10.0)
     assert same["a"] is grads["a"]  # under the limit: untouched
 

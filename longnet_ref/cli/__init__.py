@@ -45,15 +45,18 @@ PARSER_OPTIONS = {"bench": {"argument_default": argparse.SUPPRESS}}
 EXTRAS = {"cupy": "gpu", "numba_cuda": "gpu", "matplotlib": "bench", "tqdm": "bench", "mpi4py": "mpi"}
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``longnet-ref`` parser and each subcommand's parser (by name)."""
     parser = Parser(prog="longnet-ref", description=DESCRIPTION)
+    commands = {}
     parser.add_argument("--version", action="version", version=f"longnet-ref {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}", parser_class=Parser)
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.HELP, description=command.DESCRIPTION, formatter_class=HelpFormatter, **PARSER_OPTIONS.get(name, {}))
         command.add_arguments(p)
         p.set_defaults(run=command.run)
-    return parser
+        commands[name] = p
+    return parser, commands
 
 
 def _missing_extra(error: ImportError) -> str:
@@ -89,7 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         SystemExit: From argparse, for ``--help`` (status 0) or an unknown or malformed option
             (status 2, one line).
     """
-    args = _parser().parse_args(argv)
+    parser, commands = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the subcommand's parser: its name, and the help that lists its options
+        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     prefix = f"longnet-ref {args.command}: error:"
     try:
         return args.run(args)

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     ignored = [_option(name) for name in DISTRIBUTED_OPTIONS if name in given]
     if ignored:
-        raise UsageError(f"{', '.join(ignored)} apply only with --distributed")
+        raise UsageError(f"{', '.join(ignored)} {'apply' if len(ignored) > 1 else 'applies'} only with --distributed")
     options = {name: given.get(name, default) for name, default in SINGLE_PROCESS_OPTIONS.items()}
     output_dir = check_output_dir(options["output_dir"], "--output-dir")  # before the benchmark, not after
     from ..backends import get_backend

@@ -25,7 +25,15 @@ class UsageError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with a usage error on one line: ``longnet-ref train: error: ... (see --help)``."""
+    """argparse, with a usage error on one line: ``longnet-ref train: error: ... (see --help)``.
+
+    Options are named in full (``allow_abbrev=False``): argparse would otherwise read ``bench --n 5``
+    as ``--n-per-rank 5`` and report an option the user never typed.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
