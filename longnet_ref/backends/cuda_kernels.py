@@ -25,10 +25,10 @@ Design (one launch per branch and pass, so the rows of one branch are owned by o
 tile sizes) and returns the kernel as a closure over them; :func:`specialised` compiles the four
 once per ``(dtype, D, Dv, geometry)`` (cached). Numba reads a closure's variables as
 compile-time constants, so every per-row loop has a fixed trip count: the compiler unrolls it
-and keeps the row in registers, and shared tiles are sized exactly. The kernels share two device
-helpers (:func:`device_helpers`): the cooperative tile load and the four-partial-sum dot
-product. float16 inputs are read as float16 and accumulated in float32; ``out`` and ``lse`` are
-written in the accumulation type. Launch geometry (threads per block, tile rows, the forward's
+and keeps the row in registers, and shared tiles are sized exactly. The kernels share their
+device helpers (:func:`device_helpers`): the block's rows, the row load, the cooperative tile
+load and the four-partial-sum dot product. float16 inputs are read as float16 and accumulated
+in float32; ``out`` and ``lse`` are written in the accumulation type. Launch geometry (threads per block, tile rows, the forward's
 register cap) was measured on an H200 (``benchmarks/gpu_geometry.py``).
 
 A thread skips the pairs its row does not attend, so a NaN reaches exactly the rows that attend
