@@ -25,10 +25,10 @@ Design (one launch per branch and pass, so the rows of one branch are owned by o
 tile sizes) and returns the kernel as a closure over them; :func:`specialised` compiles the four
 once per ``(dtype, D, Dv, geometry)`` (cached). Numba reads a closure's variables as
 compile-time constants, so every per-row loop has a fixed trip count: the compiler unrolls it
-and keeps the row in registers, and shared tiles are sized exactly. The kernels share two device
-helpers (:func:`device_helpers`): the cooperative tile load and the four-partial-sum dot
-product. float16 inputs are read as float16 and accumulated in float32; ``out`` and ``lse`` are
-written in the accumulation type. Launch geometry (threads per block, tile rows, the forward's
+and keeps the row in registers, and shared tiles are sized exactly. The kernels share their
+device helpers (:func:`device_helpers`): the block's rows, the row load, the cooperative tile
+load and the four-partial-sum dot product. float16 inputs are read as float16 and accumulated
+in float32; ``out`` and ``lse`` are written in the accumulation type. Launch geometry (threads per block, tile rows, the forward's
 register cap) was measured on an H200 (``benchmarks/gpu_geometry.py``).
 
 A thread skips the pairs its row does not attend, so a NaN reaches exactly the rows that attend
@@ -95,8 +95,14 @@ class Constants(NamedTuple):
 
 @cache
 def device_helpers(real, block):
-    """The two device functions every kernel shares, for accumulation type ``real``:
+    """The device functions every kernel shares, for accumulation type ``real``:
 
+    - ``block_rows(x, w, r, offsets)``: the rows this thread block owns, ``(b, h, o, s, size,
+      first)``: thread block ``(blockIdx.x, s, b*H + h)`` owns rows ``first = blockIdx.x * block``
+      on of sparse segment ``s`` (``size`` rows, SPEC §2) of head ``h`` (offset ``o = offsets[h]``)
+      in batch ``b``; ``x (B, N, H, .)`` gives ``N`` and ``H``;
+    - ``load_row(x_row, x, b, row, h, width, factor)``: this thread's
+      ``x_row[c] = factor * x[b, row, h, c]`` for ``c < width``, one row into registers;
     - ``load_tile(tile, x, b, h, w, r, o, s, first, rows, width, factor)``: the thread block
       together stages ``tile[j, c] = factor * x[b, P(s, first + j), h, c]`` for ``j < rows``,
       ``c < width`` (rows of one sparse segment, SPEC §2), thread ``i`` taking elements
@@ -104,6 +110,19 @@ def device_helpers(real, block):
     - ``dot(x, y, length)``: ``x . y`` in four partial sums, four independent FMA chains
       instead of one (the latency of each FMA hides behind the other three).
     """
+
+    @_device
+    def block_rows(x, w, r, offsets):
+        n, heads = x.shape[1], x.shape[2]
+        s, bh = cuda.blockIdx.y, cuda.blockIdx.z
+        b, h = bh // heads, bh % heads
+        o = offsets[h]
+        return b, h, o, s, segment_size(n, w, r, o, s), cuda.blockIdx.x * block
+
+    @_device
+    def load_row(x_row, x, b, row, h, width, factor):
+        for c in range(width):
+            x_row[c] = real(x[b, row, h, c]) * factor
 
     @_device
     def load_tile(tile, x, b, h, w, r, o, s, first, rows, width, factor):
@@ -128,14 +147,14 @@ def device_helpers(real, block):
             s2 += x[full + 2] * y[full + 2]
         return (s0 + s1) + (s2 + s3)
 
-    return load_tile, dot
+    return block_rows, load_row, load_tile, dot
 
 
 def forward_branch_kernel(constants: Constants):
     """The forward kernel for ``constants`` (a Python function for ``cuda.jit``)."""
     real, dim, value_dim, block, tile = constants
     dim_alloc, value_alloc = max(dim, 1), max(value_dim, 1)  # array sizes (Dv = 0 is allowed)
-    load_tile, dot = device_helpers(real, block)
+    block_rows, load_row, load_tile, dot = device_helpers(real, block)
 
     def forward_branch(q, k, v, w, r, offsets, causal, scale, out, lse):
         """One branch of the forward (paper Eqs. 6, 9-10), mixed into ``out``/``lse`` in place.
@@ -149,24 +168,18 @@ def forward_branch_kernel(constants: Constants):
         ``q, k: (B, N, H, D)``, ``v: (B, N, H, Dv)`` of the input dtype; ``out (B, N, H, Dv)`` and
         ``lse (B, N, H)`` of ``real``, ``lse = -inf`` where no branch covered the row yet.
         """
-        n, heads = q.shape[1], q.shape[2]
-        s, bh = cuda.blockIdx.y, cuda.blockIdx.z
-        b, h = bh // heads, bh % heads
-        o = offsets[h]
-        size = segment_size(n, w, r, o, s)
-        q0 = cuda.blockIdx.x * block
+        b, h, o, s, size, q0 = block_rows(q, w, r, offsets)
         if q0 >= size:
             return  # the whole block is past this (short) segment: uniform, no barrier skipped
-        t = q0 + cuda.threadIdx.x  # this thread's row of the sparse segment
         k_tile = cuda.shared.array((tile, dim_alloc), real, alignment=ALIGNMENT)
         v_tile = cuda.shared.array((tile, value_alloc), real, alignment=ALIGNMENT)
         q_row = cuda.local.array(dim_alloc, real)
         acc = cuda.local.array(value_alloc, real)
         scores = cuda.local.array(CHUNK, real)
+        t = q0 + cuda.threadIdx.x  # this thread's row of the sparse segment
         if t < size:
             row = segment_position(w, r, o, s, t)
-            for c in range(dim):
-                q_row[c] = real(q[b, row, h, c]) * scale  # the scale folded into q once
+            load_row(q_row, q, b, row, h, dim, scale)  # the scale folded into q once
         for c in range(value_dim):
             acc[c] = 0.0
         m = real(-math.inf)  # real throughout: a Python float would promote the row to float64
@@ -228,7 +241,7 @@ def backward_keys_branch_kernel(constants: Constants, key_gradient: str):
     grad_dim = dim if key_gradient == "dk" else value_dim  # the row this kernel accumulates
     grad_alloc = max(grad_dim, 1)
     with_dk = key_gradient == "dk"
-    load_tile, dot = device_helpers(real, block)
+    block_rows, load_row, load_tile, dot = device_helpers(real, block)
 
     def backward_keys_branch(q, k, v, dout, lse, dsum, w, r, offsets, causal, scale, grad):
         """dV (``key_gradient == "dv"``) or dK (``"dk"``) of one branch (SPEC §5), added into ``grad``.
@@ -245,33 +258,27 @@ def backward_keys_branch_kernel(constants: Constants, key_gradient: str):
         A query row without weight (``LSE = -inf``: every score ``-inf``) adds nothing (SPEC §5):
         it is skipped, so its (perhaps infinite) ``q`` and ``dO`` are never multiplied by ``P = 0``.
         """
-        n, heads = q.shape[1], q.shape[2]
-        s, bh = cuda.blockIdx.y, cuda.blockIdx.z
-        b, h = bh // heads, bh % heads
-        o = offsets[h]
-        size = segment_size(n, w, r, o, s)
-        k0 = cuda.blockIdx.x * block
+        b, h, o, s, size, k0 = block_rows(q, w, r, offsets)
         if k0 >= size:
             return
-        t = k0 + cuda.threadIdx.x  # this thread's key row
-        q_tile = cuda.shared.array((tile, dim_alloc), real, alignment=ALIGNMENT)
-        do_tile = cuda.shared.array((tile, value_alloc), real, alignment=ALIGNMENT)
-        lse_tile = cuda.shared.array(tile, real)
-        dsum_tile = cuda.shared.array(tile, real)
         k_row = cuda.local.array(dim_alloc, real)
         v_row = cuda.local.array(value_alloc, real)
         grad_row = cuda.local.array(grad_alloc, real)
         weights = cuda.local.array(CHUNK, real)
+        q_tile = cuda.shared.array((tile, dim_alloc), real, alignment=ALIGNMENT)
+        do_tile = cuda.shared.array((tile, value_alloc), real, alignment=ALIGNMENT)
+        # One shared array a line: the simulator tells them apart by their line (two on one line alias).
+        lse_tile = cuda.shared.array(tile, real)
+        dsum_tile = cuda.shared.array(tile, real)
+        one = real(1.0)
+        t = k0 + cuda.threadIdx.x  # this thread's key row
         if t < size:
             row = segment_position(w, r, o, s, t)
-            for c in range(dim):
-                k_row[c] = real(k[b, row, h, c])
+            load_row(k_row, k, b, row, h, dim, one)
             if with_dk:
-                for c in range(value_dim):
-                    v_row[c] = real(v[b, row, h, c])
+                load_row(v_row, v, b, row, h, value_dim, one)
         for c in range(grad_dim):
             grad_row[c] = 0.0
-        one = real(1.0)
         first = k0 if causal else 0  # earlier queries never see this block's keys
         for q0 in range(first, size, tile):
             nq = min(tile, size - q0)
@@ -315,7 +322,7 @@ def backward_queries_branch_kernel(constants: Constants):
     """The queries-pass kernel (dQ) for ``constants``."""
     real, dim, value_dim, block, tile = constants
     dim_alloc, value_alloc = max(dim, 1), max(value_dim, 1)
-    load_tile, dot = device_helpers(real, block)
+    block_rows, load_row, load_tile, dot = device_helpers(real, block)
 
     def backward_queries_branch(q, k, v, dout, lse, dsum, w, r, offsets, causal, scale, dq):
         """dQ of one branch (SPEC §5), added into ``dq`` (``real``).
@@ -324,15 +331,9 @@ def backward_queries_branch_kernel(constants: Constants):
         first ``dS = P (dO.v - Dsum)`` with ``P = exp(scale q.k - LSE)``, then ``dQ += scale dS k``.
         A row without weight (``LSE = -inf``) has ``dQ = 0`` (SPEC §5): it attends no key here.
         """
-        n, heads = q.shape[1], q.shape[2]
-        s, bh = cuda.blockIdx.y, cuda.blockIdx.z
-        b, h = bh // heads, bh % heads
-        o = offsets[h]
-        size = segment_size(n, w, r, o, s)
-        q0 = cuda.blockIdx.x * block
+        b, h, o, s, size, q0 = block_rows(q, w, r, offsets)
         if q0 >= size:
             return
-        t = q0 + cuda.threadIdx.x  # this thread's query row
         k_tile = cuda.shared.array((tile, dim_alloc), real, alignment=ALIGNMENT)
         v_tile = cuda.shared.array((tile, value_alloc), real, alignment=ALIGNMENT)
         q_row = cuda.local.array(dim_alloc, real)
@@ -342,18 +343,17 @@ def backward_queries_branch_kernel(constants: Constants):
         lse_t = real(math.inf)
         dsum_t = real(0.0)
         weighted = False  # whether this thread's row has weight (a covered row whose LSE > -inf)
+        one = real(1.0)
+        t = q0 + cuda.threadIdx.x  # this thread's query row
         if t < size:
             row = segment_position(w, r, o, s, t)
-            for c in range(dim):
-                q_row[c] = real(q[b, row, h, c]) * scale
-            for c in range(value_dim):
-                do_row[c] = real(dout[b, row, h, c])
+            load_row(q_row, q, b, row, h, dim, scale)
+            load_row(do_row, dout, b, row, h, value_dim, one)
             lse_t = lse[b, row, h]
             dsum_t = dsum[b, row, h]
             weighted = lse_t != -math.inf
         for c in range(dim):
             dq_row[c] = 0.0
-        one = real(1.0)
         k_end = min(size, causal_key_count(q0 + block - 1)) if causal else size
         for k0 in range(0, k_end, tile):
             nk = min(tile, k_end - k0)

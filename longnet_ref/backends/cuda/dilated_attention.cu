@@ -283,6 +283,34 @@ struct BackwardShared {
   static constexpr unsigned bytes = dscores + WARPS * ROWS * LDP * sizeof(T);
 };
 
+// BackwardShared's regions as pointers, the scratch ones this warp's rows. A kernel binds them to
+// its own names: `const auto [k_tile, v_tile, q_tile, do_tile, ...] = BackwardTiles<T, D, DV>(warp);`
+// (own = K, V for dK/dV and Q, dO for dQ; other = the tile it loops over). The kernel needs
+// BackwardShared::bytes of dynamic shared memory; a launch with less is a host bug: trap.
+template <typename T, int D, int DV>
+struct BackwardTiles {
+  using S = BackwardShared<T, D, DV>;
+  T *own_d, *own_dv, *other_d, *other_dv;
+  float *lse, *dsum;        // [BLOCK_K]
+  float *scores, *dprobs;   // this warp's [ROWS][LDS] and [ROWS][LDS_V]
+  T *probs, *dscores;       // this warp's [ROWS][LDP]
+
+  __device__ __forceinline__ explicit BackwardTiles(int warp) {
+    extern __shared__ __align__(128) unsigned char shared[];
+    require_shared(S::bytes);
+    own_d = reinterpret_cast<T*>(shared + S::own_d);
+    own_dv = reinterpret_cast<T*>(shared + S::own_dv);
+    other_d = reinterpret_cast<T*>(shared + S::other_d);
+    other_dv = reinterpret_cast<T*>(shared + S::other_dv);
+    lse = reinterpret_cast<float*>(shared + S::lse);
+    dsum = reinterpret_cast<float*>(shared + S::dsum);
+    scores = reinterpret_cast<float*>(shared + S::scores) + warp * ROWS * S::LDS;
+    dprobs = reinterpret_cast<float*>(shared + S::dprobs) + warp * ROWS * S::LDS_V;
+    probs = reinterpret_cast<T*>(shared + S::probs) + warp * ROWS * S::LDP;
+    dscores = reinterpret_cast<T*>(shared + S::dscores) + warp * ROWS * S::LDP;
+  }
+};
+
 // The global LSE and Dsum of `count` query rows into shared memory. An uncovered row
 // (LSE = -inf) is read as +inf, so its P = exp(S - LSE) is 0, not NaN.
 __device__ __forceinline__ void load_row_stats(float* lse_tile, float* dsum_tile, const float* lse, const float* dsum,
@@ -317,26 +345,13 @@ __global__ void __launch_bounds__(THREADS) backward_keys_branch(
     const float* __restrict__ lse, const float* __restrict__ dsum,
     int n, int heads, int w, int r, const int* __restrict__ offsets, int tiles_per_segment,
     int causal, float scale, float* __restrict__ dk, float* __restrict__ dv) {
-  using S = BackwardShared<T, D, DV>;
-  extern __shared__ __align__(128) unsigned char shared[];
-  require_shared(S::bytes);
-  T* k_tile = reinterpret_cast<T*>(shared + S::own_d);
-  T* v_tile = reinterpret_cast<T*>(shared + S::own_dv);
-  T* q_tile = reinterpret_cast<T*>(shared + S::other_d);
-  T* do_tile = reinterpret_cast<T*>(shared + S::other_dv);
-  float* lse_tile = reinterpret_cast<float*>(shared + S::lse);
-  float* dsum_tile = reinterpret_cast<float*>(shared + S::dsum);
-
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, row = lane / 2, half = lane % 2;
+  const auto [k_tile, v_tile, q_tile, do_tile, lse_tile, dsum_tile, scores, dprobs, probs, dscores] = BackwardTiles<T, D, DV>(warp);
   const Segment seg(n, heads, w, r, offsets, tiles_per_segment);
   const int k0 = (blockIdx.x % tiles_per_segment) * BLOCK_Q;
   if (k0 >= seg.size) return;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float* scores = reinterpret_cast<float*>(shared + S::scores) + warp * ROWS * S::LDS;      // S^T
-  float* dprobs = reinterpret_cast<float*>(shared + S::dprobs) + warp * ROWS * S::LDS_V;    // dP^T
-  T* probs = reinterpret_cast<T*>(shared + S::probs) + warp * ROWS * S::LDP;                // P^T
-  T* dscores = reinterpret_cast<T*>(shared + S::dscores) + warp * ROWS * S::LDP;            // dS^T
-  const int row = lane / 2, half = lane % 2;
   const int tk = k0 + warp * ROWS + row;  // this lane's key row
+  using S = BackwardShared<T, D, DV>;
   constexpr int QUERY_COLS = BLOCK_K / 2;
 
   load_rows<T, D, BLOCK_Q>(k_tile, S::LDQ, k, seg, k0);
@@ -353,16 +368,16 @@ __global__ void __launch_bounds__(THREADS) backward_keys_branch(
     load_row_stats(lse_tile, dsum_tile, lse, dsum, seg, q0);
     __syncthreads();
 
-    warp_product<T, D / 16, BLOCK_K / 16, true>(k_tile + warp * ROWS * S::LDQ, S::LDQ, q_tile, S::LDQ, scores, S::LDS);
-    warp_product<T, DV / 16, BLOCK_K / 16, true>(v_tile + warp * ROWS * S::LDV, S::LDV, do_tile, S::LDV, dprobs, S::LDS_V);
+    warp_product<T, D / 16, BLOCK_K / 16, true>(k_tile + warp * ROWS * S::LDQ, S::LDQ, q_tile, S::LDQ, scores, S::LDS);        // S^T = K Q^T
+    warp_product<T, DV / 16, BLOCK_K / 16, true>(v_tile + warp * ROWS * S::LDV, S::LDV, do_tile, S::LDV, dprobs, S::LDS_V);  // dP^T = V dO^T
     __syncwarp();
     for (int j = half * QUERY_COLS; j < (half + 1) * QUERY_COLS; ++j) {
       const int tq = q0 + j;
       const bool attended = tk < seg.size && tq < seg.size && (!causal || tk < causal_key_count(tq));
       const float p = attended ? expf(scale * scores[row * S::LDS + j] - lse_tile[j]) : 0.0f;
       const float ds = attended ? p * (dprobs[row * S::LDS_V + j] - dsum_tile[j]) : 0.0f;
-      probs[row * S::LDP + j] = from_float<T>(p);
-      dscores[row * S::LDP + j] = from_float<T>(ds);
+      probs[row * S::LDP + j] = from_float<T>(p);      // P^T
+      dscores[row * S::LDP + j] = from_float<T>(ds);   // dS^T
     }
     __syncwarp();
     warp_accumulate<T, BLOCK_K / 16, DV / 16>(dv_acc, probs, S::LDP, do_tile, S::LDV);   // dV += P^T dO
@@ -387,26 +402,14 @@ __global__ void __launch_bounds__(THREADS) backward_queries_branch(
     const float* __restrict__ lse, const float* __restrict__ dsum,
     int n, int heads, int w, int r, const int* __restrict__ offsets, int tiles_per_segment,
     int causal, float scale, float* __restrict__ dq) {
-  using S = BackwardShared<T, D, DV>;
-  extern __shared__ __align__(128) unsigned char shared[];
-  require_shared(S::bytes);
-  T* q_tile = reinterpret_cast<T*>(shared + S::own_d);
-  T* do_tile = reinterpret_cast<T*>(shared + S::own_dv);
-  T* k_tile = reinterpret_cast<T*>(shared + S::other_d);
-  T* v_tile = reinterpret_cast<T*>(shared + S::other_dv);
-  float* lse_tile = reinterpret_cast<float*>(shared + S::lse);
-  float* dsum_tile = reinterpret_cast<float*>(shared + S::dsum);
-
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, row = lane / 2, half = lane % 2;
+  const auto [q_tile, do_tile, k_tile, v_tile, lse_tile, dsum_tile, scores, dprobs, unused_probs, dscores] = BackwardTiles<T, D, DV>(warp);
   const Segment seg(n, heads, w, r, offsets, tiles_per_segment);
   const int q0 = (blockIdx.x % tiles_per_segment) * BLOCK_Q;
   if (q0 >= seg.size) return;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float* scores = reinterpret_cast<float*>(shared + S::scores) + warp * ROWS * S::LDS;
-  float* dprobs = reinterpret_cast<float*>(shared + S::dprobs) + warp * ROWS * S::LDS_V;
-  T* dscores = reinterpret_cast<T*>(shared + S::dscores) + warp * ROWS * S::LDP;
-  const int row = lane / 2, half = lane % 2;
   const int local = warp * ROWS + row;  // this lane's query row within the block
   const int tq = q0 + local;
+  using S = BackwardShared<T, D, DV>;
   constexpr int KEY_COLS = BLOCK_K / 2;
 
   load_rows<T, D, BLOCK_Q>(q_tile, S::LDQ, q, seg, q0);
@@ -422,8 +425,8 @@ __global__ void __launch_bounds__(THREADS) backward_queries_branch(
     load_rows<T, DV, BLOCK_K>(v_tile, S::LDV, v, seg, k0);
     __syncthreads();
 
-    warp_product<T, D / 16, BLOCK_K / 16, true>(q_tile + warp * ROWS * S::LDQ, S::LDQ, k_tile, S::LDQ, scores, S::LDS);
-    warp_product<T, DV / 16, BLOCK_K / 16, true>(do_tile + warp * ROWS * S::LDV, S::LDV, v_tile, S::LDV, dprobs, S::LDS_V);
+    warp_product<T, D / 16, BLOCK_K / 16, true>(q_tile + warp * ROWS * S::LDQ, S::LDQ, k_tile, S::LDQ, scores, S::LDS);        // S = Q K^T
+    warp_product<T, DV / 16, BLOCK_K / 16, true>(do_tile + warp * ROWS * S::LDV, S::LDV, v_tile, S::LDV, dprobs, S::LDS_V);  // dP = dO V^T
     __syncwarp();
     const float lse_q = lse_tile[local], dsum_q = dsum_tile[local];
     for (int j = half * KEY_COLS; j < (half + 1) * KEY_COLS; ++j) {
