@@ -587,3 +587,43 @@ def test_train_command_rejects_an_empty_text_file(tmp_path, capsys):
     (tmp_path / "empty.txt").write_bytes(b"")
     assert main(["train", *SMALL, "--text", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "r")]) == 2
     assert "is empty" in capsys.readouterr().err
+
+
+def test_clip_zero_means_no_clipping():
+    """``clip = 0`` turns clipping off (TrainConfig, ``--clip 0: none``): the gradients come back
+    untouched, with their norm."""
+    grads = {"a": np.array([3.0, 0.0]), "b": np.array([[4.0]])}
+    same, norm = clip_by_global_norm(grads, 0.0)
+    assert norm == pytest.approx(5.0)
+    assert same["a"] is grads["a"] and same["b"] is grads["b"]
+
+
+def test_the_data_stream_is_seeded_by_the_training_seed_not_the_models():
+    """``TrainConfig.seed`` seeds the batches, ``LongNetConfig.seed`` the initialisation: with two
+    different seeds, the fresh state's generator draws what ``default_rng(train.seed)`` draws."""
+    config = lm.LongNetConfig(vocab_size=7, d_model=8, n_layers=1, n_heads=2, segment_lengths=(4,), dilation_rates=(1,), seed=1)
+    state = TrainState.fresh(config, TrainConfig(seed=2))
+    np.testing.assert_array_equal(state.rng.integers(0, 2**62, 8), np.random.default_rng(2).integers(0, 2**62, 8))
+
+
+def test_passkey_keys_given_are_hidden_and_asked_for_and_every_key_is_drawn():
+    """``keys`` fixes the passkeys (each of ``1 .. num_keys`` allowed, ``num_keys`` included): they
+    are in the tokens and the targets; drawn keys cover all ``num_keys`` values (400 draws miss
+    one of 5 with probability ``5 (4/5)^400 ~ 1e-38``)."""
+    task = PasskeyTask(32, num_keys=5, num_fillers=6, span=2)
+    keys = np.array([1, 5, 3, 5])
+    batch = task.batch(4, np.random.default_rng(0), keys=keys)
+    np.testing.assert_array_equal(batch.targets[:, -1], keys)
+    for b, key in enumerate(keys):
+        assert (batch.tokens[b] == key).sum() == 2 and (batch.tokens[b, :-1] >= 1).all() and batch.tokens[b, -1] == QUERY
+    with pytest.raises(ValueError, match="keys must be integers in"):
+        task.batch(1, np.random.default_rng(0), keys=[6])
+    drawn = task.batch(400, np.random.default_rng(1)).targets[:, -1]
+    assert set(drawn.tolist()) == {1, 2, 3, 4, 5}
+
+
+def test_a_text_of_exactly_n_bytes_is_refused():
+    """A window is ``n + 1`` bytes (inputs and shifted targets): ``n`` bytes hold none."""
+    with pytest.raises(ValueError, match="fewer than n"):
+        TextTask(np.arange(10, dtype=np.uint8), 10)
+    assert TextTask(np.arange(11, dtype=np.uint8), 10).batch(2, np.random.default_rng(0)).tokens.shape == (2, 10)
