@@ -438,7 +438,9 @@ def test_a_kv_cache_continues_rope_at_its_own_position_when_positions_are_not_gi
     written out (tests/oracle.py) at positions ``0 .. 6``."""
     from longnet_ref.decode import DilatedKVCache
 
-    config = SimpleNamespace(n_heads=2, rope=True, attention="dilated", segment_lengths=(2, 4), dilation_rates=(1, 2), causal=True, offsets="paper", window=None)
+    config = SimpleNamespace(
+        n_heads=2, rope=True, attention="dilated", segment_lengths=(2, 4), dilation_rates=(1, 2), causal=True, offsets="paper", window=None
+    )
     rng = np.random.default_rng(0)
     params = {k: v + 0.3 * rng.standard_normal(v.shape) for k, v in nn.init_attention(rng, 8).items()}
     x = rng.standard_normal((1, 7, 8))
