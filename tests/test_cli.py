@@ -609,6 +609,18 @@ def test_every_training_option_reaches_the_runs_configs(tmp_path):
     assert state.train.seed == state.config.seed == 3 and state.train.clip == 0.5 and state.train.weight_decay == 0.25
 
 
+def test_every_model_option_reaches_the_models_config(tmp_path):
+    """The model options typed, read back from log.json and the checkpoint's LongNetConfig."""
+    out = tmp_path / "r"
+    options = ["--attention", "window", "--window", "5", "--offsets", "torchscale", "--no-rope", "--dtype", "float64", "--seed", "2"]
+    assert main(["train", *TINY, "--steps", "1", "--eval-every", "0", *options, "--out", str(out)]) == 0
+    model = json.loads((out / "log.json").read_text())["model"]
+    expected = {"attention": "window", "window": 5, "offsets": "torchscale", "rope": False, "dtype": "float64", "seed": 2}
+    expected |= {"d_model": 16, "n_heads": 4, "n_layers": 1, "segment_lengths": [4, 8], "dilation_rates": [1, 2], "backend": "numpy"}
+    assert {name: model[name] for name in expected} == expected
+    assert load_checkpoint(out / "checkpoint.npz")[0].config.to_dict() == model
+
+
 def test_the_held_out_evaluation_does_not_change_the_training_run(tmp_path):
     """The held-out batch has its own generator: evaluating every step or never trains the same
     model on the same batches (the same losses, bit for bit, and the same parameters)."""

@@ -589,6 +589,21 @@ def test_train_command_rejects_an_empty_text_file(tmp_path, capsys):
     assert "is empty" in capsys.readouterr().err
 
 
+def test_evaluate_weights_each_slice_by_its_targets():
+    """Eight sequences in slices of 3, 3, 2 (the training batch size): the accuracy is over all eight
+    answers. Targets are set from the model's own arg-max so that exactly five are right (three in
+    the first slice, none in the second, two in the last): 5/8, not a mean of the slices' rates."""
+    state, task = small_state()
+    batch = task.batch(8, np.random.default_rng(4))
+    logits, _ = lm.forward(state.config, state.params, batch.tokens)
+    guess = logits[:, -1].argmax(-1)  # (8,)
+    right = np.array([1, 1, 1, 0, 0, 0, 1, 1], bool)
+    targets = batch.targets.copy()
+    targets[:, -1] = np.where(right, guess, (guess + 1) % state.config.vocab_size)
+    result = evaluate(state, Batch(batch.tokens, targets, batch.mask))
+    assert result["eval_accuracy"] == pytest.approx(5 / 8)
+
+
 def test_clip_zero_means_no_clipping():
     """``clip = 0`` turns clipping off (TrainConfig, ``--clip 0: none``): the gradients come back
     untouched, with their norm."""
@@ -606,10 +621,10 @@ def test_the_data_stream_is_seeded_by_the_training_seed_not_the_models():
     np.testing.assert_array_equal(state.rng.integers(0, 2**62, 8), np.random.default_rng(2).integers(0, 2**62, 8))
 
 
-def test_passkey_keys_given_are_hidden_and_asked_for_and_every_key_is_drawn():
+def test_passkey_keys_given_are_hidden_and_asked_for_and_every_key_and_position_is_drawn():
     """``keys`` fixes the passkeys (each of ``1 .. num_keys`` allowed, ``num_keys`` included): they
     are in the tokens and the targets; drawn keys cover all ``num_keys`` values (400 draws miss
-    one of 5 with probability ``5 (4/5)^400 ~ 1e-38``)."""
+    one of 5 with probability ``5 (4/5)^400 ~ 1e-38``) and every allowed position."""
     task = PasskeyTask(32, num_keys=5, num_fillers=6, span=2)
     keys = np.array([1, 5, 3, 5])
     batch = task.batch(4, np.random.default_rng(0), keys=keys)
@@ -618,8 +633,12 @@ def test_passkey_keys_given_are_hidden_and_asked_for_and_every_key_is_drawn():
         assert (batch.tokens[b] == key).sum() == 2 and (batch.tokens[b, :-1] >= 1).all() and batch.tokens[b, -1] == QUERY
     with pytest.raises(ValueError, match="keys must be integers in"):
         task.batch(1, np.random.default_rng(0), keys=[6])
-    drawn = task.batch(400, np.random.default_rng(1)).targets[:, -1]
-    assert set(drawn.tolist()) == {1, 2, 3, 4, 5}
+    batch = task.batch(400, np.random.default_rng(1))
+    assert set(batch.targets[:, -1].tolist()) == {1, 2, 3, 4, 5}
+    # the first copy lies anywhere in [0, N reach_fraction) = [0, 8): 400 draws miss one of 8
+    # positions with probability 8 (7/8)^400 ~ 5e-23
+    first = np.argmax((batch.tokens >= 1) & (batch.tokens <= 5), axis=1)
+    assert set(first.tolist()) == set(range(8))
 
 
 def test_a_text_of_exactly_n_bytes_is_refused():
