@@ -152,10 +152,11 @@ def test_chunks_of_different_lengths_name_n_and_p():
 
 @pytest.mark.skipif(SIZE < 2, reason="needs 2 ranks")
 def test_configs_that_differ_between_ranks_are_refused():
-    """The same parameter arrays everywhere (the init does not depend on the offset rule), but rank
-    1 runs another attention pattern: refused, not a silent mixture of two models."""
+    """The same parameter arrays everywhere (the init does not depend on RoPE), but rank 1 runs its
+    attention without RoPE, which the attention exchange cannot see (same shapes, same pattern):
+    refused, not a silent mixture of two models."""
     common = dict(vocab_size=VOCAB, d_model=8, n_layers=1, n_heads=2, segment_lengths=(4,), dilation_rates=(2,))
-    config = lm.LongNetConfig(**common, offsets="torchscale" if RANK == 1 else "paper")
+    config = lm.LongNetConfig(**common, rope=RANK != 1)
     tokens = np.zeros((1, 8), np.int64)
     with pytest.raises(ValueError, match="same LongNetConfig"):
         parallel.loss_and_grads(config, lm.init_params(lm.LongNetConfig(**common)), tokens, tokens, comm=COMM)
