@@ -645,11 +645,16 @@ def test_resume_runs_on_the_backend_given(tmp_path, passkey_run):
     assert load_checkpoint(out / "checkpoint.npz")[0].config.backend == "reference"
 
 
-def test_the_passkey_answer_is_the_models_arg_max_at_the_query(capsys, passkey_run):
-    """The printed answer is the arg-max of the model's logits at the last position of the task's
-    sequence with the key hidden (filler from --seed), not a token of the prompt."""
+def test_the_passkey_answer_is_the_models_arg_max_at_the_query(capsys, monkeypatch, passkey_run):
+    """The model reads the task's sequence (the key hidden --passkey-span = 4 times, filler from
+    --seed, the query last) and the printed answer is the arg-max of its logits at the query, not
+    a token of the prompt."""
+    from longnet_ref.cli import generate as command
     from longnet_ref.data import PasskeyTask
 
+    prompts = []
+    real_generate = command.generate
+    monkeypatch.setattr(command, "generate", lambda config, params, tokens, *a, **kw: prompts.append(tokens) or real_generate(config, params, tokens, *a, **kw))
     state, _ = load_checkpoint(passkey_run / "checkpoint.npz")
     task = PasskeyTask(16, span=4)  # TINY's --n 16 and the default --passkey-span 4
     for key, seed in ((3, 5), (8, 1)):
@@ -662,3 +667,4 @@ def test_the_passkey_answer_is_the_models_arg_max_at_the_query(capsys, passkey_r
         assert lines[0] == f"passkey {key} hidden 4 times from position {where} of a 16-token sequence (filler: --seed {seed}); asked for at position 15"
         answer = int(logits[0, -1].argmax())
         assert lines[1] == f"answer: {answer} ({'correct' if answer == key else 'wrong'})"
+        np.testing.assert_array_equal(prompts.pop(), tokens[0])  # the sequence the answer came from

@@ -145,6 +145,18 @@ def test_the_model_is_causal():
     assert not np.allclose(a[:, 9:], b[:, 9:])
 
 
+def test_the_positions_given_feed_rope_in_every_layer():
+    """``positions`` with gaps (a packed or left-padded sequence): RoPE sees ``m - n`` of the given
+    positions, not of the row indices (a common shift would change nothing, gaps do)."""
+    config = tiny_config()
+    params = perturbed(config)
+    tokens, _, _ = tiny_batch(config, n=9)
+    positions = np.array([0, 1, 4, 5, 6, 10, 11, 15, 16])
+    logits, _ = lm.forward(config, params, tokens, positions=positions)
+    np.testing.assert_allclose(logits, oracle.lm_logits(config, params, tokens, positions), **MODEL_F64)
+    assert not np.allclose(logits, oracle.lm_logits(config, params, tokens), **MODEL_F64)  # the gaps matter
+
+
 def test_dense_attention_on_the_numba_backend_equals_the_model_written_out():
     """On a fast backend ``"dense"`` runs as one full segment of all N rows without dilation
     (``nn.attention_forward``), not as the dense oracle: it must still be the same model, causal and

@@ -186,6 +186,8 @@ def test_fit_trains_to_the_last_step_and_evaluates_every_k_steps_and_at_the_end(
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and state.step == 5 and seen == records
     assert [r["step"] for r in records if "eval_loss" in r] == [2, 4, 5]
     assert all(r["tokens_per_s"] > 0 and math.isfinite(r["loss"]) for r in records)
+    for r in records:  # a step trains on batch_size sequences of n tokens
+        np.testing.assert_allclose(r["tokens_per_s"] * r["seconds"], state.train.batch_size * task.n, **HAND_F64)
 
 
 def test_weight_decay_applies_to_linear_matrices_only():
@@ -602,6 +604,17 @@ def test_evaluate_weights_each_slice_by_its_targets():
     targets[:, -1] = np.where(right, guess, (guess + 1) % state.config.vocab_size)
     result = evaluate(state, Batch(batch.tokens, targets, batch.mask))
     assert result["eval_accuracy"] == pytest.approx(5 / 8)
+    # a slice without targets (sequences 3..5 masked out) is skipped, not the end: 3 + 1 right of 5
+    right[6] = False
+    targets[:, -1] = np.where(right, guess, (guess + 1) % state.config.vocab_size)
+    mask = batch.mask.copy()
+    mask[3:6] = False
+    assert evaluate(state, Batch(batch.tokens, targets, mask))["eval_accuracy"] == pytest.approx(4 / 5)
+
+
+def test_min_lr_equal_to_lr_is_a_constant_schedule_after_the_warm_up():
+    tc = TrainConfig(steps=6, lr=0.01, min_lr=0.01, warmup=2)
+    np.testing.assert_allclose([learning_rate(t, tc) for t in range(1, 7)], [0.005, 0.01, 0.01, 0.01, 0.01, 0.01], **HAND_F64)
 
 
 def test_clip_zero_means_no_clipping():

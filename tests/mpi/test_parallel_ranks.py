@@ -180,6 +180,16 @@ def test_the_stats_hold_every_layers_exchanges_and_the_one_allreduce():
     assert stats.allreduce_bytes == (lm.parameter_count(config) + 1) * 8  # float64 gradients and the loss
 
 
+@pytest.mark.skipif(SIZE < 2, reason="needs 2 ranks")
+def test_a_mask_without_any_target_and_a_sequence_the_ranks_cannot_share_are_refused():
+    config = lm.LongNetConfig(vocab_size=VOCAB, d_model=8, n_layers=1, n_heads=2, segment_lengths=(4,), dilation_rates=(1,))
+    tokens = np.zeros((1, 8), np.int64)
+    with pytest.raises(ValueError, match="mask selects no target on any rank"):
+        parallel.loss_and_grads(config, lm.init_params(config), tokens, tokens, np.zeros((1, 8), bool), comm=COMM)
+    with pytest.raises(ValueError, match=f"must be divisible by the number of ranks P = {SIZE}"):
+        parallel.chunk(np.zeros((1, 8 * SIZE + 1)), COMM)
+
+
 def test_dense_attention_is_refused_on_every_rank():
     config = lm.LongNetConfig(vocab_size=VOCAB, d_model=8, n_layers=1, n_heads=2, attention="dense")
     tokens = np.zeros((1, 8), np.int64)
