@@ -621,6 +621,18 @@ def test_every_model_option_reaches_the_models_config(tmp_path):
     assert load_checkpoint(out / "checkpoint.npz")[0].config.to_dict() == model
 
 
+def test_resume_reads_a_moved_text_from_the_text_option(tmp_path):
+    """A text run resumes after its file moved when ``--text`` names the new place (the error for
+    a missing file says to do so), and the checkpoint then records the new place."""
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    assert main(["train", *TINY, "--steps", "1", "--eval-every", "0", "--text", str(text), "--out", str(tmp_path / "r")]) == 0
+    moved = text.rename(tmp_path / "moved.txt")
+    assert main(["train", "--resume", str(tmp_path / "r" / "checkpoint.npz"), "--steps", "2", "--text", str(moved), "--quiet"]) == 0
+    state, extra = load_checkpoint(tmp_path / "r" / "checkpoint.npz")
+    assert state.step == 2 and extra["text"] == str(moved.absolute())
+
+
 def test_the_held_out_evaluation_does_not_change_the_training_run(tmp_path):
     """The held-out batch has its own generator: evaluating every step or never trains the same
     model on the same batches (the same losses, bit for bit, and the same parameters)."""

@@ -179,6 +179,19 @@ def test_generated_tokens_follow_the_forwards_softmax_over_the_temperature(tempe
     assert frequencies_fit(counts, softmax_with_temperature(z, temperature))
 
 
+def test_generate_uses_the_params_given_with_a_longnet_lm():
+    """``generate(LongNetLM, params, ...)``: the params given replace the module's (its own are the
+    init); greedy decoding then extends the prompt with the arg-max of the full forward with them."""
+    config = config_for("dilated")
+    params = perturbed_params(config)
+    tokens = generate(lm.LongNetLM(config), params, [3, 1, 4], 4, temperature=0)
+    expected = [3, 1, 4]
+    for _ in range(4):
+        logits, _ = lm.forward(config, params, np.array([expected]))
+        expected.append(int(logits[0, -1].argmax()))
+    assert tokens.tolist() == expected
+
+
 def test_the_dilated_caches_stay_bounded_while_generating():
     config = config_for("dilated")
     params = perturbed_params(config)

@@ -363,6 +363,7 @@ def change(key, value):
         (change("version", 99), "version 99"),
         (change("step", -1), "'step' must be a non-negative integer"),
         (change("step", "3"), "'step' must be a non-negative integer"),
+        (change("adam_t", True), "'adam_t' must be a non-negative integer"),  # JSON true is no count (bool is an int in Python)
         (change("rng", {"bit_generator": "MT19937"}), "'rng' is not a state"),
         (change("rng", [1, 2]), "'rng' must be a JSON object"),
         (change("train", {"steps": 3}), "'train' lacks"),
@@ -389,6 +390,7 @@ def test_every_field_of_a_checkpoint_is_checked_on_load(tmp_path, edit, message)
         ("foreign", "no '__meta__' entry"),
         ("text", "not a .npz archive"),
         ("missing array", "lacks the arrays adam_m/h.0.attn.k_proj.bias"),
+        ("extra array", "unexpected arrays param/h.9.attn.k_proj.bias"),  # a layer the config does not have
         ("wrong shape", "got (3,)"),
         ("wrong dtype", "float64"),
         ("directory", "is a directory"),
@@ -412,6 +414,8 @@ def test_a_damaged_or_foreign_checkpoint_is_one_line_naming_the_file(tmp_path, d
         name = "adam_m/h.0.attn.k_proj.bias"
         if damage == "missing array":
             del arrays[name]
+        elif damage == "extra array":
+            arrays["param/h.9.attn.k_proj.bias"] = arrays["param/h.0.attn.k_proj.bias"]
         else:
             arrays[name] = np.ones(3, np.float32) if damage == "wrong shape" else arrays[name].astype(np.float64)
         np.savez(path, **arrays)
@@ -610,6 +614,13 @@ def test_evaluate_weights_each_slice_by_its_targets():
     mask = batch.mask.copy()
     mask[3:6] = False
     assert evaluate(state, Batch(batch.tokens, targets, mask))["eval_accuracy"] == pytest.approx(4 / 5)
+
+
+@pytest.mark.parametrize("betas", [(1.0, 0.95), (0.9, 1.0)])
+def test_a_beta_of_one_is_refused(betas):
+    """``beta = 1`` freezes a moment at zero and makes the bias correction ``1 - beta^t`` zero."""
+    with pytest.raises(ValueError, match="beta1 and beta2 must be < 1"):
+        TrainConfig(beta1=betas[0], beta2=betas[1])
 
 
 def test_min_lr_equal_to_lr_is_a_constant_schedule_after_the_warm_up():
