@@ -145,6 +145,15 @@ def test_the_model_is_causal():
     assert not np.allclose(a[:, 9:], b[:, 9:])
 
 
+def test_the_module_passes_the_mask_on():
+    """``LongNetLM.loss_and_grads(tokens, targets, mask)`` is the masked mean of the model written out."""
+    config = tiny_config()
+    params = perturbed(config)
+    tokens, targets, mask = tiny_batch(config, n=9)
+    loss, _ = lm.LongNetLM(config, params).loss_and_grads(tokens, targets, mask)
+    np.testing.assert_allclose(loss, oracle.lm_loss(config, params, tokens, targets, mask), **MODEL_F64)
+
+
 def test_the_positions_given_feed_rope_in_every_layer():
     """``positions`` with gaps (a packed or left-padded sequence): RoPE sees ``m - n`` of the given
     positions, not of the row indices (a common shift would change nothing, gaps do)."""

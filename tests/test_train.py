@@ -16,6 +16,7 @@ from longnet_ref import model as lm
 from longnet_ref.checkpoint import load_checkpoint, save_checkpoint
 from longnet_ref.cli import main
 from longnet_ref.data import QUERY, Batch, PasskeyTask, TextTask, accuracy, read_text
+from longnet_ref.validation import InputTypeError
 from longnet_ref.train import (
     AdamW,
     TrainConfig,
@@ -614,6 +615,15 @@ def test_evaluate_weights_each_slice_by_its_targets():
     mask = batch.mask.copy()
     mask[3:6] = False
     assert evaluate(state, Batch(batch.tokens, targets, mask))["eval_accuracy"] == pytest.approx(4 / 5)
+
+
+def test_a_learning_rate_of_zero_and_text_that_is_not_bytes_are_refused():
+    """``lr = 0`` would train nothing (the schedule runs from ``lr`` down to ``min_lr <= lr``);
+    text is a byte string (vocabulary 256): int64 "bytes" could hold ids past 255."""
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=0.0, min_lr=0.0)
+    with pytest.raises(InputTypeError, match="data must be a 1-D uint8 array"):
+        TextTask(np.arange(300, 320), 5)
 
 
 @pytest.mark.parametrize("betas", [(1.0, 0.95), (0.9, 1.0)])
