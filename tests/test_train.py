@@ -16,7 +16,6 @@ from longnet_ref import model as lm
 from longnet_ref.checkpoint import load_checkpoint, save_checkpoint
 from longnet_ref.cli import main
 from longnet_ref.data import QUERY, Batch, PasskeyTask, TextTask, accuracy, read_text
-from longnet_ref.validation import InputTypeError
 from longnet_ref.train import (
     AdamW,
     TrainConfig,
@@ -28,6 +27,7 @@ from longnet_ref.train import (
     learning_rate,
     train_step,
 )
+from longnet_ref.validation import InputTypeError
 from tests.tolerances import INITIAL_LOSS_NATS
 
 from . import oracle
