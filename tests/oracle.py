@@ -235,12 +235,13 @@ def attention_layer(config, params, prefix, x, positions):
     return linear(o.reshape(B, N, C), "out_proj")
 
 
-def lm_logits(config, params, tokens):
-    """``logits = LN_f(x^L) E^T`` with ``x^l = x' + MLP(LN_2(x'))``, ``x' = x + Attn(LN_1(x))``, ``x^0 = E[t]``."""
+def lm_logits(config, params, tokens, positions=None):
+    """``logits = LN_f(x^L) E^T`` with ``x^l = x' + MLP(LN_2(x'))``, ``x' = x + Attn(LN_1(x))``, ``x^0 = E[t]``;
+    RoPE at ``positions`` (default ``0 .. N-1``)."""
     p = params
     linear = lambda t, name: t @ p[name + ".weight"].T + p[name + ".bias"]
     x = p["wte.weight"][tokens]  # (B, N, C)
-    positions = np.arange(tokens.shape[1])
+    positions = np.arange(tokens.shape[1]) if positions is None else np.asarray(positions)
     for layer in range(config.n_layers):
         h = f"h.{layer}."
         x = x + attention_layer(config, p, h + "attn.", layernorm(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"]), positions)

@@ -1,6 +1,7 @@
 """The command line: ``longnet-ref demo`` verifies dilated attention against the dense oracle, and
 every mistake a new user can make ends in a one-line error and a non-zero exit, no traceback."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -578,3 +579,96 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_p
     state, _ = load_checkpoint(out / "checkpoint.npz")  # the last step whose parameters were finite
     assert all(np.isfinite(p).all() for p in state.params.values())
     assert not (out / "log.json").exists()
+
+
+# ---- what the options of a run reach (found by injected bugs: each test below failed with one) ------
+
+
+def test_every_training_option_reaches_the_runs_configs(tmp_path):
+    """The values typed on the command line, read back from log.json and the checkpoint; the
+    cosine ends at ``min_lr = lr / 10`` (the help's promise): with ``--warmup 1 --steps 3`` the
+    last step's lr is exactly ``lr / 10``."""
+    out = tmp_path / "r"
+    options = ["--steps", "3", "--warmup", "1", "--lr", "0.02", "--weight-decay", "0.25", "--clip", "0.5", "--seed", "3"]
+    assert main(["train", *TINY, *options, "--out", str(out)]) == 0
+    log = json.loads((out / "log.json").read_text())
+    train = log["train"]
+    assert (train["steps"], train["warmup"], train["lr"], train["weight_decay"], train["clip"], train["seed"]) == (3, 1, 0.02, 0.25, 0.5, 3)
+    assert train["min_lr"] == pytest.approx(0.002, rel=1e-15)  # lr / 10
+    assert log["model"]["seed"] == 3  # one --seed: the initialisation and the data
+    assert [r["lr"] for r in log["records"]] == pytest.approx([0.02, 0.011, 0.002], rel=1e-12)  # warm-up 1, cosine half-way, min_lr
+    state, _ = load_checkpoint(out / "checkpoint.npz")
+    assert state.train.seed == state.config.seed == 3 and state.train.clip == 0.5 and state.train.weight_decay == 0.25
+
+
+def test_every_model_option_reaches_the_models_config(tmp_path):
+    """The model options typed, read back from log.json and the checkpoint's LongNetConfig."""
+    out = tmp_path / "r"
+    options = ["--attention", "window", "--window", "5", "--offsets", "torchscale", "--no-rope", "--dtype", "float64", "--seed", "2"]
+    assert main(["train", *TINY, "--steps", "1", "--eval-every", "0", *options, "--out", str(out)]) == 0
+    model = json.loads((out / "log.json").read_text())["model"]
+    expected = {"attention": "window", "window": 5, "offsets": "torchscale", "rope": False, "dtype": "float64", "seed": 2}
+    expected |= {"d_model": 16, "n_heads": 4, "n_layers": 1, "segment_lengths": [4, 8], "dilation_rates": [1, 2], "backend": "numpy"}
+    assert {name: model[name] for name in expected} == expected
+    assert load_checkpoint(out / "checkpoint.npz")[0].config.to_dict() == model
+
+
+def test_resume_reads_a_moved_text_from_the_text_option(tmp_path):
+    """A text run resumes after its file moved when ``--text`` names the new place (the error for
+    a missing file says to do so), and the checkpoint then records the new place."""
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    assert main(["train", *TINY, "--steps", "1", "--eval-every", "0", "--text", str(text), "--out", str(tmp_path / "r")]) == 0
+    moved = text.rename(tmp_path / "moved.txt")
+    assert main(["train", "--resume", str(tmp_path / "r" / "checkpoint.npz"), "--steps", "2", "--text", str(moved), "--quiet"]) == 0
+    state, extra = load_checkpoint(tmp_path / "r" / "checkpoint.npz")
+    assert state.step == 2 and extra["text"] == str(moved.absolute())
+
+
+def test_the_held_out_evaluation_does_not_change_the_training_run(tmp_path):
+    """The held-out batch has its own generator: evaluating every step or never trains the same
+    model on the same batches (the same losses, bit for bit, and the same parameters)."""
+    runs = {}
+    for every in ("1", "0"):
+        out = tmp_path / f"eval-{every}"
+        assert main(["train", *TINY, "--steps", "3", "--eval-every", every, "--out", str(out)]) == 0
+        runs[every] = json.loads((out / "log.json").read_text())["records"], load_checkpoint(out / "checkpoint.npz")[0]
+    (evaluated, state), (plain, plain_state) = runs["1"], runs["0"]
+    assert all("eval_loss" in r for r in evaluated) and not any("eval_loss" in r for r in plain)
+    assert [r["loss"] for r in evaluated] == [r["loss"] for r in plain]
+    for name, value in plain_state.params.items():
+        np.testing.assert_array_equal(state.params[name], value, err_msg=name)
+
+
+def test_resume_runs_on_the_backend_given(tmp_path, passkey_run):
+    """``--backend`` may differ from the checkpoint's on resume (its help says so), and then it is used."""
+    assert load_checkpoint(passkey_run / "checkpoint.npz")[0].config.backend == "numpy"
+    out = tmp_path / "r"
+    assert main(["train", "--resume", str(passkey_run / "checkpoint.npz"), "--steps", "5", "--backend", "reference", "--quiet", "--out", str(out)]) == 0
+    assert json.loads((out / "log.json").read_text())["model"]["backend"] == "reference"
+    assert load_checkpoint(out / "checkpoint.npz")[0].config.backend == "reference"
+
+
+def test_the_passkey_answer_is_the_models_arg_max_at_the_query(capsys, monkeypatch, passkey_run):
+    """The model reads the task's sequence (the key hidden --passkey-span = 4 times, filler from
+    --seed, the query last) and the printed answer is the arg-max of its logits at the query, not
+    a token of the prompt."""
+    from longnet_ref.cli import generate as command
+    from longnet_ref.data import PasskeyTask
+
+    prompts = []
+    real_generate = command.generate
+    monkeypatch.setattr(command, "generate", lambda config, params, tokens, *a, **kw: prompts.append(tokens) or real_generate(config, params, tokens, *a, **kw))
+    state, _ = load_checkpoint(passkey_run / "checkpoint.npz")
+    task = PasskeyTask(16, span=4)  # TINY's --n 16 and the default --passkey-span 4
+    for key, seed in ((3, 5), (8, 1)):
+        tokens = task.batch(1, np.random.default_rng(seed), keys=[key]).tokens
+        assert (tokens == key).sum() == 4 and tokens[0, -1] == 0  # hidden four times, the query last
+        logits, _ = lm.forward(state.config, state.params, tokens)
+        assert main(["generate", "--checkpoint", str(passkey_run / "checkpoint.npz"), "--prompt", str(key), "--seed", str(seed)]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        where = int(np.flatnonzero(tokens[0] == key)[0])
+        assert lines[0] == f"passkey {key} hidden 4 times from position {where} of a 16-token sequence (filler: --seed {seed}); asked for at position 15"
+        answer = int(logits[0, -1].argmax())
+        assert lines[1] == f"answer: {answer} ({'correct' if answer == key else 'wrong'})"
+        np.testing.assert_array_equal(prompts.pop(), tokens[0])  # the sequence the answer came from

@@ -150,6 +150,7 @@ def test_train_under_mpiexec_writes_once_and_its_checkpoint_resumes_at_any_p(tmp
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stdout.count("longnet-ref train: text N=32") == 1  # one banner: rank 0's
     assert "(sequence-parallel, P=2)" in first.stdout
+    assert first.stdout.count(" steps in ") == 1 and f"wrote {tmp_path / 'p2' / 'checkpoint.npz'}" in first.stdout  # rank 0's summary
     for name in ("at_p2", "at_p1"):
         (tmp_path / name).mkdir()
         shutil.copy(tmp_path / "p2" / "checkpoint.npz", tmp_path / name)

@@ -52,8 +52,9 @@ def test_incremental_logits_equal_the_full_forward_at_every_position(case, promp
     np.testing.assert_allclose(incremental, full, rtol=0, atol=DECODE_LOGITS[np.dtype(np.float64)] * np.abs(full).max())
 
 
-def test_float32_incremental_logits_agree_to_float32_rounding():
-    config = config_for("dilated", dtype="float32")
+@pytest.mark.parametrize("case", ["dilated", "dense"])  # both cache kinds keep the model's dtype
+def test_float32_incremental_logits_agree_to_float32_rounding(case):
+    config = config_for(case, dtype="float32")
     params = perturbed_params(config)
     tokens = np.random.default_rng(2).integers(0, config.vocab_size, (1, 17))
     full, _ = lm.forward(config, params, tokens)
@@ -179,6 +180,19 @@ def test_generated_tokens_follow_the_forwards_softmax_over_the_temperature(tempe
     assert frequencies_fit(counts, softmax_with_temperature(z, temperature))
 
 
+def test_generate_uses_the_params_given_with_a_longnet_lm():
+    """``generate(LongNetLM, params, ...)``: the params given replace the module's (its own are the
+    init); greedy decoding then extends the prompt with the arg-max of the full forward with them."""
+    config = config_for("dilated")
+    params = perturbed_params(config)
+    tokens = generate(lm.LongNetLM(config), params, [3, 1, 4], 4, temperature=0)
+    expected = [3, 1, 4]
+    for _ in range(4):
+        logits, _ = lm.forward(config, params, np.array([expected]))
+        expected.append(int(logits[0, -1].argmax()))
+    assert tokens.tolist() == expected
+
+
 def test_the_dilated_caches_stay_bounded_while_generating():
     config = config_for("dilated")
     params = perturbed_params(config)
@@ -239,3 +253,27 @@ def test_generate_command_on_a_missing_checkpoint_is_one_line(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path / "none.npz"), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_generate_command_samples_with_its_seed_and_top_k(tmp_path, capfdbinary):
+    """``--seed`` seeds the sampling (two seeds give two continuations at temperature 1, each the
+    library's for that seed) and ``--top-k 1`` at temperature 1 keeps only the arg-max: greedy."""
+    text = tmp_path / "t.txt"
+    text.write_text("abcabcabcabc " * 30)
+    small = ["--n", "16", "--steps", "1", "--batch", "2", "--d-model", "16", "--heads", "4", "--layers", "1"]
+    small += ["--segment-lengths", "4,8", "--dilation-rates", "1,2", "--quiet", "--dtype", "float64", "--backend", "numpy", "--eval-every", "0"]
+    assert main(["train", *small, "--text", str(text), "--out", str(tmp_path / "run")]) == 0
+    checkpoint = str(tmp_path / "run" / "checkpoint.npz")
+    state, _ = load_checkpoint(checkpoint)
+    capfdbinary.readouterr()
+
+    def continuation(*options):
+        assert main(["generate", "--checkpoint", checkpoint, "--prompt", "abc", "--max-new-tokens", "12", *options]) == 0
+        return list(capfdbinary.readouterr().out[3:-1])
+
+    sampled = {seed: continuation("--temperature", "1", "--seed", str(seed)) for seed in (3, 4)}
+    assert sampled[3] != sampled[4]  # 12 draws from a near-uniform 256-way softmax: equal with probability ~1e-29
+    for seed, tokens in sampled.items():
+        assert tokens == generate(state.config, state.params, list(b"abc"), 12, temperature=1.0, seed=seed)[3:].tolist()
+    greedy = generate(state.config, state.params, list(b"abc"), 12, temperature=0)[3:].tolist()
+    assert continuation("--temperature", "1", "--top-k", "1", "--seed", "3") == greedy

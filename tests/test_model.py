@@ -145,6 +145,48 @@ def test_the_model_is_causal():
     assert not np.allclose(a[:, 9:], b[:, 9:])
 
 
+def test_the_module_passes_the_mask_on():
+    """``LongNetLM.loss_and_grads(tokens, targets, mask)`` is the masked mean of the model written out."""
+    config = tiny_config()
+    params = perturbed(config)
+    tokens, targets, mask = tiny_batch(config, n=9)
+    loss, _ = lm.LongNetLM(config, params).loss_and_grads(tokens, targets, mask)
+    np.testing.assert_allclose(loss, oracle.lm_loss(config, params, tokens, targets, mask), **MODEL_F64)
+
+
+def test_the_positions_given_feed_rope_in_every_layer():
+    """``positions`` with gaps (a packed or left-padded sequence): RoPE sees ``m - n`` of the given
+    positions, not of the row indices (a common shift would change nothing, gaps do)."""
+    config = tiny_config()
+    params = perturbed(config)
+    tokens, _, _ = tiny_batch(config, n=9)
+    positions = np.array([0, 1, 4, 5, 6, 10, 11, 15, 16])
+    logits, _ = lm.forward(config, params, tokens, positions=positions)
+    np.testing.assert_allclose(logits, oracle.lm_logits(config, params, tokens, positions), **MODEL_F64)
+    assert not np.allclose(logits, oracle.lm_logits(config, params, tokens), **MODEL_F64)  # the gaps matter
+
+
+def test_dense_attention_on_the_numba_backend_equals_the_model_written_out():
+    """On a fast backend ``"dense"`` runs as one full segment of all N rows without dilation
+    (``nn.attention_forward``), not as the dense oracle: it must still be the same model, causal and
+    not, at a length N = 9 that no power of two or segment length hides."""
+    for causal in (True, False):
+        config = tiny_config(attention="dense", causal=causal, backend="numba")
+        params = perturbed(config)
+        tokens, _, _ = tiny_batch(config, n=9)
+        logits, _ = lm.forward(config, params, tokens)
+        np.testing.assert_allclose(logits, oracle.lm_logits(config, params, tokens), **MODEL_F64)
+
+
+def test_the_parameter_count_is_the_architectures():
+    """``V C + L (4 (C^2 + C) + (4C C + 4C) + (C 4C + C) + 2 (2C)) + 2C`` by hand for V = 11, C = 8,
+    L = 2 (four projections, the MLP, two LayerNorms per block; the final LayerNorm; the tied
+    embedding once), and the sizes of the initialised arrays for a wider config."""
+    assert lm.parameter_count(tiny_config()) == 11 * 8 + 2 * (4 * (64 + 8) + (32 * 8 + 32) + (8 * 32 + 8) + 2 * 16) + 16 == 1848
+    config = lm.LongNetConfig(vocab_size=50, d_model=24, n_layers=3, n_heads=4)
+    assert lm.parameter_count(config) == sum(value.size for value in lm.init_params(config).values())
+
+
 def test_init_is_deterministic_from_the_seed():
     a, b = lm.init_params(tiny_config(seed=7)), lm.init_params(tiny_config(seed=7))
     c = lm.init_params(tiny_config(seed=8))

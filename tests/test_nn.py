@@ -430,3 +430,23 @@ def test_linear_mlp_embedding_and_layernorm_init():
     norm = nn.init_layernorm(5, dtype=np.float32)
     np.testing.assert_array_equal(norm["weight"], np.ones(5, np.float32))
     np.testing.assert_array_equal(norm["bias"], np.zeros(5, np.float32))
+
+
+def test_a_kv_cache_continues_rope_at_its_own_position_when_positions_are_not_given():
+    """With a ``kv_cache`` and no ``positions``, the rows are ``t .. t + N - 1`` after the cached
+    ``t`` (the docstring's default): a prompt of 3, then 4 single rows, equal the causal layer
+    written out (tests/oracle.py) at positions ``0 .. 6``."""
+    from longnet_ref.decode import DilatedKVCache
+
+    config = SimpleNamespace(
+        n_heads=2, rope=True, attention="dilated", segment_lengths=(2, 4), dilation_rates=(1, 2), causal=True, offsets="paper", window=None
+    )
+    rng = np.random.default_rng(0)
+    params = {k: v + 0.3 * rng.standard_normal(v.shape) for k, v in nn.init_attention(rng, 8).items()}
+    x = rng.standard_normal((1, 7, 8))
+    expected = oracle.attention_layer(config, params, "", x, np.arange(7))
+    cache = DilatedKVCache(1, 2, 4, 4, [2, 4], [1, 2])
+    options = dict(num_heads=2, kind="dilated", segment_lengths=[2, 4], dilation_rates=[1, 2], causal=True, rope=True)
+    rows = [nn.attention_forward(params, x[:, :3], kv_cache=cache, **options)[0]]
+    rows += [nn.attention_forward(params, x[:, t : t + 1], kv_cache=cache, **options)[0] for t in range(3, 7)]
+    np.testing.assert_allclose(np.concatenate(rows, axis=1), expected, **LAYER_F64)

@@ -27,6 +27,7 @@ from longnet_ref.train import (
     learning_rate,
     train_step,
 )
+from longnet_ref.validation import InputTypeError
 from tests.tolerances import INITIAL_LOSS_NATS
 from tests.cli_runs import TINY_TRAIN
 
@@ -189,6 +190,8 @@ def test_fit_trains_to_the_last_step_and_evaluates_every_k_steps_and_at_the_end(
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and state.step == 5 and seen == records
     assert [r["step"] for r in records if "eval_loss" in r] == [2, 4, 5]
     assert all(r["tokens_per_s"] > 0 and math.isfinite(r["loss"]) for r in records)
+    for r in records:  # a step trains on batch_size sequences of n tokens
+        np.testing.assert_allclose(r["tokens_per_s"] * r["seconds"], state.train.batch_size * task.n, **HAND_F64)
 
 
 def test_weight_decay_applies_to_linear_matrices_only():
@@ -364,6 +367,7 @@ def change(key, value):
         (change("version", 99), "version 99"),
         (change("step", -1), "'step' must be a non-negative integer"),
         (change("step", "3"), "'step' must be a non-negative integer"),
+        (change("adam_t", True), "'adam_t' must be a non-negative integer"),  # JSON true is no count (bool is an int in Python)
         (change("rng", {"bit_generator": "MT19937"}), "'rng' is not a state"),
         (change("rng", [1, 2]), "'rng' must be a JSON object"),
         (change("train", {"steps": 3}), "'train' lacks"),
@@ -390,6 +394,7 @@ def test_every_field_of_a_checkpoint_is_checked_on_load(tmp_path, edit, message)
         ("foreign", "no '__meta__' entry"),
         ("text", "not a .npz archive"),
         ("missing array", "lacks the arrays adam_m/h.0.attn.k_proj.bias"),
+        ("extra array", "unexpected arrays param/h.9.attn.k_proj.bias"),  # a layer the config does not have
         ("wrong shape", "got (3,)"),
         ("wrong dtype", "float64"),
         ("directory", "is a directory"),
@@ -413,6 +418,8 @@ def test_a_damaged_or_foreign_checkpoint_is_one_line_naming_the_file(tmp_path, d
         name = "adam_m/h.0.attn.k_proj.bias"
         if damage == "missing array":
             del arrays[name]
+        elif damage == "extra array":
+            arrays["param/h.9.attn.k_proj.bias"] = arrays["param/h.0.attn.k_proj.bias"]
         else:
             arrays[name] = np.ones(3, np.float32) if damage == "wrong shape" else arrays[name].astype(np.float64)
         np.savez(path, **arrays)
@@ -568,3 +575,89 @@ def test_train_command_rejects_an_empty_text_file(tmp_path, capsys):
     (tmp_path / "empty.txt").write_bytes(b"")
     assert main(["train", *SMALL, "--text", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "r")]) == 2
     assert "is empty" in capsys.readouterr().err
+
+
+def test_evaluate_weights_each_slice_by_its_targets():
+    """Eight sequences in slices of 3, 3, 2 (the training batch size): the accuracy is over all eight
+    answers. Targets are set from the model's own arg-max so that exactly five are right (three in
+    the first slice, none in the second, two in the last): 5/8, not a mean of the slices' rates."""
+    state, task = small_state()
+    batch = task.batch(8, np.random.default_rng(4))
+    logits, _ = lm.forward(state.config, state.params, batch.tokens)
+    guess = logits[:, -1].argmax(-1)  # (8,)
+    right = np.array([1, 1, 1, 0, 0, 0, 1, 1], bool)
+    targets = batch.targets.copy()
+    targets[:, -1] = np.where(right, guess, (guess + 1) % state.config.vocab_size)
+    result = evaluate(state, Batch(batch.tokens, targets, batch.mask))
+    assert result["eval_accuracy"] == pytest.approx(5 / 8)
+    # a slice without targets (sequences 3..5 masked out) is skipped, not the end: 3 + 1 right of 5
+    right[6] = False
+    targets[:, -1] = np.where(right, guess, (guess + 1) % state.config.vocab_size)
+    mask = batch.mask.copy()
+    mask[3:6] = False
+    assert evaluate(state, Batch(batch.tokens, targets, mask))["eval_accuracy"] == pytest.approx(4 / 5)
+
+
+def test_a_learning_rate_of_zero_and_text_that_is_not_bytes_are_refused():
+    """``lr = 0`` would train nothing (the schedule runs from ``lr`` down to ``min_lr <= lr``);
+    text is a byte string (vocabulary 256): int64 "bytes" could hold ids past 255."""
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=0.0, min_lr=0.0)
+    with pytest.raises(InputTypeError, match="data must be a 1-D uint8 array"):
+        TextTask(np.arange(300, 320), 5)
+
+
+@pytest.mark.parametrize("betas", [(1.0, 0.95), (0.9, 1.0)])
+def test_a_beta_of_one_is_refused(betas):
+    """``beta = 1`` freezes a moment at zero and makes the bias correction ``1 - beta^t`` zero."""
+    with pytest.raises(ValueError, match="beta1 and beta2 must be < 1"):
+        TrainConfig(beta1=betas[0], beta2=betas[1])
+
+
+def test_min_lr_equal_to_lr_is_a_constant_schedule_after_the_warm_up():
+    tc = TrainConfig(steps=6, lr=0.01, min_lr=0.01, warmup=2)
+    np.testing.assert_allclose([learning_rate(t, tc) for t in range(1, 7)], [0.005, 0.01, 0.01, 0.01, 0.01, 0.01], **HAND_F64)
+
+
+def test_clip_zero_means_no_clipping():
+    """``clip = 0`` turns clipping off (TrainConfig, ``--clip 0: none``): the gradients come back
+    untouched, with their norm."""
+    grads = {"a": np.array([3.0, 0.0]), "b": np.array([[4.0]])}
+    same, norm = clip_by_global_norm(grads, 0.0)
+    assert norm == pytest.approx(5.0)
+    assert same["a"] is grads["a"] and same["b"] is grads["b"]
+
+
+def test_the_data_stream_is_seeded_by_the_training_seed_not_the_models():
+    """``TrainConfig.seed`` seeds the batches, ``LongNetConfig.seed`` the initialisation: with two
+    different seeds, the fresh state's generator draws what ``default_rng(train.seed)`` draws."""
+    config = lm.LongNetConfig(vocab_size=7, d_model=8, n_layers=1, n_heads=2, segment_lengths=(4,), dilation_rates=(1,), seed=1)
+    state = TrainState.fresh(config, TrainConfig(seed=2))
+    np.testing.assert_array_equal(state.rng.integers(0, 2**62, 8), np.random.default_rng(2).integers(0, 2**62, 8))
+
+
+def test_passkey_keys_given_are_hidden_and_asked_for_and_every_key_and_position_is_drawn():
+    """``keys`` fixes the passkeys (each of ``1 .. num_keys`` allowed, ``num_keys`` included): they
+    are in the tokens and the targets; drawn keys cover all ``num_keys`` values (400 draws miss
+    one of 5 with probability ``5 (4/5)^400 ~ 1e-38``) and every allowed position."""
+    task = PasskeyTask(32, num_keys=5, num_fillers=6, span=2)
+    keys = np.array([1, 5, 3, 5])
+    batch = task.batch(4, np.random.default_rng(0), keys=keys)
+    np.testing.assert_array_equal(batch.targets[:, -1], keys)
+    for b, key in enumerate(keys):
+        assert (batch.tokens[b] == key).sum() == 2 and (batch.tokens[b, :-1] >= 1).all() and batch.tokens[b, -1] == QUERY
+    with pytest.raises(ValueError, match="keys must be integers in"):
+        task.batch(1, np.random.default_rng(0), keys=[6])
+    batch = task.batch(400, np.random.default_rng(1))
+    assert set(batch.targets[:, -1].tolist()) == {1, 2, 3, 4, 5}
+    # the first copy lies anywhere in [0, N reach_fraction) = [0, 8): 400 draws miss one of 8
+    # positions with probability 8 (7/8)^400 ~ 5e-23
+    first = np.argmax((batch.tokens >= 1) & (batch.tokens <= 5), axis=1)
+    assert set(first.tolist()) == set(range(8))
+
+
+def test_a_text_of_exactly_n_bytes_is_refused():
+    """A window is ``n + 1`` bytes (inputs and shifted targets): ``n`` bytes hold none."""
+    with pytest.raises(ValueError, match="fewer than n"):
+        TextTask(np.arange(10, dtype=np.uint8), 10)
+    assert TextTask(np.arange(11, dtype=np.uint8), 10).batch(2, np.random.default_rng(0)).tokens.shape == (2, 10)

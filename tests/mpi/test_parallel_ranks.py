@@ -150,6 +150,46 @@ def test_chunks_of_different_lengths_name_n_and_p():
         parallel.loss_and_grads(config, lm.init_params(config), tokens, tokens, comm=COMM)
 
 
+@pytest.mark.skipif(SIZE < 2, reason="needs 2 ranks")
+def test_configs_that_differ_between_ranks_are_refused():
+    """The same parameter arrays everywhere (the init does not depend on RoPE), but rank 1 runs its
+    attention without RoPE, which the attention exchange cannot see (same shapes, same pattern):
+    refused, not a silent mixture of two models."""
+    common = dict(vocab_size=VOCAB, d_model=8, n_layers=1, n_heads=2, segment_lengths=(4,), dilation_rates=(2,))
+    config = lm.LongNetConfig(**common, rope=RANK != 1)
+    tokens = np.zeros((1, 8), np.int64)
+    with pytest.raises(ValueError, match="same LongNetConfig"):
+        parallel.loss_and_grads(config, lm.init_params(lm.LongNetConfig(**common)), tokens, tokens, comm=COMM)
+
+
+def test_the_stats_hold_every_layers_exchanges_and_the_one_allreduce():
+    """``return_stats``: two layers' forward exchanges, then their two backward exchanges, each
+    those of one distributed call of the layer's shapes (measured on random arrays of the same
+    shapes: the bytes depend on the shapes only); the all-reduced buffer is every parameter and the loss."""
+    from longnet_ref import distributed
+
+    config = lm.LongNetConfig(vocab_size=VOCAB, d_model=8, n_layers=2, n_heads=2, segment_lengths=(4, 16), dilation_rates=(1, 2))
+    tokens, targets, _ = whole_problem(1, 8 * SIZE, 6)
+    local = parallel.chunk(tokens, COMM), parallel.chunk(targets, COMM)
+    *_, stats = parallel.loss_and_grads(config, lm.init_params(config), *local, comm=COMM, return_stats=True)
+    x = np.random.default_rng(RANK).standard_normal((1, 8, 2, 4))  # (B, L, H, D) of one layer
+    o, lse, forward = distributed.dilated_attention(x, x, x, [4, 16], [1, 2], comm=COMM, causal=True, return_lse=True, return_stats=True)
+    *_, backward = distributed.dilated_attention_backward(x, x, x, x, o, lse, [4, 16], [1, 2], comm=COMM, causal=True, return_stats=True)
+    assert forward.records and backward.records
+    assert stats.attention.records == forward.records * 2 + backward.records * 2
+    assert stats.allreduce_bytes == (lm.parameter_count(config) + 1) * 8  # float64 gradients and the loss
+
+
+@pytest.mark.skipif(SIZE < 2, reason="needs 2 ranks")
+def test_a_mask_without_any_target_and_a_sequence_the_ranks_cannot_share_are_refused():
+    config = lm.LongNetConfig(vocab_size=VOCAB, d_model=8, n_layers=1, n_heads=2, segment_lengths=(4,), dilation_rates=(1,))
+    tokens = np.zeros((1, 8), np.int64)
+    with pytest.raises(ValueError, match="mask selects no target on any rank"):
+        parallel.loss_and_grads(config, lm.init_params(config), tokens, tokens, np.zeros((1, 8), bool), comm=COMM)
+    with pytest.raises(ValueError, match=f"must be divisible by the number of ranks P = {SIZE}"):
+        parallel.chunk(np.zeros((1, 8 * SIZE + 1)), COMM)
+
+
 def test_dense_attention_is_refused_on_every_rank():
     config = lm.LongNetConfig(vocab_size=VOCAB, d_model=8, n_layers=1, n_heads=2, attention="dense")
     tokens = np.zeros((1, 8), np.int64)
