@@ -13,7 +13,7 @@ from longnet_ref import backends, bench
 from longnet_ref import model as lm
 from longnet_ref.checkpoint import load_checkpoint
 from longnet_ref.cli import main
-from tests.tolerances import SUMMATION
+from tests.tolerances import SCALAR_ARITHMETIC, SUMMATION
 from tests.cli_runs import TINY_TRAIN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -590,13 +590,13 @@ def test_every_training_option_reaches_the_runs_configs(tmp_path):
     last step's lr is exactly ``lr / 10``."""
     out = tmp_path / "r"
     options = ["--steps", "3", "--warmup", "1", "--lr", "0.02", "--weight-decay", "0.25", "--clip", "0.5", "--seed", "3"]
-    assert main(["train", *TINY, *options, "--out", str(out)]) == 0
+    assert main(["train", *TINY_TRAIN, *options, "--out", str(out)]) == 0
     log = json.loads((out / "log.json").read_text())
     train = log["train"]
     assert (train["steps"], train["warmup"], train["lr"], train["weight_decay"], train["clip"], train["seed"]) == (3, 1, 0.02, 0.25, 0.5, 3)
-    assert train["min_lr"] == pytest.approx(0.002, rel=1e-15)  # lr / 10
+    assert train["min_lr"] == pytest.approx(0.002, **SCALAR_ARITHMETIC)  # lr / 10
     assert log["model"]["seed"] == 3  # one --seed: the initialisation and the data
-    assert [r["lr"] for r in log["records"]] == pytest.approx([0.02, 0.011, 0.002], rel=1e-12)  # warm-up 1, cosine half-way, min_lr
+    assert [r["lr"] for r in log["records"]] == pytest.approx([0.02, 0.011, 0.002], **SCALAR_ARITHMETIC)  # warm-up 1, cosine half-way, min_lr
     state, _ = load_checkpoint(out / "checkpoint.npz")
     assert state.train.seed == state.config.seed == 3 and state.train.clip == 0.5 and state.train.weight_decay == 0.25
 
@@ -605,7 +605,7 @@ def test_every_model_option_reaches_the_models_config(tmp_path):
     """The model options typed, read back from log.json and the checkpoint's LongNetConfig."""
     out = tmp_path / "r"
     options = ["--attention", "window", "--window", "5", "--offsets", "torchscale", "--no-rope", "--dtype", "float64", "--seed", "2"]
-    assert main(["train", *TINY, "--steps", "1", "--eval-every", "0", *options, "--out", str(out)]) == 0
+    assert main(["train", *TINY_TRAIN, "--steps", "1", "--eval-every", "0", *options, "--out", str(out)]) == 0
     model = json.loads((out / "log.json").read_text())["model"]
     expected = {"attention": "window", "window": 5, "offsets": "torchscale", "rope": False, "dtype": "float64", "seed": 2}
     expected |= {"d_model": 16, "n_heads": 4, "n_layers": 1, "segment_lengths": [4, 8], "dilation_rates": [1, 2], "backend": "numpy"}
@@ -618,7 +618,7 @@ def test_resume_reads_a_moved_text_from_the_text_option(tmp_path):
     a missing file says to do so), and the checkpoint then records the new place."""
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
-    assert main(["train", *TINY, "--steps", "1", "--eval-every", "0", "--text", str(text), "--out", str(tmp_path / "r")]) == 0
+    assert main(["train", *TINY_TRAIN, "--steps", "1", "--eval-every", "0", "--text", str(text), "--out", str(tmp_path / "r")]) == 0
     moved = text.rename(tmp_path / "moved.txt")
     assert main(["train", "--resume", str(tmp_path / "r" / "checkpoint.npz"), "--steps", "2", "--text", str(moved), "--quiet"]) == 0
     state, extra = load_checkpoint(tmp_path / "r" / "checkpoint.npz")
@@ -631,7 +631,7 @@ def test_the_held_out_evaluation_does_not_change_the_training_run(tmp_path):
     runs = {}
     for every in ("1", "0"):
         out = tmp_path / f"eval-{every}"
-        assert main(["train", *TINY, "--steps", "3", "--eval-every", every, "--out", str(out)]) == 0
+        assert main(["train", *TINY_TRAIN, "--steps", "3", "--eval-every", every, "--out", str(out)]) == 0
         runs[every] = json.loads((out / "log.json").read_text())["records"], load_checkpoint(out / "checkpoint.npz")[0]
     (evaluated, state), (plain, plain_state) = runs["1"], runs["0"]
     assert all("eval_loss" in r for r in evaluated) and not any("eval_loss" in r for r in plain)

@@ -260,8 +260,7 @@ def test_generate_command_samples_with_its_seed_and_top_k(tmp_path, capfdbinary)
     library's for that seed) and ``--top-k 1`` at temperature 1 keeps only the arg-max: greedy."""
     text = tmp_path / "t.txt"
     text.write_text("abcabcabcabc " * 30)
-    small = ["--n", "16", "--steps", "1", "--batch", "2", "--d-model", "16", "--heads", "4", "--layers", "1"]
-    small += ["--segment-lengths", "4,8", "--dilation-rates", "1,2", "--quiet", "--dtype", "float64", "--backend", "numpy", "--eval-every", "0"]
+    small = [*TINY_TRAIN, "--steps", "1", "--dtype", "float64", "--eval-every", "0"]  # the last --eval-every wins
     assert main(["train", *small, "--text", str(text), "--out", str(tmp_path / "run")]) == 0
     checkpoint = str(tmp_path / "run" / "checkpoint.npz")
     state, _ = load_checkpoint(checkpoint)

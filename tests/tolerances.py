@@ -58,6 +58,11 @@ LARGE_SCORES_GRAD = {
 FINITE_DIFFERENCES = dict(rtol=1e-6, atol=1e-6)
 FINITE_DIFFERENCE_STEP = 1e-6
 
+# A handful of float64 operations on Python floats (lr / 10, a warm-up ratio, a cosine) against
+# the value written by hand: each rounds at u = 1.1e-16, cos adds ~1 ulp, so 1e-12 relative
+# leaves a wide margin, while a wrong schedule or a wrong min_lr is off by 1e-3 relative or more.
+SCALAR_ARITHMETIC = dict(rel=1e-12)
+
 # Distributed (float64) against one process: the same terms summed in a different grouping
 # over <= 4 ranks and <= 3 branches, N <= 96: well under 1e-12 relative.
 DISTRIBUTED = dict(rtol=1e-11, atol=1e-12)
