@@ -348,7 +348,7 @@ def distributed_branch(path: str | Path) -> None:
 
 
 def sequence_parallel_step(path: str | Path) -> None:
-    """One training step of the LM over ``P = 4`` ranks (``docs/parallel.md``; ``longnet_ref.parallel``).
+    """One training step of the LM over ``G = 4`` ranks (``docs/parallel.md``; ``longnet_ref.parallel``).
 
     ``N = 32`` tokens, ``L = 8`` per rank, branches ``(w, r) = (8, 1), (16, 2)``. Every layer but
     attention works on the rank's own rows; the attention's ``(8, 1)`` branch is local (``8 | L``)
@@ -373,10 +373,10 @@ def sequence_parallel_step(path: str | Path) -> None:
                 pairs.add((min(owners), max(owners)))
     layers = [  # (label, colour, local?)
         ("token embedding E[t]  (rows of this chunk)", "#c6dbef", True),
-        ("LayerNorm, q/k/v projections, RoPE at global positions pL + 0..L-1", "#c7e9c0", True),
+        ("LayerNorm, q/k/v projections, RoPE at global positions gL + 0..L-1", "#c7e9c0", True),
         ("dilated attention: local branch (8, 1) | shared branch (16, 2)", "#fdd0a2", False),
         ("out projection, LayerNorm, MLP (row by row)", "#c7e9c0", True),
-        ("tied head, cross-entropy / M (M = targets of all ranks)", "#c6dbef", True),
+        ("tied head, cross-entropy / n_mask (targets of all ranks)", "#c6dbef", True),
         ("backward, in reverse: attention gathers again, reduce-scatters dK, dV", "#fdd0a2", False),
     ]
     fig, ax = plt.subplots(figsize=(11, 4.8))
@@ -390,7 +390,7 @@ def sequence_parallel_step(path: str | Path) -> None:
         ax.text(
             rank * length + length / 2,
             top + 1.0,
-            f"rank p = {rank}\npositions {rank * length}..{(rank + 1) * length - 1}",
+            f"rank g = {rank}\npositions {rank * length}..{(rank + 1) * length - 1}",
             ha="center",
             va="bottom",
             fontsize=8,
@@ -411,7 +411,7 @@ def sequence_parallel_step(path: str | Path) -> None:
     ax.set_ylim(-0.4, top + 2.1)
     ax.axis("off")
     ax.set_title(
-        f"N = {n} tokens over P = {ranks} ranks of L = {length}: arrows = the only exchanges of activations (segments of w = {shared[0]} span 2 ranks)",
+        f"N = {n} tokens over G = {ranks} ranks of L = {length}: arrows = the only exchanges of activations (segments of w = {shared[0]} span 2 ranks)",
         fontsize=9,
     )
     fig.tight_layout()
