@@ -15,6 +15,8 @@
   both (``tests/test_docs.py`` runs every generated script top to bottom).
 - ``SPEC §N`` in prose becomes a link to section N of the specification page (in the Markdown
   of a page, and in the HTML of the docstrings the API pages render).
+- Short inline code with a hyphen (``--eval-every``, ``-inf``) is marked ``nowrap``: a browser
+  breaks a line after any hyphen, and an option split as "--" / "eval-every" misreads.
 """
 
 import contextlib
@@ -246,4 +248,8 @@ def on_page_content(html, page, config, files):
                 inside.append(tag.group(2))
         elif not part.startswith("<") and not inside:
             parts[index] = SPEC_SECTIONS.sub(link, part)
-    return "".join(parts)
+    return SHORT_HYPHENATED_CODE.sub(r'<code class="nowrap">\1</code>', "".join(parts))
+
+
+# inline code of at most 24 characters (it fits a phone's line) holding a hyphen
+SHORT_HYPHENATED_CODE = re.compile(r"<code>(?=[^<]{1,24}</code>)([^<]*-[^<]*)</code>")
