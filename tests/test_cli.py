@@ -672,3 +672,52 @@ def test_the_passkey_answer_is_the_models_arg_max_at_the_query(capsys, monkeypat
         answer = int(logits[0, -1].argmax())
         assert lines[1] == f"answer: {answer} ({'correct' if answer == key else 'wrong'})"
         np.testing.assert_array_equal(prompts.pop(), tokens[0])  # the sequence the answer came from
+
+
+# ---- the checks of generate and --resume on the checkpoint's task (found by a systematic audit) -----
+
+
+@pytest.mark.parametrize("prompt", ["0", "9", "-1", "3.0"])
+def test_the_passkey_prompt_is_an_integer_from_one_to_the_number_of_keys(capsys, passkey_run, prompt):
+    """Token 0 is the query marker and 9 the first filler of the default 8 keys: neither is a passkey."""
+    checkpoint = str(passkey_run / "checkpoint.npz")
+    captured = assert_refused(capsys, ["generate", "--checkpoint", checkpoint, "--prompt", prompt], f"an integer from 1 to 8, got {prompt!r}")
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize(
+    "source, extra, generate_says, resume_says",
+    [
+        ("passkey", {}, "it does not say which task it was trained on", "the checkpoint does not say which task it was trained on"),
+        ("passkey", {"task": "poetry", "n": 16}, "it does not say which task it was trained on", "the checkpoint does not say which task it was trained on"),
+        (
+            "text",
+            {"task": "passkey", "n": 16, "passkey_span": 4},
+            "the model's vocabulary (256) is not its passkey task's (25)",
+            "the model's vocabulary (256) is not its task's (25)",
+        ),
+    ],
+    ids=["no task", "unknown task", "vocabulary of another task"],
+)
+def test_a_checkpoint_whose_task_is_missing_or_not_its_models_is_refused(
+    tmp_path, capsys, monkeypatch, passkey_run, text_run, source, extra, generate_says, resume_says
+):
+    from longnet_ref.checkpoint import save_checkpoint
+
+    monkeypatch.setattr("longnet_ref.cli.train.fit", never_called)
+    state, _ = load_checkpoint((passkey_run if source == "passkey" else text_run) / "checkpoint.npz")
+    checkpoint = str(save_checkpoint(state, tmp_path / "c.npz", extra))
+    captured = assert_refused(capsys, ["generate", "--checkpoint", checkpoint, "--prompt", "3"], generate_says)
+    assert captured.out == ""
+    assert_refused(capsys, ["train", "--resume", checkpoint, "--steps", "9", "--out", str(tmp_path / "r")], resume_says)
+
+
+def test_resume_of_a_passkey_run_refuses_a_text(tmp_path, capsys, monkeypatch, passkey_run, text_run):
+    monkeypatch.setattr("longnet_ref.cli.train.fit", never_called)
+    text = str(text_run.parent / "t.txt")
+    assert_refused(
+        capsys,
+        ["train", "--resume", str(passkey_run / "checkpoint.npz"), "--steps", "9", "--text", text, "--out", str(tmp_path / "r")],
+        "--text conflicts with the checkpoint",
+        "trained on the passkey task",
+    )

@@ -293,3 +293,51 @@ def test_bad_tokens_and_params_are_rejected():
         lm.LongNetLM(config, params | {"ln_f.bias": np.zeros(3)})
     with pytest.raises(ValueError, match="unknown LongNetConfig fields"):
         lm.LongNetConfig.from_dict(config.to_dict() | {"dropout": 0.1})
+
+
+# ---- the edges of the config's checks, and the plumbing of its fields (found by injected bugs) -----
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"attention": "window", "window": 1},  # the smallest window: each token attends itself
+        {"d_model": 6, "n_heads": 2, "rope": False},  # an odd head dimension (3) needs no pairs without RoPE
+        {"n_layers": 1, "seed": 0},
+    ],
+    ids=["window-1", "odd-head-dim-without-rope", "one-layer-seed-0"],
+)
+def test_a_config_at_the_edge_of_every_check_is_the_model_written_out(overrides):
+    config = tiny_config(**overrides)
+    assert all(getattr(config, name) == value for name, value in overrides.items())
+    params = perturbed(config)
+    tokens, _, _ = tiny_batch(config, n=9)
+    logits, _ = lm.forward(config, params, tokens)
+    np.testing.assert_allclose(logits, oracle.lm_logits(config, params, tokens), **MODEL_F64)
+
+
+def test_the_model_takes_exactly_one_kv_cache_per_layer():
+    from longnet_ref.generate import new_caches
+
+    config = tiny_config()
+    params = lm.init_params(config)
+    tokens, _, _ = tiny_batch(config, n=4, batch=1)
+    caches = new_caches(config, 1)
+    for wrong in (caches[:-1], caches + new_caches(config, 1)[:1]):
+        with pytest.raises(ValueError, match=r"kv_caches must hold one cache per layer \(2\), got [13]"):
+            lm.forward(config, params, tokens, kv_caches=wrong)
+
+
+@pytest.mark.parametrize("backend", ["reference", "numpy"])
+def test_the_configs_backend_runs_the_attention_forward_and_backward(monkeypatch, backend):
+    """``config.backend`` is the backend every layer's attention runs on, forward and backward."""
+    from longnet_ref import nn
+
+    seen = []
+    for name in ("dilated_attention", "dilated_attention_backward"):
+        real = getattr(nn, name)
+        monkeypatch.setattr(nn, name, lambda *a, _real=real, _name=name, **kw: seen.append((_name, kw["backend"])) or _real(*a, **kw))
+    config = tiny_config(backend=backend)
+    lm.loss_and_grads(config, lm.init_params(config), *tiny_batch(config, n=4))
+    assert sorted(set(seen)) == [("dilated_attention", backend), ("dilated_attention_backward", backend)]
+    assert len(seen) == 2 * config.n_layers
