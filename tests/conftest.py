@@ -18,7 +18,8 @@ collect_ignore = [] if os.environ.get("LONGNET_REF_MPI") == "1" else ["mpi"]
 
 SEED_KEY = pytest.StashKey[object]()
 
-settings.register_profile("longnet_ref", print_blob=True)
+# No deadline for any property test: CI shares 2 cores, and a slow example is not a wrong one.
+settings.register_profile("longnet_ref", print_blob=True, deadline=None)
 settings.load_profile("longnet_ref")
 
 
