@@ -721,3 +721,14 @@ def test_resume_of_a_passkey_run_refuses_a_text(tmp_path, capsys, monkeypatch, p
         "--text conflicts with the checkpoint",
         "trained on the passkey task",
     )
+
+
+def test_resume_accepts_the_warm_up_its_run_was_capped_at(tmp_path, capsys, passkey_run):
+    """The passkey run trained 4 steps with the default --warmup 30, capped at its 4 steps: repeating
+    any --warmup >= 4 repeats that run's option (the run continues); a --warmup below 4 contradicts it."""
+    assert load_checkpoint(passkey_run / "checkpoint.npz")[0].train.warmup == 4
+    resume = ["train", "--resume", str(passkey_run / "checkpoint.npz"), "--steps", "5", "--quiet"]
+    assert_refused(capsys, [*resume, "--warmup", "3", "--out", str(tmp_path / "r")], "--warmup 3 conflicts with the checkpoint's 4")
+    for warmup in ("4", "30"):
+        assert run_main([*resume, "--warmup", warmup, "--out", str(tmp_path / warmup)]) == 0
+        assert load_checkpoint(tmp_path / warmup / "checkpoint.npz")[0].step == 5

@@ -773,3 +773,16 @@ def test_a_text_task_of_one_token_per_window_and_its_chance_loss():
     assert task.chance_loss == pytest.approx(8 * math.log(2), **SCALAR_ARITHMETIC)
     with pytest.raises(ValueError, match="n must be an integer >= 1"):
         TextTask(np.array([7, 9], np.uint8), 0)
+
+
+def test_the_smallest_passkey_vocabulary_and_reach():
+    """One key and one filler (vocabulary 3: the query, key 1, filler 2) and a reach so small that
+    ``floor(n reach)`` is 0: the key is then always at position 0 (``[0, max(1, 0))``). Zero keys,
+    fillers or copies are refused."""
+    task = PasskeyTask(8, num_keys=1, num_fillers=1, reach_fraction=1e-9)
+    batch = task.batch(5, np.random.default_rng(0))
+    assert task.vocab_size == 3 and task.chance_loss == 0.0
+    assert batch.tokens.tolist() == [[1, 2, 2, 2, 2, 2, 2, QUERY]] * 5 and batch.targets[:, -1].tolist() == [1] * 5
+    for name in ("num_keys", "num_fillers", "span"):
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
+            PasskeyTask(8, **{name: 0})
