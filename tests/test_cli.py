@@ -732,3 +732,17 @@ def test_resume_accepts_the_warm_up_its_run_was_capped_at(tmp_path, capsys, pass
     for warmup in ("4", "30"):
         assert run_main([*resume, "--warmup", warmup, "--out", str(tmp_path / warmup)]) == 0
         assert load_checkpoint(tmp_path / warmup / "checkpoint.npz")[0].step == 5
+
+
+@pytest.mark.parametrize("every, saves", [("0", [3]), ("2", [2, 3]), ("1", [1, 2, 3, 3])])
+def test_checkpoint_every_k_steps_and_at_the_end(tmp_path, monkeypatch, every, saves):
+    """``--checkpoint-every k`` writes the checkpoint at every k-th step, and always at the end
+    (``0: only at the end``, the help's promise): the steps of the states saved, in order."""
+    from longnet_ref.cli import train as command
+
+    saved = []
+    real = command.save_checkpoint
+    monkeypatch.setattr(command, "save_checkpoint", lambda state, *a, **kw: saved.append(state.step) or real(state, *a, **kw))
+    assert main(["train", *TINY_TRAIN, "--steps", "3", "--checkpoint-every", every, "--out", str(tmp_path / "r")]) == 0
+    assert saved == saves
+    assert load_checkpoint(tmp_path / "r" / "checkpoint.npz")[0].step == 3
