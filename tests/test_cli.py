@@ -746,3 +746,56 @@ def test_checkpoint_every_k_steps_and_at_the_end(tmp_path, monkeypatch, every, s
     assert main(["train", *TINY_TRAIN, "--steps", "3", "--checkpoint-every", every, "--out", str(tmp_path / "r")]) == 0
     assert saved == saves
     assert load_checkpoint(tmp_path / "r" / "checkpoint.npz")[0].step == 3
+
+
+def test_parallel_on_one_rank_checks_what_sequence_parallel_training_needs_before_any_work(tmp_path):
+    """``--parallel`` forces sequence-parallel training even as one process (the help's promise), so
+    its requirements are checked up front there too: one line, exit 2, nothing written."""
+    pytest.importorskip("mpi4py")
+    result = run_cli("train", *TINY_TRAIN, "--steps", "1", "--parallel", "--attention", "dense", "--out", str(tmp_path / "r"))
+    assert_one_line_error(result, "--attention dense is not sequence-parallel")
+    assert result.returncode == 2
+    assert result.stdout == "" and not (tmp_path / "r").exists()
+
+
+def test_resume_into_a_directory_holding_another_run_is_refused(tmp_path, capsys, monkeypatch, passkey_run, text_run):
+    """``--resume A --out B`` continues A's run in B: a B holding another run is not overwritten."""
+    monkeypatch.setattr("longnet_ref.cli.train.fit", never_called)
+    before = (text_run / "checkpoint.npz").read_bytes()
+    args = ["train", "--resume", str(passkey_run / "checkpoint.npz"), "--steps", "9", "--out", str(text_run)]
+    assert_refused(capsys, args, f"--out {text_run} already holds a run", "--overwrite")
+    assert (text_run / "checkpoint.npz").read_bytes() == before
+
+
+def test_the_held_out_batch_is_drawn_from_seed_10000_plus_the_runs_seed(tmp_path):
+    """The help's promise (64 passkey sequences drawn once from seed 10000 + --seed): the logged
+    held-out loss at the last step is that batch's loss under the checkpoint written at that step."""
+    from longnet_ref.data import PasskeyTask
+    from longnet_ref.train import evaluate
+
+    out = tmp_path / "r"
+    assert main(["train", *TINY_TRAIN, "--steps", "2", "--seed", "7", "--out", str(out)]) == 0
+    logged = json.loads((out / "log.json").read_text())["records"][-1]["eval_loss"]
+    state, _ = load_checkpoint(out / "checkpoint.npz")
+    batch = PasskeyTask(16, span=4).batch(64, np.random.default_rng(10_007))  # TINY's --n 16, the default span 4
+    assert logged == pytest.approx(evaluate(state, batch)["eval_loss"], rel=SUMMATION[np.dtype(np.float32)]["rtol"])
+    other = PasskeyTask(16, span=4).batch(64, np.random.default_rng(10_000))
+    assert evaluate(state, other)["eval_loss"] != pytest.approx(logged, rel=SUMMATION[np.dtype(np.float32)]["rtol"])
+
+
+def test_parameters_that_turn_non_finite_stop_the_run_before_a_checkpoint_even_with_a_finite_loss(tmp_path, capsys, monkeypatch):
+    """The loss of a step is computed before its update: an update that makes a parameter infinite
+    shows in the parameters first. The run stops there, keeping no checkpoint of them."""
+
+    def fit_that_overflows(state, task, *, on_record, **kwargs):
+        state.params["ln_f.bias"][0] = np.inf
+        state.step += 1
+        on_record({"step": state.step, "loss": 1.0, "lr": 0.0, "grad_norm": 0.0, "seconds": 1.0, "tokens_per_s": 1.0})
+        pytest.fail("the run went on past non-finite parameters")
+
+    monkeypatch.setattr("longnet_ref.cli.train.fit", fit_that_overflows)
+    out = tmp_path / "r"
+    assert_refused(
+        capsys, ["train", *TINY_TRAIN, "--steps", "3", "--checkpoint-every", "1", "--out", str(out)], "are not finite at step 1", "training diverged"
+    )
+    assert not (out / "checkpoint.npz").exists()

@@ -20,7 +20,7 @@ from scipy.special import erf
 from longnet_ref import nn
 
 from . import oracle
-from .tolerances import FINITE_DIFFERENCE_STEP, FINITE_DIFFERENCES, HAND_F64, LAYER_F64, UNIFORM_MAX_SLACK, sample_mean_atol, sample_std_rtol
+from .tolerances import F32, FINITE_DIFFERENCE_STEP, FINITE_DIFFERENCES, HAND_F64, LAYER_F64, SUMMATION, UNIFORM_MAX_SLACK, sample_mean_atol, sample_std_rtol
 
 EPS, TOL = FINITE_DIFFERENCE_STEP, FINITE_DIFFERENCES  # tests/tolerances.py
 
@@ -490,3 +490,13 @@ def test_a_kv_cache_must_be_the_causal_cache_of_the_kinds_branches_and_steps_one
     nn.attention_forward(params, x[:, :3], causal=True, kv_cache=cache, **dilated)  # the prompt: rows 0 .. 2
     with pytest.raises(ValueError, match="a kv_cache at position 3 takes one new row at a time, got 2"):
         nn.attention_forward(params, x[:, 2:], causal=True, kv_cache=cache, **dilated)
+
+
+def test_rope_keeps_float32_in_float32():
+    """The rotation is applied in the input's dtype (a float32 model stays float32 end to end), and
+    its float32 values are the float64 rotation's to float32 rounding."""
+    x = np.random.default_rng(0).standard_normal((1, 5, 2, 4))
+    y32, _ = nn.rope_forward(x.astype(np.float32), np.arange(5))
+    y64, _ = nn.rope_forward(x, np.arange(5))
+    assert y32.dtype == np.float32
+    np.testing.assert_allclose(y32, y64, **SUMMATION[F32])

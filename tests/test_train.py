@@ -786,3 +786,21 @@ def test_the_smallest_passkey_vocabulary_and_reach():
     for name in ("num_keys", "num_fillers", "span"):
         with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
             PasskeyTask(8, **{name: 0})
+
+
+def test_a_directory_is_not_a_text_file(tmp_path):
+    with pytest.raises(ValueError, match="does not exist \\(or is not a file\\)"):
+        read_text(tmp_path)
+
+
+@pytest.mark.parametrize("keys", [[1.0], [2.5], np.array([True])], ids=["whole float", "float", "bool"])
+def test_passkeys_must_be_integers(keys):
+    with pytest.raises(ValueError, match=r"keys must be integers in \[1, 5\]"):
+        PasskeyTask(16, num_keys=5, num_fillers=6).batch(1, np.random.default_rng(0), keys=keys)
+
+
+def test_a_checkpoint_is_saved_into_a_directory_that_does_not_exist_yet(tmp_path):
+    """``save_checkpoint``'s promise: "its directory is created"."""
+    state, _ = small_state()
+    path = save_checkpoint(state, tmp_path / "a" / "b" / "c.npz")
+    assert path == tmp_path / "a" / "b" / "c.npz" and load_checkpoint(path)[0].step == 0
