@@ -799,3 +799,15 @@ def test_parameters_that_turn_non_finite_stop_the_run_before_a_checkpoint_even_w
         capsys, ["train", *TINY_TRAIN, "--steps", "3", "--checkpoint-every", "1", "--out", str(out)], "are not finite at step 1", "training diverged"
     )
     assert not (out / "checkpoint.npz").exists()
+
+
+def test_a_text_given_by_a_relative_path_resumes_from_another_directory(tmp_path, monkeypatch):
+    """The checkpoint records the text's absolute path, so --resume finds it from any directory."""
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *TINY_TRAIN, "--steps", "1", "--eval-every", "0", "--text", "t.txt", "--out", "r"]) == 0
+    assert load_checkpoint(tmp_path / "r" / "checkpoint.npz")[1]["text"] == str(tmp_path / "t.txt")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["train", "--resume", str(tmp_path / "r" / "checkpoint.npz"), "--steps", "2", "--quiet"]) == 0
+    assert load_checkpoint(tmp_path / "r" / "checkpoint.npz")[0].step == 2

@@ -435,3 +435,22 @@ def test_decode_benchmark_quick_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "dilated" in result.stdout and "dense" in result.stdout
     assert (tmp_path / "decode.json").is_file()
+
+
+@pytest.mark.parametrize("kind", ["dilated", "dense"])
+def test_a_caches_own_scale_reaches_its_prefill_and_its_steps(kind):
+    """``scale`` (here 0.3, not the default ``1/sqrt(D)`` = 0.5) scores the prompt's rows as well as the
+    stepped ones: prefill of 5 rows then 4 steps equal the loop oracle at that scale."""
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal((1, 9, 3, 4)) for _ in range(3))
+    if kind == "dilated":
+        cache = DilatedKVCache(1, 3, 4, 4, [4, 8], [1, 2], scale=0.3)
+        expected, expected_lse = oracle.dilated_attention(q, k, v, [4, 8], [1, 2], causal=True, scale=0.3)
+    else:
+        cache = DenseKVCache(1, 3, 4, 4, scale=0.3)
+        expected, expected_lse = oracle.attention(q, k, v, scale=0.3, causal=True)
+    out, lse = cache.prefill(q[:, :5], k[:, :5], v[:, :5])
+    assert_rows_equal(out, lse, expected[:, :5], expected_lse[:, :5], TOLERANCE[np.dtype(np.float64)])
+    for t in range(5, 9):
+        out, lse = cache.step(q[:, t], k[:, t], v[:, t])
+        assert_rows_equal(out, lse, expected[:, t], expected_lse[:, t], TOLERANCE[np.dtype(np.float64)])

@@ -544,3 +544,14 @@ def test_gpu_backends_give_the_numpy_layer(kind, backend):
     np.testing.assert_allclose(dx_gpu, dx, **TOL64)
     for name in grads:
         np.testing.assert_allclose(grads_gpu[name], grads[name], err_msg=name, **TOL64)
+
+
+def test_state_dict_is_a_copy():
+    """``state_dict()`` is "a copy of params": editing it leaves the layer as it was."""
+    layer = MultiheadDilatedAttention(8, 2, [4], [1])
+    before = {name: value.copy() for name, value in layer.params.items()}
+    state = layer.state_dict()
+    for value in state.values():
+        value[...] = 0.0
+    for name, value in layer.params.items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
