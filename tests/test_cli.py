@@ -444,6 +444,11 @@ def test_a_run_is_not_overwritten_by_another_unless_asked(tmp_path, capsys, monk
         ("--seed", "1", "0"),
         ("--n", "32", "16"),
         ("--passkey-span", "2", "4"),
+        ("--offsets", "torchscale", "paper"),
+        ("--dilation-rates", "1,4", "1,2"),
+        ("--window", "5", "None"),
+        ("--weight-decay", "0.5", "0.1"),
+        ("--clip", "2.0", "1.0"),
     ],
 )
 def test_resume_refuses_options_that_contradict_its_checkpoint(tmp_path, capsys, monkeypatch, passkey_run, option, value, saved):
@@ -811,3 +816,9 @@ def test_a_text_given_by_a_relative_path_resumes_from_another_directory(tmp_path
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert main(["train", "--resume", str(tmp_path / "r" / "checkpoint.npz"), "--steps", "2", "--quiet"]) == 0
     assert load_checkpoint(tmp_path / "r" / "checkpoint.npz")[0].step == 2
+
+
+def test_resume_refuses_no_rope_for_a_run_with_rope(tmp_path, capsys, monkeypatch, passkey_run):
+    monkeypatch.setattr("longnet_ref.cli.train.fit", never_called)
+    args = ["train", "--resume", str(passkey_run / "checkpoint.npz"), "--steps", "8", "--no-rope", "--out", str(tmp_path / "r")]
+    assert_refused(capsys, args, "--no-rope True conflicts with the checkpoint's False")
