@@ -822,3 +822,9 @@ def test_resume_refuses_no_rope_for_a_run_with_rope(tmp_path, capsys, monkeypatc
     monkeypatch.setattr("longnet_ref.cli.train.fit", never_called)
     args = ["train", "--resume", str(passkey_run / "checkpoint.npz"), "--steps", "8", "--no-rope", "--out", str(tmp_path / "r")]
     assert_refused(capsys, args, "--no-rope True conflicts with the checkpoint's False")
+
+
+def test_the_log_states_the_tasks_chance_loss(passkey_run, text_run):
+    """Chance: a uniform guess among the 8 passkeys (ln 8 nats), among the 256 bytes of text (ln 256)."""
+    assert json.loads((passkey_run / "log.json").read_text())["chance_loss"] == pytest.approx(3 * np.log(2), **SCALAR_ARITHMETIC)
+    assert json.loads((text_run / "log.json").read_text())["chance_loss"] == pytest.approx(8 * np.log(2), **SCALAR_ARITHMETIC)
