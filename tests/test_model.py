@@ -341,3 +341,11 @@ def test_the_configs_backend_runs_the_attention_forward_and_backward(monkeypatch
     lm.loss_and_grads(config, lm.init_params(config), *tiny_batch(config, n=4))
     assert sorted(set(seen)) == [("dilated_attention", backend), ("dilated_attention_backward", backend)]
     assert len(seen) == 2 * config.n_layers
+
+
+@pytest.mark.parametrize("fields", [[("vocab_size", 11)], "vocab_size=11", None], ids=["pairs", "string", "None"])
+def test_a_config_is_read_from_a_dict_only(fields):
+    from longnet_ref.validation import InputTypeError
+
+    with pytest.raises(InputTypeError, match="a LongNetConfig is read from a dict of its fields"):
+        lm.LongNetConfig.from_dict(fields)
