@@ -689,6 +689,7 @@ def test_train_config_accepts_every_value_at_the_edge_of_its_range(fields):
     "fields, message",
     [
         ({"warmup": -1}, "warmup"),
+        ({"seed": -1}, "seed"),
         ({"steps": 0}, "steps"),
         ({"batch_size": 0}, "batch_size"),
         ({"weight_decay": -1e-9}, "weight_decay"),
@@ -804,3 +805,10 @@ def test_a_checkpoint_is_saved_into_a_directory_that_does_not_exist_yet(tmp_path
     state, _ = small_state()
     path = save_checkpoint(state, tmp_path / "a" / "b" / "c.npz")
     assert path == tmp_path / "a" / "b" / "c.npz" and load_checkpoint(path)[0].step == 0
+
+
+def test_a_held_out_batch_without_targets_reports_nothing():
+    """No masked position anywhere: there is no mean loss or accuracy to report (not a 0)."""
+    state, task = small_state()
+    batch = task.batch(4, np.random.default_rng(2))
+    assert evaluate(state, Batch(batch.tokens, batch.targets, np.zeros_like(batch.mask))) == {}
