@@ -8,6 +8,7 @@ from longnet_ref import model as lm
 from longnet_ref.checkpoint import load_checkpoint
 from longnet_ref.cli import main
 from longnet_ref.generate import Decoder, generate, new_caches, sample
+from longnet_ref.validation import InputTypeError
 
 from .tolerances import CHI_SQUARE_P_VALUE, DECODE_LOGITS
 from .cli_runs import TINY_TRAIN
@@ -317,3 +318,9 @@ def test_a_decoder_prefills_once_and_steps_one_token_per_sequence():
         with pytest.raises(ValueError, match=r"token must have shape \(B,\) = \(2,\)"):
             decoder.step(token)
     assert decoder.position == 2
+
+
+def test_generate_takes_a_config_or_a_module_only():
+    config = config_for("dilated")
+    with pytest.raises(InputTypeError, match="config must be a LongNetConfig or a LongNetLM, got dict"):
+        generate(config.to_dict(), perturbed_params(config), [1, 2], 1)

@@ -812,3 +812,10 @@ def test_a_held_out_batch_without_targets_reports_nothing():
     state, task = small_state()
     batch = task.batch(4, np.random.default_rng(2))
     assert evaluate(state, Batch(batch.tokens, batch.targets, np.zeros_like(batch.mask))) == {}
+
+
+def test_a_text_task_takes_a_byte_array_and_draws_at_least_one_window():
+    with pytest.raises(InputTypeError, match="data must be a 1-D uint8 array of bytes"):
+        TextTask(b"the quick brown fox", 4)  # the bytes object itself, not read_text's array
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        TextTask(np.arange(10, dtype=np.uint8), 4).batch(0, np.random.default_rng(0))
