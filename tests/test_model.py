@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -349,3 +350,24 @@ def test_a_config_is_read_from_a_dict_only(fields):
 
     with pytest.raises(InputTypeError, match="a LongNetConfig is read from a dict of its fields"):
         lm.LongNetConfig.from_dict(fields)
+
+
+def test_a_gpu_backend_without_cupy_is_refused_when_the_module_is_built(monkeypatch):
+    """``LongNetLM`` names the missing extra up front (its promise), not at the first forward."""
+    monkeypatch.setitem(sys.modules, "cupy", None)  # as if CuPy were not installed
+    monkeypatch.delitem(sys.modules, "longnet_ref.backends.cupy_gpu", raising=False)
+    config = tiny_config(backend="cupy")  # a registered name: the config itself is valid
+    with pytest.raises(ImportError, match="CuPy"):
+        lm.LongNetLM(config)
+
+
+def test_backward_refuses_dlogits_of_another_shape_than_the_logits():
+    """A ``(1, N, V)`` gradient for a batch of 2 would broadcast through the head silently."""
+    config = tiny_config()
+    params = lm.init_params(config)
+    tokens, _, _ = tiny_batch(config, n=4)
+    logits, cache = lm.forward(config, params, tokens)
+    for wrong in (np.ones((1, 4, 11)), np.ones((2, 4, 12)), np.ones((2, 3, 11))):
+        with pytest.raises(ValueError, match=r"dlogits must have the logits' shape \(2, 4, 11\)"):
+            lm.backward(config, params, cache, wrong)
+    assert logits.shape == (2, 4, 11)

@@ -269,3 +269,8 @@ def test_targets_and_a_mask_of_another_shape_than_the_tokens_are_refused_on_ever
     for mask in (np.ones((1, 7), bool), np.ones((1, 8), np.int64)):
         with pytest.raises(ValueError, match=r"mask must be a bool array of the tokens' shape \(1, 8\)"):
             parallel.loss_and_grads(config, params, tokens, tokens, mask, comm=COMM)
+
+
+def test_a_chunk_is_cut_from_a_batch_of_sequences_only():
+    with pytest.raises(ValueError, match=r"x must be at least 2-D \(batch, sequence, ...\), got shape \(8,\)"):
+        parallel.chunk(np.zeros(8), COMM)
