@@ -828,3 +828,15 @@ def test_the_log_states_the_tasks_chance_loss(passkey_run, text_run):
     """Chance: a uniform guess among the 8 passkeys (ln 8 nats), among the 256 bytes of text (ln 256)."""
     assert json.loads((passkey_run / "log.json").read_text())["chance_loss"] == pytest.approx(3 * np.log(2), **SCALAR_ARITHMETIC)
     assert json.loads((text_run / "log.json").read_text())["chance_loss"] == pytest.approx(8 * np.log(2), **SCALAR_ARITHMETIC)
+
+
+def test_resume_of_a_text_run_whose_file_moved_asks_for_it(tmp_path, capsys, monkeypatch):
+    """Without --text, a text that is gone is named, and the message says how to continue."""
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    assert main(["train", *TINY_TRAIN, "--steps", "1", "--eval-every", "0", "--text", str(text), "--out", str(tmp_path / "r")]) == 0
+    text.rename(tmp_path / "moved.txt")
+    monkeypatch.setattr("longnet_ref.cli.train.fit", never_called)
+    assert_refused(
+        capsys, ["train", "--resume", str(tmp_path / "r" / "checkpoint.npz"), "--steps", "2"], f"({text.absolute()} is gone); give it with --text FILE"
+    )
