@@ -701,8 +701,14 @@ def test_the_passkey_prompt_is_an_integer_from_one_to_the_number_of_keys(capsys,
             "the model's vocabulary (256) is not its passkey task's (25)",
             "the model's vocabulary (256) is not its task's (25)",
         ),
+        (
+            "passkey",
+            {"task": "passkey", "n": 16, "passkey_span": 20},
+            "its passkey task is not valid (span 20 does not fit before the query",
+            "--n 16 is too short for the passkey task with --passkey-span 20",
+        ),
     ],
-    ids=["no task", "unknown task", "vocabulary of another task"],
+    ids=["no task", "unknown task", "vocabulary of another task", "a passkey span that does not fit"],
 )
 def test_a_checkpoint_whose_task_is_missing_or_not_its_models_is_refused(
     tmp_path, capsys, monkeypatch, passkey_run, text_run, source, extra, generate_says, resume_says
