@@ -846,3 +846,25 @@ def test_resume_of_a_text_run_whose_file_moved_asks_for_it(tmp_path, capsys, mon
     assert_refused(
         capsys, ["train", "--resume", str(tmp_path / "r" / "checkpoint.npz"), "--steps", "2"], f"({text.absolute()} is gone); give it with --text FILE"
     )
+
+
+@pytest.mark.parametrize(
+    "task, accepted, refused, message",
+    [
+        ("text", 17, 16, "--n 16 needs at least n + 1 = 17"),  # bytes of the file: one window of n + 1
+        ("passkey", 6, 5, "--n 5 is too short for the passkey task with --passkey-span 4"),  # 4 copies, a filler, the query
+    ],
+)
+def test_the_smallest_task_a_run_accepts_and_the_first_it_refuses(tmp_path, capsys, task, accepted, refused, message):
+    """The text's bytes for ``--n 16``: a window is n + 1 = 17 bytes. The passkey's ``--n`` for the
+    default span 4: ``max(1, floor(n / 4)) + 4 < n`` first holds at n = 6 (the help's rule)."""
+    if task == "text":
+        runs = {}
+        for size in (accepted, refused):
+            (tmp_path / f"{size}.txt").write_bytes(bytes(range(65, 65 + size)))
+            runs[size] = ["--n", "16", "--text", str(tmp_path / f"{size}.txt")]
+    else:
+        runs = {n: ["--n", str(n)] for n in (accepted, refused)}
+    args = [*TINY_TRAIN, "--steps", "1", "--eval-every", "0"]
+    assert main(["train", *args, *runs[accepted], "--out", str(tmp_path / "ok")]) == 0
+    assert_refused(capsys, ["train", *args, *runs[refused], "--out", str(tmp_path / "no")], message)
