@@ -500,3 +500,11 @@ def test_rope_keeps_float32_in_float32():
     y64, _ = nn.rope_forward(x, np.arange(5))
     assert y32.dtype == np.float32
     np.testing.assert_allclose(y32, y64, **SUMMATION[F32])
+
+
+def test_a_window_of_zero_is_refused_even_where_the_branches_could_size_one():
+    """``window=None`` derives the window from the branches; ``window=0`` is a wrong value, not "none"."""
+    rng = np.random.default_rng(0)
+    params, x = nn.init_attention(rng, 8), rng.standard_normal((1, 4, 8))
+    with pytest.raises(ValueError, match="window must be an integer >= 1, got 0"):
+        nn.attention_forward(params, x, num_heads=2, kind="window", window=0, segment_lengths=[4], dilation_rates=[1])
