@@ -374,3 +374,11 @@ def test_backward_refuses_dlogits_of_another_shape_than_the_logits():
         with pytest.raises(ValueError, match=r"dlogits must have the logits' shape \(2, 4, 11\)"):
             lm.backward(config, params, cache, wrong)
     assert logits.shape == (2, 4, 11)
+
+
+def test_the_default_model_is_longnets():
+    """Without options the model is LongNet's (arXiv 2307.02486 §3): causal dilated attention with
+    RoPE, paper offsets, on the NumPy backend, in float64."""
+    config = lm.LongNetConfig()
+    assert (config.attention, config.causal, config.rope, config.offsets, config.backend, config.dtype) == ("dilated", True, True, "paper", "numpy", "float64")
+    assert config.window is None

@@ -819,3 +819,10 @@ def test_a_text_task_takes_a_byte_array_and_draws_at_least_one_window():
         TextTask(b"the quick brown fox", 4)  # the bytes object itself, not read_text's array
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         TextTask(np.arange(10, dtype=np.uint8), 4).batch(0, np.random.default_rng(0))
+
+
+def test_the_optimisers_defaults_are_gpt2_practice():
+    """AdamW with nanoGPT's GPT-2 settings, which ``longnet-ref train`` inherits (it sets lr, min_lr,
+    warm-up, decay and clipping, not the betas or eps): betas (0.9, 0.95), eps 1e-8, decay 0.1, clip 1."""
+    tc = TrainConfig()
+    assert (tc.beta1, tc.beta2, tc.eps, tc.weight_decay, tc.clip) == (0.9, 0.95, 1e-8, 0.1, 1.0)
