@@ -371,6 +371,8 @@ def change(key, value):
         (change("rng", {"bit_generator": "MT19937"}), "'rng' is not a state"),
         (change("rng", [1, 2]), "'rng' must be a JSON object"),
         (change("train", {"steps": 3}), "'train' lacks"),
+        (lambda raw: json.dumps(json.loads(raw) | {"train": json.loads(raw)["train"] | {"dropout": 0.1}}).encode(), "'train' has unknown fields 'dropout'"),
+        (lambda raw: json.dumps(json.loads(raw) | {"model": json.loads(raw)["model"] | {"dropout": 0.1}}).encode(), "'model' has unknown fields 'dropout'"),
         (lambda raw: raw.replace(b'"d_model": 16', b'"d_model": 17'), "'model'"),
         (lambda raw: raw[:-5], "not valid JSON"),
         (lambda raw: b"\xff\xfe" + raw, "not valid JSON"),
