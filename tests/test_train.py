@@ -369,6 +369,7 @@ def change(key, value):
         (change("step", "3"), "'step' must be a non-negative integer"),
         (change("adam_t", True), "'adam_t' must be a non-negative integer"),  # JSON true is no count (bool is an int in Python)
         (change("rng", {"bit_generator": "MT19937"}), "'rng' is not a state"),
+        (change("rng", {"bit_generator": "PCG64", "state": {"state": 1}}), "'rng' is not a state"),  # a KeyError inside NumPy
         (change("rng", [1, 2]), "'rng' must be a JSON object"),
         (change("train", {"steps": 3}), "'train' lacks"),
         (lambda raw: json.dumps(json.loads(raw) | {"train": json.loads(raw)["train"] | {"dropout": 0.1}}).encode(), "'train' has unknown fields 'dropout'"),
