@@ -868,3 +868,23 @@ def test_the_smallest_task_a_run_accepts_and_the_first_it_refuses(tmp_path, caps
     args = [*TINY_TRAIN, "--steps", "1", "--eval-every", "0"]
     assert main(["train", *args, *runs[accepted], "--out", str(tmp_path / "ok")]) == 0
     assert_refused(capsys, ["train", *args, *runs[refused], "--out", str(tmp_path / "no")], message)
+
+
+def test_without_tqdm_a_progress_line_is_printed_at_every_evaluation(tmp_path, capsys, monkeypatch):
+    """Plain lines every ``steps / PROGRESS_LINES`` steps *and* at every evaluation (the help's
+    promise): with 2 lines per run of 4 steps, steps 2 and 4, and step 3 for its evaluation."""
+    block_import(monkeypatch, "tqdm")
+    monkeypatch.setattr("longnet_ref.cli.train.PROGRESS_LINES", 2)
+    tiny = [a for a in TINY_TRAIN if a != "--quiet"]
+    assert main(["train", *tiny, "--steps", "4", "--eval-every", "3", "--out", str(tmp_path / "r")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["2/4", "3/4", "4/4"]
+    assert "held-out loss" in lines[1] and "held-out loss" not in lines[0]
+
+
+def test_a_passkey_written_once_is_said_to_be_at_its_position(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["train", *TINY_TRAIN, "--steps", "1", "--eval-every", "0", "--passkey-span", "1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(out / "checkpoint.npz"), "--prompt", "3"]) == 0
+    assert capsys.readouterr().out.startswith("passkey 3 hidden at position ")
