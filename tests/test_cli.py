@@ -888,3 +888,14 @@ def test_a_passkey_written_once_is_said_to_be_at_its_position(tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", "--checkpoint", str(out / "checkpoint.npz"), "--prompt", "3"]) == 0
     assert capsys.readouterr().out.startswith("passkey 3 hidden at position ")
+
+
+def test_blas_threads_limits_the_blas_pool_of_the_run(tmp_path, monkeypatch):
+    """``--blas-threads k`` is the BLAS thread limit the run trains under (threadpoolctl's)."""
+    import threadpoolctl
+
+    limits = []
+    real = threadpoolctl.threadpool_limits
+    monkeypatch.setattr(threadpoolctl, "threadpool_limits", lambda limit, **kw: limits.append((limit, kw)) or real(limit, **kw))
+    assert main(["train", *TINY_TRAIN, "--steps", "1", "--eval-every", "0", "--blas-threads", "3", "--out", str(tmp_path / "r")]) == 0
+    assert limits == [(3, {"user_api": "blas"})]
