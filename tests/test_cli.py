@@ -444,6 +444,11 @@ def test_a_run_is_not_overwritten_by_another_unless_asked(tmp_path, capsys, monk
         ("--seed", "1", "0"),
         ("--n", "32", "16"),
         ("--passkey-span", "2", "4"),
+        ("--offsets", "torchscale", "paper"),
+        ("--dilation-rates", "1,4", "1,2"),
+        ("--window", "5", "None"),
+        ("--weight-decay", "0.5", "0.1"),
+        ("--clip", "2.0", "1.0"),
     ],
 )
 def test_resume_refuses_options_that_contradict_its_checkpoint(tmp_path, capsys, monkeypatch, passkey_run, option, value, saved):
@@ -672,3 +677,225 @@ def test_the_passkey_answer_is_the_models_arg_max_at_the_query(capsys, monkeypat
         answer = int(logits[0, -1].argmax())
         assert lines[1] == f"answer: {answer} ({'correct' if answer == key else 'wrong'})"
         np.testing.assert_array_equal(prompts.pop(), tokens[0])  # the sequence the answer came from
+
+
+# ---- the checks of generate and --resume on the checkpoint's task (found by a systematic audit) -----
+
+
+@pytest.mark.parametrize("prompt", ["0", "9", "-1", "3.0"])
+def test_the_passkey_prompt_is_an_integer_from_one_to_the_number_of_keys(capsys, passkey_run, prompt):
+    """Token 0 is the query marker and 9 the first filler of the default 8 keys: neither is a passkey."""
+    checkpoint = str(passkey_run / "checkpoint.npz")
+    captured = assert_refused(capsys, ["generate", "--checkpoint", checkpoint, "--prompt", prompt], f"an integer from 1 to 8, got {prompt!r}")
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize(
+    "source, extra, generate_says, resume_says",
+    [
+        ("passkey", {}, "it does not say which task it was trained on", "the checkpoint does not say which task it was trained on"),
+        ("passkey", {"task": "poetry", "n": 16}, "it does not say which task it was trained on", "the checkpoint does not say which task it was trained on"),
+        (
+            "text",
+            {"task": "passkey", "n": 16, "passkey_span": 4},
+            "the model's vocabulary (256) is not its passkey task's (25)",
+            "the model's vocabulary (256) is not its task's (25)",
+        ),
+        (
+            "passkey",
+            {"task": "passkey", "n": 16, "passkey_span": 20},
+            "its passkey task is not valid (span 20 does not fit before the query",
+            "--n 16 is too short for the passkey task with --passkey-span 20",
+        ),
+    ],
+    ids=["no task", "unknown task", "vocabulary of another task", "a passkey span that does not fit"],
+)
+def test_a_checkpoint_whose_task_is_missing_or_not_its_models_is_refused(
+    tmp_path, capsys, monkeypatch, passkey_run, text_run, source, extra, generate_says, resume_says
+):
+    from longnet_ref.checkpoint import save_checkpoint
+
+    monkeypatch.setattr("longnet_ref.cli.train.fit", never_called)
+    state, _ = load_checkpoint((passkey_run if source == "passkey" else text_run) / "checkpoint.npz")
+    checkpoint = str(save_checkpoint(state, tmp_path / "c.npz", extra))
+    captured = assert_refused(capsys, ["generate", "--checkpoint", checkpoint, "--prompt", "3"], generate_says)
+    assert captured.out == ""
+    assert_refused(capsys, ["train", "--resume", checkpoint, "--steps", "9", "--out", str(tmp_path / "r")], resume_says)
+
+
+def test_resume_of_a_passkey_run_refuses_a_text(tmp_path, capsys, monkeypatch, passkey_run, text_run):
+    monkeypatch.setattr("longnet_ref.cli.train.fit", never_called)
+    text = str(text_run.parent / "t.txt")
+    assert_refused(
+        capsys,
+        ["train", "--resume", str(passkey_run / "checkpoint.npz"), "--steps", "9", "--text", text, "--out", str(tmp_path / "r")],
+        "--text conflicts with the checkpoint",
+        "trained on the passkey task",
+    )
+
+
+def test_resume_accepts_the_warm_up_its_run_was_capped_at(tmp_path, capsys, passkey_run):
+    """The passkey run trained 4 steps with the default --warmup 30, capped at its 4 steps: repeating
+    any --warmup >= 4 repeats that run's option (the run continues); a --warmup below 4 contradicts it."""
+    assert load_checkpoint(passkey_run / "checkpoint.npz")[0].train.warmup == 4
+    resume = ["train", "--resume", str(passkey_run / "checkpoint.npz"), "--steps", "5", "--quiet"]
+    assert_refused(capsys, [*resume, "--warmup", "3", "--out", str(tmp_path / "r")], "--warmup 3 conflicts with the checkpoint's 4")
+    for warmup in ("4", "30"):
+        assert run_main([*resume, "--warmup", warmup, "--out", str(tmp_path / warmup)]) == 0
+        assert load_checkpoint(tmp_path / warmup / "checkpoint.npz")[0].step == 5
+
+
+@pytest.mark.parametrize("every, saves", [("0", [3]), ("2", [2, 3]), ("1", [1, 2, 3, 3])])
+def test_checkpoint_every_k_steps_and_at_the_end(tmp_path, monkeypatch, every, saves):
+    """``--checkpoint-every k`` writes the checkpoint at every k-th step, and always at the end
+    (``0: only at the end``, the help's promise): the steps of the states saved, in order."""
+    from longnet_ref.cli import train as command
+
+    saved = []
+    real = command.save_checkpoint
+    monkeypatch.setattr(command, "save_checkpoint", lambda state, *a, **kw: saved.append(state.step) or real(state, *a, **kw))
+    assert main(["train", *TINY_TRAIN, "--steps", "3", "--checkpoint-every", every, "--out", str(tmp_path / "r")]) == 0
+    assert saved == saves
+    assert load_checkpoint(tmp_path / "r" / "checkpoint.npz")[0].step == 3
+
+
+def test_parallel_on_one_rank_checks_what_sequence_parallel_training_needs_before_any_work(tmp_path):
+    """``--parallel`` forces sequence-parallel training even as one process (the help's promise), so
+    its requirements are checked up front there too: one line, exit 2, nothing written."""
+    pytest.importorskip("mpi4py")
+    result = run_cli("train", *TINY_TRAIN, "--steps", "1", "--parallel", "--attention", "dense", "--out", str(tmp_path / "r"))
+    assert_one_line_error(result, "--attention dense is not sequence-parallel")
+    assert result.returncode == 2
+    assert result.stdout == "" and not (tmp_path / "r").exists()
+
+
+def test_resume_into_a_directory_holding_another_run_is_refused(tmp_path, capsys, monkeypatch, passkey_run, text_run):
+    """``--resume A --out B`` continues A's run in B: a B holding another run is not overwritten."""
+    monkeypatch.setattr("longnet_ref.cli.train.fit", never_called)
+    before = (text_run / "checkpoint.npz").read_bytes()
+    args = ["train", "--resume", str(passkey_run / "checkpoint.npz"), "--steps", "9", "--out", str(text_run)]
+    assert_refused(capsys, args, f"--out {text_run} already holds a run", "--overwrite")
+    assert (text_run / "checkpoint.npz").read_bytes() == before
+
+
+def test_the_held_out_batch_is_drawn_from_seed_10000_plus_the_runs_seed(tmp_path):
+    """The help's promise (64 passkey sequences drawn once from seed 10000 + --seed): the logged
+    held-out loss at the last step is that batch's loss under the checkpoint written at that step."""
+    from longnet_ref.data import PasskeyTask
+    from longnet_ref.train import evaluate
+
+    out = tmp_path / "r"
+    assert main(["train", *TINY_TRAIN, "--steps", "2", "--seed", "7", "--out", str(out)]) == 0
+    logged = json.loads((out / "log.json").read_text())["records"][-1]["eval_loss"]
+    state, _ = load_checkpoint(out / "checkpoint.npz")
+    batch = PasskeyTask(16, span=4).batch(64, np.random.default_rng(10_007))  # TINY's --n 16, the default span 4
+    assert logged == pytest.approx(evaluate(state, batch)["eval_loss"], rel=SUMMATION[np.dtype(np.float32)]["rtol"])
+    other = PasskeyTask(16, span=4).batch(64, np.random.default_rng(10_000))
+    assert evaluate(state, other)["eval_loss"] != pytest.approx(logged, rel=SUMMATION[np.dtype(np.float32)]["rtol"])
+
+
+def test_parameters_that_turn_non_finite_stop_the_run_before_a_checkpoint_even_with_a_finite_loss(tmp_path, capsys, monkeypatch):
+    """The loss of a step is computed before its update: an update that makes a parameter infinite
+    shows in the parameters first. The run stops there, keeping no checkpoint of them."""
+
+    def fit_that_overflows(state, task, *, on_record, **kwargs):
+        state.params["ln_f.bias"][0] = np.inf
+        state.step += 1
+        on_record({"step": state.step, "loss": 1.0, "lr": 0.0, "grad_norm": 0.0, "seconds": 1.0, "tokens_per_s": 1.0})
+        pytest.fail("the run went on past non-finite parameters")
+
+    monkeypatch.setattr("longnet_ref.cli.train.fit", fit_that_overflows)
+    out = tmp_path / "r"
+    assert_refused(
+        capsys, ["train", *TINY_TRAIN, "--steps", "3", "--checkpoint-every", "1", "--out", str(out)], "are not finite at step 1", "training diverged"
+    )
+    assert not (out / "checkpoint.npz").exists()
+
+
+def test_a_text_given_by_a_relative_path_resumes_from_another_directory(tmp_path, monkeypatch):
+    """The checkpoint records the text's absolute path, so --resume finds it from any directory."""
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *TINY_TRAIN, "--steps", "1", "--eval-every", "0", "--text", "t.txt", "--out", "r"]) == 0
+    assert load_checkpoint(tmp_path / "r" / "checkpoint.npz")[1]["text"] == str(tmp_path / "t.txt")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["train", "--resume", str(tmp_path / "r" / "checkpoint.npz"), "--steps", "2", "--quiet"]) == 0
+    assert load_checkpoint(tmp_path / "r" / "checkpoint.npz")[0].step == 2
+
+
+def test_resume_refuses_no_rope_for_a_run_with_rope(tmp_path, capsys, monkeypatch, passkey_run):
+    monkeypatch.setattr("longnet_ref.cli.train.fit", never_called)
+    args = ["train", "--resume", str(passkey_run / "checkpoint.npz"), "--steps", "8", "--no-rope", "--out", str(tmp_path / "r")]
+    assert_refused(capsys, args, "--no-rope True conflicts with the checkpoint's False")
+
+
+def test_the_log_states_the_tasks_chance_loss(passkey_run, text_run):
+    """Chance: a uniform guess among the 8 passkeys (ln 8 nats), among the 256 bytes of text (ln 256)."""
+    assert json.loads((passkey_run / "log.json").read_text())["chance_loss"] == pytest.approx(3 * np.log(2), **SCALAR_ARITHMETIC)
+    assert json.loads((text_run / "log.json").read_text())["chance_loss"] == pytest.approx(8 * np.log(2), **SCALAR_ARITHMETIC)
+
+
+def test_resume_of_a_text_run_whose_file_moved_asks_for_it(tmp_path, capsys, monkeypatch):
+    """Without --text, a text that is gone is named, and the message says how to continue."""
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    assert main(["train", *TINY_TRAIN, "--steps", "1", "--eval-every", "0", "--text", str(text), "--out", str(tmp_path / "r")]) == 0
+    text.rename(tmp_path / "moved.txt")
+    monkeypatch.setattr("longnet_ref.cli.train.fit", never_called)
+    assert_refused(
+        capsys, ["train", "--resume", str(tmp_path / "r" / "checkpoint.npz"), "--steps", "2"], f"({text.absolute()} is gone); give it with --text FILE"
+    )
+
+
+@pytest.mark.parametrize(
+    "task, accepted, refused, message",
+    [
+        ("text", 17, 16, "--n 16 needs at least n + 1 = 17"),  # bytes of the file: one window of n + 1
+        ("passkey", 6, 5, "--n 5 is too short for the passkey task with --passkey-span 4"),  # 4 copies, a filler, the query
+    ],
+)
+def test_the_smallest_task_a_run_accepts_and_the_first_it_refuses(tmp_path, capsys, task, accepted, refused, message):
+    """The text's bytes for ``--n 16``: a window is n + 1 = 17 bytes. The passkey's ``--n`` for the
+    default span 4: ``max(1, floor(n / 4)) + 4 < n`` first holds at n = 6 (the help's rule)."""
+    if task == "text":
+        runs = {}
+        for size in (accepted, refused):
+            (tmp_path / f"{size}.txt").write_bytes(bytes(range(65, 65 + size)))
+            runs[size] = ["--n", "16", "--text", str(tmp_path / f"{size}.txt")]
+    else:
+        runs = {n: ["--n", str(n)] for n in (accepted, refused)}
+    args = [*TINY_TRAIN, "--steps", "1", "--eval-every", "0"]
+    assert main(["train", *args, *runs[accepted], "--out", str(tmp_path / "ok")]) == 0
+    assert_refused(capsys, ["train", *args, *runs[refused], "--out", str(tmp_path / "no")], message)
+
+
+def test_without_tqdm_a_progress_line_is_printed_at_every_evaluation(tmp_path, capsys, monkeypatch):
+    """Plain lines every ``steps / PROGRESS_LINES`` steps *and* at every evaluation (the help's
+    promise): with 2 lines per run of 4 steps, steps 2 and 4, and step 3 for its evaluation."""
+    block_import(monkeypatch, "tqdm")
+    monkeypatch.setattr("longnet_ref.cli.train.PROGRESS_LINES", 2)
+    tiny = [a for a in TINY_TRAIN if a != "--quiet"]
+    assert main(["train", *tiny, "--steps", "4", "--eval-every", "3", "--out", str(tmp_path / "r")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["2/4", "3/4", "4/4"]
+    assert "held-out loss" in lines[1] and "held-out loss" not in lines[0]
+
+
+def test_a_passkey_written_once_is_said_to_be_at_its_position(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["train", *TINY_TRAIN, "--steps", "1", "--eval-every", "0", "--passkey-span", "1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(out / "checkpoint.npz"), "--prompt", "3"]) == 0
+    assert capsys.readouterr().out.startswith("passkey 3 hidden at position ")
+
+
+def test_blas_threads_limits_the_blas_pool_of_the_run(tmp_path, monkeypatch):
+    """``--blas-threads k`` is the BLAS thread limit the run trains under (threadpoolctl's)."""
+    import threadpoolctl
+
+    limits = []
+    real = threadpoolctl.threadpool_limits
+    monkeypatch.setattr(threadpoolctl, "threadpool_limits", lambda limit, **kw: limits.append((limit, kw)) or real(limit, **kw))
+    assert main(["train", *TINY_TRAIN, "--steps", "1", "--eval-every", "0", "--blas-threads", "3", "--out", str(tmp_path / "r")]) == 0
+    assert limits == [(3, {"user_api": "blas"})]

@@ -9,6 +9,7 @@ brute-force softmax over the keys SPEC §2-4 assigns to ``t``, written out here 
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -49,9 +50,21 @@ def assert_rows_equal(out, lse, expected_out, expected_lse, tolerance):
     np.testing.assert_allclose(lse[finite], expected_lse[finite], **tolerance)
 
 
-# Segments of at most 12 rows in sequences of up to 40: most examples cross a segment boundary,
-# where the cache evicts the old segment's rows (the bug-prone path), while w >= N still occurs.
-causal_problems = problems(max_n=40, causal=True, max_segment=12)
+@st.composite
+def mostly_evicting(draw, **sizes):
+    """A causal problem whose ``N`` exceeds its shortest segment unless a drawn 0..3 is 0, so the
+    cache evicts an old segment's rows (the bug-prone path) in most examples, while ``w >= N``
+    still occurs. ``N`` drawn freely evicted in 23-42 of 50 examples over 12 hypothesis seeds (the
+    assertion of ``most_examples_evict`` failed for about one seed in eight); this strategy evicts
+    in 31-46 of 50 over 20 seeds (measured)."""
+    problem = draw(problems(causal=True, **sizes))
+    if draw(st.integers(0, 3)) != 0:
+        problem = dataclasses.replace(problem, n=max(problem.n, min(problem.segment_lengths) + 1))
+    return problem
+
+
+# Segments of at most 12 rows in sequences of up to 40.
+causal_problems = mostly_evicting(max_n=40, max_segment=12)
 
 
 def evicts(problem):
@@ -100,7 +113,7 @@ def test_stepping_equals_the_loop_oracle_over_drawn_configurations():
             out, lse = cache.step(q[:, t], k[:, t], v[:, t])
             assert_rows_equal(out, lse, expected_out[:, t], expected_lse[:, t], TOLERANCE[problem.dtype])
 
-    most_examples_evict(check, problems(max_n=32, causal=True, max_heads=4, max_segment=12), 50)
+    most_examples_evict(check, mostly_evicting(max_n=32, max_heads=4, max_segment=12), 50)
 
 
 @settings(max_examples=40, deadline=None)
@@ -422,3 +435,22 @@ def test_decode_benchmark_quick_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "dilated" in result.stdout and "dense" in result.stdout
     assert (tmp_path / "decode.json").is_file()
+
+
+@pytest.mark.parametrize("kind", ["dilated", "dense"])
+def test_a_caches_own_scale_reaches_its_prefill_and_its_steps(kind):
+    """``scale`` (here 0.3, not the default ``1/sqrt(D)`` = 0.5) scores the prompt's rows as well as the
+    stepped ones: prefill of 5 rows then 4 steps equal the loop oracle at that scale."""
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal((1, 9, 3, 4)) for _ in range(3))
+    if kind == "dilated":
+        cache = DilatedKVCache(1, 3, 4, 4, [4, 8], [1, 2], scale=0.3)
+        expected, expected_lse = oracle.dilated_attention(q, k, v, [4, 8], [1, 2], causal=True, scale=0.3)
+    else:
+        cache = DenseKVCache(1, 3, 4, 4, scale=0.3)
+        expected, expected_lse = oracle.attention(q, k, v, scale=0.3, causal=True)
+    out, lse = cache.prefill(q[:, :5], k[:, :5], v[:, :5])
+    assert_rows_equal(out, lse, expected[:, :5], expected_lse[:, :5], TOLERANCE[np.dtype(np.float64)])
+    for t in range(5, 9):
+        out, lse = cache.step(q[:, t], k[:, t], v[:, t])
+        assert_rows_equal(out, lse, expected[:, t], expected_lse[:, t], TOLERANCE[np.dtype(np.float64)])

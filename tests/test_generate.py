@@ -8,6 +8,7 @@ from longnet_ref import model as lm
 from longnet_ref.checkpoint import load_checkpoint
 from longnet_ref.cli import main
 from longnet_ref.generate import Decoder, generate, new_caches, sample
+from longnet_ref.validation import InputTypeError
 
 from .tolerances import CHI_SQUARE_P_VALUE, DECODE_LOGITS
 from .cli_runs import TINY_TRAIN
@@ -276,3 +277,50 @@ def test_generate_command_samples_with_its_seed_and_top_k(tmp_path, capfdbinary)
         assert tokens == generate(state.config, state.params, list(b"abc"), 12, temperature=1.0, seed=seed)[3:].tolist()
     greedy = generate(state.config, state.params, list(b"abc"), 12, temperature=0)[3:].tolist()
     assert continuation("--temperature", "1", "--top-k", "1", "--seed", "3") == greedy
+
+
+# ---- the edges of the checks (found by injected bugs) -----------------------------------------------
+
+
+@pytest.mark.parametrize("prompt", [np.zeros(0, np.int64), np.zeros((2, 0), np.int64)], ids=["(0,)", "(2, 0)"])
+def test_an_empty_prompt_is_refused(prompt):
+    """The first sampled token is drawn from the logits at the prompt's last position: there must be one."""
+    config = config_for("dilated")
+    with pytest.raises(ValueError, match=r"prompt_tokens must have shape \(\d+, T >= 1\)"):
+        generate(config, perturbed_params(config), prompt, 2)
+
+
+def test_one_nan_logit_is_refused_in_any_row():
+    """A single NaN makes its row's softmax NaN: refused as the all-NaN row is (not sampled)."""
+    logits = np.zeros((3, 5))
+    logits[1, 2] = np.nan
+    with pytest.raises(ValueError, match="logits must not contain NaN"):
+        sample(logits, np.random.default_rng(0))
+
+
+def test_top_k_one_is_greedy_and_top_k_of_the_vocabulary_is_no_restriction():
+    """``top_k = 1`` keeps only the arg-max (any temperature); ``top_k = V`` keeps every token."""
+    logits = np.random.default_rng(1).standard_normal((40, 6))
+    np.testing.assert_array_equal(sample(logits, np.random.default_rng(0), 1.3, top_k=1), logits.argmax(-1))
+    # uniform logits, top_k = V: all 6 tokens drawn (600 draws miss one with probability 6 (5/6)^600 ~ 1e-47)
+    assert set(sample(np.zeros((600, 6)), np.random.default_rng(5), 1.3, top_k=6).tolist()) == set(range(6))
+
+
+def test_a_decoder_prefills_once_and_steps_one_token_per_sequence():
+    """A second prompt would be read as rows after the first (a one-token prompt silently as a step);
+    a step takes one token per sequence of the batch."""
+    config = config_for("dilated")
+    decoder = Decoder(config, perturbed_params(config), batch=2)
+    decoder.prefill(np.array([[1, 2], [3, 4]]))
+    with pytest.raises(ValueError, match="prefill needs a fresh Decoder"):
+        decoder.prefill(np.array([[5], [6]]))
+    for token in (np.array([1, 2, 3]), np.array([1])):
+        with pytest.raises(ValueError, match=r"token must have shape \(B,\) = \(2,\)"):
+            decoder.step(token)
+    assert decoder.position == 2
+
+
+def test_generate_takes_a_config_or_a_module_only():
+    config = config_for("dilated")
+    with pytest.raises(InputTypeError, match="config must be a LongNetConfig or a LongNetLM, got dict"):
+        generate(config.to_dict(), perturbed_params(config), [1, 2], 1)

@@ -544,3 +544,27 @@ def test_gpu_backends_give_the_numpy_layer(kind, backend):
     np.testing.assert_allclose(dx_gpu, dx, **TOL64)
     for name in grads:
         np.testing.assert_allclose(grads_gpu[name], grads[name], err_msg=name, **TOL64)
+
+
+def test_state_dict_is_a_copy():
+    """``state_dict()`` is "a copy of params": editing it leaves the layer as it was."""
+    layer = MultiheadDilatedAttention(8, 2, [4], [1])
+    before = {name: value.copy() for name, value in layer.params.items()}
+    state = layer.state_dict()
+    for value in state.values():
+        value[...] = 0.0
+    for name, value in layer.params.items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_the_layers_backend_runs_its_attention_forward_and_backward(monkeypatch, backend):
+    """``MultiheadDilatedAttention(..., backend=b)`` runs its dilated attention on ``b``, both ways."""
+    seen = []
+    for name in ("dilated_attention", "dilated_attention_backward"):
+        real = getattr(nn, name)
+        monkeypatch.setattr(nn, name, lambda *a, _real=real, _name=name, **kw: seen.append((_name, kw["backend"])) or _real(*a, **kw))
+    layer = MultiheadDilatedAttention(8, 2, [4], [1], causal=True, backend=backend)
+    y, cache = layer.forward(np.random.default_rng(0).standard_normal((1, 8, 8)))
+    layer.backward(np.ones_like(y), cache)
+    assert seen == [("dilated_attention", backend), ("dilated_attention_backward", backend)]

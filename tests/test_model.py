@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -260,6 +261,9 @@ def test_overfits_a_tiny_fixed_batch():
         ({"d_model": 10, "n_heads": 4}, "divisible by n_heads"),
         ({"d_model": 6, "n_heads": 2}, "even head dimension"),
         ({"vocab_size": 0}, "vocab_size"),
+        ({"d_model": 0}, "d_model must be an integer >= 1"),
+        ({"n_layers": 0}, "n_layers must be an integer >= 1"),
+        ({"n_heads": 0}, "n_heads must be an integer >= 1"),
         ({"n_layers": 1.5}, "n_layers"),
         ({"segment_lengths": (4, 8), "dilation_rates": (1,)}, "same length|as many|length"),
         ({"segment_lengths": (0,), "dilation_rates": (1,)}, "segment_lengths"),
@@ -293,3 +297,88 @@ def test_bad_tokens_and_params_are_rejected():
         lm.LongNetLM(config, params | {"ln_f.bias": np.zeros(3)})
     with pytest.raises(ValueError, match="unknown LongNetConfig fields"):
         lm.LongNetConfig.from_dict(config.to_dict() | {"dropout": 0.1})
+
+
+# ---- the edges of the config's checks, and the plumbing of its fields (found by injected bugs) -----
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"attention": "window", "window": 1},  # the smallest window: each token attends itself
+        {"d_model": 6, "n_heads": 2, "rope": False},  # an odd head dimension (3) needs no pairs without RoPE
+        {"n_layers": 1, "seed": 0},
+    ],
+    ids=["window-1", "odd-head-dim-without-rope", "one-layer-seed-0"],
+)
+def test_a_config_at_the_edge_of_every_check_is_the_model_written_out(overrides):
+    config = tiny_config(**overrides)
+    assert all(getattr(config, name) == value for name, value in overrides.items())
+    params = perturbed(config)
+    tokens, _, _ = tiny_batch(config, n=9)
+    logits, _ = lm.forward(config, params, tokens)
+    np.testing.assert_allclose(logits, oracle.lm_logits(config, params, tokens), **MODEL_F64)
+
+
+def test_the_model_takes_exactly_one_kv_cache_per_layer():
+    from longnet_ref.generate import new_caches
+
+    config = tiny_config()
+    params = lm.init_params(config)
+    tokens, _, _ = tiny_batch(config, n=4, batch=1)
+    caches = new_caches(config, 1)
+    for wrong in (caches[:-1], caches + new_caches(config, 1)[:1]):
+        with pytest.raises(ValueError, match=r"kv_caches must hold one cache per layer \(2\), got [13]"):
+            lm.forward(config, params, tokens, kv_caches=wrong)
+
+
+@pytest.mark.parametrize("backend", ["reference", "numpy"])
+def test_the_configs_backend_runs_the_attention_forward_and_backward(monkeypatch, backend):
+    """``config.backend`` is the backend every layer's attention runs on, forward and backward."""
+    from longnet_ref import nn
+
+    seen = []
+    for name in ("dilated_attention", "dilated_attention_backward"):
+        real = getattr(nn, name)
+        monkeypatch.setattr(nn, name, lambda *a, _real=real, _name=name, **kw: seen.append((_name, kw["backend"])) or _real(*a, **kw))
+    config = tiny_config(backend=backend)
+    lm.loss_and_grads(config, lm.init_params(config), *tiny_batch(config, n=4))
+    assert sorted(set(seen)) == [("dilated_attention", backend), ("dilated_attention_backward", backend)]
+    assert len(seen) == 2 * config.n_layers
+
+
+@pytest.mark.parametrize("fields", [[("vocab_size", 11)], "vocab_size=11", None], ids=["pairs", "string", "None"])
+def test_a_config_is_read_from_a_dict_only(fields):
+    from longnet_ref.validation import InputTypeError
+
+    with pytest.raises(InputTypeError, match="a LongNetConfig is read from a dict of its fields"):
+        lm.LongNetConfig.from_dict(fields)
+
+
+def test_a_gpu_backend_without_cupy_is_refused_when_the_module_is_built(monkeypatch):
+    """``LongNetLM`` names the missing extra up front (its promise), not at the first forward."""
+    monkeypatch.setitem(sys.modules, "cupy", None)  # as if CuPy were not installed
+    monkeypatch.delitem(sys.modules, "longnet_ref.backends.cupy_gpu", raising=False)
+    config = tiny_config(backend="cupy")  # a registered name: the config itself is valid
+    with pytest.raises(ImportError, match="CuPy"):
+        lm.LongNetLM(config)
+
+
+def test_backward_refuses_dlogits_of_another_shape_than_the_logits():
+    """A ``(1, N, V)`` gradient for a batch of 2 would broadcast through the head silently."""
+    config = tiny_config()
+    params = lm.init_params(config)
+    tokens, _, _ = tiny_batch(config, n=4)
+    logits, cache = lm.forward(config, params, tokens)
+    for wrong in (np.ones((1, 4, 11)), np.ones((2, 4, 12)), np.ones((2, 3, 11))):
+        with pytest.raises(ValueError, match=r"dlogits must have the logits' shape \(2, 4, 11\)"):
+            lm.backward(config, params, cache, wrong)
+    assert logits.shape == (2, 4, 11)
+
+
+def test_the_default_model_is_longnets():
+    """Without options the model is LongNet's (arXiv 2307.02486 §3): causal dilated attention with
+    RoPE, paper offsets, on the NumPy backend, in float64."""
+    config = lm.LongNetConfig()
+    assert (config.attention, config.causal, config.rope, config.offsets, config.backend, config.dtype) == ("dilated", True, True, "paper", "numpy", "float64")
+    assert config.window is None

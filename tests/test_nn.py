@@ -20,7 +20,7 @@ from scipy.special import erf
 from longnet_ref import nn
 
 from . import oracle
-from .tolerances import FINITE_DIFFERENCE_STEP, FINITE_DIFFERENCES, HAND_F64, LAYER_F64, UNIFORM_MAX_SLACK, sample_mean_atol, sample_std_rtol
+from .tolerances import F32, FINITE_DIFFERENCE_STEP, FINITE_DIFFERENCES, HAND_F64, LAYER_F64, SUMMATION, UNIFORM_MAX_SLACK, sample_mean_atol, sample_std_rtol
 
 EPS, TOL = FINITE_DIFFERENCE_STEP, FINITE_DIFFERENCES  # tests/tolerances.py
 
@@ -450,3 +450,61 @@ def test_a_kv_cache_continues_rope_at_its_own_position_when_positions_are_not_gi
     rows = [nn.attention_forward(params, x[:, :3], kv_cache=cache, **options)[0]]
     rows += [nn.attention_forward(params, x[:, t : t + 1], kv_cache=cache, **options)[0] for t in range(3, 7)]
     np.testing.assert_allclose(np.concatenate(rows, axis=1), expected, **LAYER_F64)
+
+
+def test_cross_entropy_takes_a_count_equal_to_the_masks_targets():
+    """``count = |mask|`` (every target on one rank) is the plain masked mean; one less is refused."""
+    logits = np.zeros((1, 3, 4))  # uniform: -log p = log 4 for every target
+    mask = np.array([[True, False, True]])
+    loss, _ = nn.cross_entropy_forward(logits, np.array([[0, 1, 2]]), mask, count=2)
+    assert loss == pytest.approx(math.log(4), rel=HAND_F64["rtol"])
+    with pytest.raises(ValueError, match="count must be at least the mask's 2 targets"):
+        nn.cross_entropy_forward(logits, np.array([[0, 1, 2]]), mask, count=1)
+
+
+@pytest.mark.parametrize("mask", [np.array([[1, 0, 1]]), np.array([[1.0, 0.0, 1.0]]), np.array([[2, 0, 2]])], ids=["int", "float", "weights"])
+def test_cross_entropy_refuses_a_mask_that_is_not_bool(mask):
+    """The mask selects targets; a 0/1 array of numbers is not read as weights (a 2 would double one)."""
+    with pytest.raises(ValueError, match="mask must be a bool array"):
+        nn.cross_entropy_forward(np.zeros((1, 3, 4)), np.array([[0, 1, 2]]), mask)
+
+
+def test_a_kv_cache_must_be_the_causal_cache_of_the_kinds_branches_and_steps_one_row():
+    """Each refusal guards a silent wrong answer: a cache would decode causally whatever ``causal``
+    says, a dense cache would attend every key of a dilated layer, a cache of other branches would
+    hold other rows, and a step reads one row (the others would be dropped)."""
+    from longnet_ref.decode import DenseKVCache, DilatedKVCache
+
+    rng = np.random.default_rng(0)
+    params = nn.init_attention(rng, 8)
+    x = rng.standard_normal((1, 4, 8))
+    dilated = dict(num_heads=2, kind="dilated", segment_lengths=[2, 4], dilation_rates=[1, 2])
+    with pytest.raises(ValueError, match="kv_cache needs causal=True"):
+        nn.attention_forward(params, x, causal=False, kv_cache=DilatedKVCache(1, 2, 4, 4, [2, 4], [1, 2]), **dilated)
+    for wrong in (DenseKVCache(1, 2, 4, 4), DilatedKVCache(1, 2, 4, 4, [4, 2], [2, 1]), DilatedKVCache(1, 2, 4, 4, [2], [1])):
+        with pytest.raises(ValueError, match="kv_cache must be the cache of this dilated attention"):
+            nn.attention_forward(params, x, causal=True, kv_cache=wrong, **dilated)
+    with pytest.raises(ValueError, match="kv_cache must be the cache of this dense attention"):
+        nn.attention_forward(params, x, num_heads=2, kind="dense", causal=True, kv_cache=DilatedKVCache(1, 2, 4, 4, [4], [1]))
+    cache = DilatedKVCache(1, 2, 4, 4, [2, 4], [1, 2])
+    nn.attention_forward(params, x[:, :3], causal=True, kv_cache=cache, **dilated)  # the prompt: rows 0 .. 2
+    with pytest.raises(ValueError, match="a kv_cache at position 3 takes one new row at a time, got 2"):
+        nn.attention_forward(params, x[:, 2:], causal=True, kv_cache=cache, **dilated)
+
+
+def test_rope_keeps_float32_in_float32():
+    """The rotation is applied in the input's dtype (a float32 model stays float32 end to end), and
+    its float32 values are the float64 rotation's to float32 rounding."""
+    x = np.random.default_rng(0).standard_normal((1, 5, 2, 4))
+    y32, _ = nn.rope_forward(x.astype(np.float32), np.arange(5))
+    y64, _ = nn.rope_forward(x, np.arange(5))
+    assert y32.dtype == np.float32
+    np.testing.assert_allclose(y32, y64, **SUMMATION[F32])
+
+
+def test_a_window_of_zero_is_refused_even_where_the_branches_could_size_one():
+    """``window=None`` derives the window from the branches; ``window=0`` is a wrong value, not "none"."""
+    rng = np.random.default_rng(0)
+    params, x = nn.init_attention(rng, 8), rng.standard_normal((1, 4, 8))
+    with pytest.raises(ValueError, match="window must be an integer >= 1, got 0"):
+        nn.attention_forward(params, x, num_heads=2, kind="window", window=0, segment_lengths=[4], dilation_rates=[1])

@@ -32,7 +32,7 @@ from tests.tolerances import INITIAL_LOSS_NATS
 from tests.cli_runs import TINY_TRAIN
 
 from . import oracle
-from .tolerances import F32, FLOAT32_RECOMPUTED, HAND_F64, SUMMATION
+from .tolerances import F32, FLOAT32_RECOMPUTED, HAND_F64, SCALAR_ARITHMETIC, SUMMATION
 
 # ---- schedule, clipping, AdamW ------------------------------------------------------------------
 
@@ -369,8 +369,11 @@ def change(key, value):
         (change("step", "3"), "'step' must be a non-negative integer"),
         (change("adam_t", True), "'adam_t' must be a non-negative integer"),  # JSON true is no count (bool is an int in Python)
         (change("rng", {"bit_generator": "MT19937"}), "'rng' is not a state"),
+        (change("rng", {"bit_generator": "PCG64", "state": {"state": 1}}), "'rng' is not a state"),  # a KeyError inside NumPy
         (change("rng", [1, 2]), "'rng' must be a JSON object"),
         (change("train", {"steps": 3}), "'train' lacks"),
+        (lambda raw: json.dumps(json.loads(raw) | {"train": json.loads(raw)["train"] | {"dropout": 0.1}}).encode(), "'train' has unknown fields 'dropout'"),
+        (lambda raw: json.dumps(json.loads(raw) | {"model": json.loads(raw)["model"] | {"dropout": 0.1}}).encode(), "'model' has unknown fields 'dropout'"),
         (lambda raw: raw.replace(b'"d_model": 16', b'"d_model": 17'), "'model'"),
         (lambda raw: raw[:-5], "not valid JSON"),
         (lambda raw: b"\xff\xfe" + raw, "not valid JSON"),
@@ -661,3 +664,168 @@ def test_a_text_of_exactly_n_bytes_is_refused():
     with pytest.raises(ValueError, match="fewer than n"):
         TextTask(np.arange(10, dtype=np.uint8), 10)
     assert TextTask(np.arange(11, dtype=np.uint8), 10).batch(2, np.random.default_rng(0)).tokens.shape == (2, 10)
+
+
+# ---- the edges of every check: the last value accepted, the first refused (found by injected bugs) --
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"warmup": 0},  # no warm-up: the cosine from step 1
+        {"steps": 1, "batch_size": 1, "seed": 0},
+        {"weight_decay": 0.0, "clip": 0.0, "eps": 0.0},  # no decay, no clipping (--clip 0: none)
+        {"min_lr": 0.0},
+        {"min_lr": 3e-3, "lr": 3e-3},  # a constant schedule after the warm-up
+        {"lr": 1e-12, "min_lr": 0.0},  # any lr > 0
+        {"beta1": 0.0, "beta2": 0.0},  # no momentum: m = g, v = g^2
+        {"beta1": 0.999999, "beta2": 0.999999},  # any beta < 1
+    ],
+    ids=lambda fields: ",".join(f"{k}={v}" for k, v in fields.items()),
+)
+def test_train_config_accepts_every_value_at_the_edge_of_its_range(fields):
+    tc = TrainConfig(**fields)
+    assert all(getattr(tc, name) == value for name, value in fields.items())
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"warmup": -1}, "warmup"),
+        ({"seed": -1}, "seed"),
+        ({"steps": 0}, "steps"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"weight_decay": -1e-9}, "weight_decay"),
+        ({"clip": -1e-9}, "clip"),
+        ({"eps": -1e-9}, "eps"),
+        ({"min_lr": -1e-9}, "min_lr"),
+        ({"min_lr": 3e-3 * (1 + 1e-9), "lr": 3e-3}, "min_lr must be <= lr"),
+        ({"beta1": -1e-9}, "beta1"),
+        ({"beta2": -1e-9}, "beta2"),
+    ],
+    ids=lambda case: str(case),
+)
+def test_train_config_refuses_the_first_value_past_each_edge(fields, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**fields)
+
+
+def test_a_zero_beta_is_adam_without_momentum():
+    """``beta1 = beta2 = 0``: ``m = g``, ``v = g^2``, the bias corrections are 1, so the first step
+    moves each weight by ``lr g / (|g| + eps)`` (written out here by hand)."""
+    tc = TrainConfig(beta1=0.0, beta2=0.0, eps=1e-8, weight_decay=0.0)
+    g = np.array([0.5, -2.0, 0.0])
+    p = {"ln_f.bias": np.array([1.0, 1.0, 1.0])}
+    AdamW.zeros_like(p).step(p, {"ln_f.bias": g}, 0.1, tc)
+    np.testing.assert_allclose(p["ln_f.bias"], [1.0 - 0.1 * 0.5 / (0.5 + 1e-8), 1.0 + 0.1 * 2.0 / (2.0 + 1e-8), 1.0], **HAND_F64)
+
+
+def test_each_step_draws_the_next_batch_of_the_seeded_stream():
+    """Step ``k`` trains on the ``k``-th batch of ``default_rng(seed)``: after three steps the state's
+    generator stands where a fresh one stands after drawing three batches (a stream that restarted
+    each step would repeat the first batch forever)."""
+    state, task = small_state(seed=7)
+    stream = np.random.default_rng(7)
+    for _ in range(3):
+        train_step(state, task)
+        task.batch(state.train.batch_size, stream)
+    assert state.rng.bit_generator.state == stream.bit_generator.state
+    first = task.batch(state.train.batch_size, np.random.default_rng(7))
+    assert not np.array_equal(task.batch(state.train.batch_size, state.rng).tokens, first.tokens)
+
+
+def test_eval_every_zero_never_evaluates():
+    """``eval_every = 0`` means never (``--eval-every 0: never``), even with a held-out batch given."""
+    state, task = small_state()
+    state.train = dataclasses.replace(state.train, steps=2)
+    records = fit(state, task, eval_every=0, eval_batch=task.batch(2, np.random.default_rng(1)))
+    assert [r["step"] for r in records] == [1, 2] and not any("eval_loss" in r for r in records)
+
+
+@pytest.mark.parametrize("span, shortest", [(1, 3), (2, 4), (4, 6), (8, 11)])
+def test_the_shortest_passkey_sequence_is_accepted_and_one_token_less_refused(span, shortest):
+    """The rule of the error message, ``max(1, floor(n / 4)) + span < n`` (the first copy drawn from
+    ``[0, max(1, floor(n / 4)))``), solved by hand: span 1 -> n = 3 (1 + 1 < 3), span 2 -> 4,
+    span 4 -> 6, span 8 -> 11 (floor(11 / 4) = 2: 2 + 8 < 11; n = 10 gives 2 + 8 = 10, refused).
+    At the shortest ``n`` every batch holds the key ``span`` times before the query."""
+    assert PasskeyTask.shortest(span) == shortest
+    task = PasskeyTask(shortest, span=span)
+    batch = task.batch(20, np.random.default_rng(0))
+    for tokens, target in zip(batch.tokens, batch.targets[:, -1]):
+        assert (tokens == target).sum() == span and tokens[-1] == QUERY
+    with pytest.raises(ValueError, match="span"):
+        PasskeyTask(shortest - 1, span=span)
+
+
+@pytest.mark.parametrize("key, accepted", [(0, False), (1, True), (5, True), (6, False)])
+def test_the_passkeys_given_are_one_to_num_keys(key, accepted):
+    """Token 0 is the query marker and ``num_keys + 1`` the first filler: neither is a passkey."""
+    task = PasskeyTask(16, num_keys=5, num_fillers=6)
+    if accepted:
+        assert task.batch(1, np.random.default_rng(0), keys=[key]).targets[0, -1] == key
+    else:
+        with pytest.raises(ValueError, match=r"keys must be integers in \[1, 5\]"):
+            task.batch(1, np.random.default_rng(0), keys=[key])
+
+
+def test_a_text_task_of_one_token_per_window_and_its_chance_loss():
+    """``n = 1`` (the smallest context: predict the next byte from one) on two bytes is one window;
+    ``n = 0`` is refused. Chance is the uniform distribution over 256 bytes: ``ln 256`` nats."""
+    task = TextTask(np.array([7, 9], np.uint8), 1)
+    batch = task.batch(3, np.random.default_rng(0))
+    assert batch.tokens.tolist() == [[7]] * 3 and batch.targets.tolist() == [[9]] * 3
+    assert task.chance_loss == pytest.approx(8 * math.log(2), **SCALAR_ARITHMETIC)
+    with pytest.raises(ValueError, match="n must be an integer >= 1"):
+        TextTask(np.array([7, 9], np.uint8), 0)
+
+
+def test_the_smallest_passkey_vocabulary_and_reach():
+    """One key and one filler (vocabulary 3: the query, key 1, filler 2) and a reach so small that
+    ``floor(n reach)`` is 0: the key is then always at position 0 (``[0, max(1, 0))``). Zero keys,
+    fillers or copies are refused."""
+    task = PasskeyTask(8, num_keys=1, num_fillers=1, reach_fraction=1e-9)
+    batch = task.batch(5, np.random.default_rng(0))
+    assert task.vocab_size == 3 and task.chance_loss == 0.0
+    assert batch.tokens.tolist() == [[1, 2, 2, 2, 2, 2, 2, QUERY]] * 5 and batch.targets[:, -1].tolist() == [1] * 5
+    for name in ("num_keys", "num_fillers", "span"):
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
+            PasskeyTask(8, **{name: 0})
+
+
+def test_a_directory_is_not_a_text_file(tmp_path):
+    with pytest.raises(ValueError, match="does not exist \\(or is not a file\\)"):
+        read_text(tmp_path)
+
+
+@pytest.mark.parametrize("keys", [[1.0], [2.5], np.array([True])], ids=["whole float", "float", "bool"])
+def test_passkeys_must_be_integers(keys):
+    with pytest.raises(ValueError, match=r"keys must be integers in \[1, 5\]"):
+        PasskeyTask(16, num_keys=5, num_fillers=6).batch(1, np.random.default_rng(0), keys=keys)
+
+
+def test_a_checkpoint_is_saved_into_a_directory_that_does_not_exist_yet(tmp_path):
+    """``save_checkpoint``'s promise: "its directory is created"."""
+    state, _ = small_state()
+    path = save_checkpoint(state, tmp_path / "a" / "b" / "c.npz")
+    assert path == tmp_path / "a" / "b" / "c.npz" and load_checkpoint(path)[0].step == 0
+
+
+def test_a_held_out_batch_without_targets_reports_nothing():
+    """No masked position anywhere: there is no mean loss or accuracy to report (not a 0)."""
+    state, task = small_state()
+    batch = task.batch(4, np.random.default_rng(2))
+    assert evaluate(state, Batch(batch.tokens, batch.targets, np.zeros_like(batch.mask))) == {}
+
+
+def test_a_text_task_takes_a_byte_array_and_draws_at_least_one_window():
+    with pytest.raises(InputTypeError, match="data must be a 1-D uint8 array of bytes"):
+        TextTask(b"the quick brown fox", 4)  # the bytes object itself, not read_text's array
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        TextTask(np.arange(10, dtype=np.uint8), 4).batch(0, np.random.default_rng(0))
+
+
+def test_the_optimisers_defaults_are_gpt2_practice():
+    """AdamW with nanoGPT's GPT-2 settings, which ``longnet-ref train`` inherits (it sets lr, min_lr,
+    warm-up, decay and clipping, not the betas or eps): betas (0.9, 0.95), eps 1e-8, decay 0.1, clip 1."""
+    tc = TrainConfig()
+    assert (tc.beta1, tc.beta2, tc.eps, tc.weight_decay, tc.clip) == (0.9, 0.95, 1e-8, 0.1, 1.0)

@@ -257,3 +257,20 @@ def test_the_held_out_evaluation_matches_one_process():
     whole_loss, _ = nn.cross_entropy_forward(logits, targets, mask)
     assert loss == pytest.approx(float(whole_loss), rel=PARALLEL_MODEL[np.dtype("float64")])
     assert accuracy == ((logits.argmax(-1) == targets)[mask]).mean()
+
+
+def test_targets_and_a_mask_of_another_shape_than_the_tokens_are_refused_on_every_rank():
+    """Checked before any exchange, on every rank: a targets or mask chunk whose shape is not the
+    tokens' (or a mask that is not bool) is one ValueError naming it, not an aborted MPI job."""
+    config = lm.LongNetConfig(vocab_size=VOCAB, d_model=8, n_layers=1, n_heads=2, segment_lengths=(4,), dilation_rates=(1,))
+    params, tokens = lm.init_params(config), np.zeros((1, 8), np.int64)
+    with pytest.raises(ValueError, match=r"targets must have the tokens' shape \(1, 8\)"):
+        parallel.loss_and_grads(config, params, tokens, np.zeros((1, 7), np.int64), comm=COMM)
+    for mask in (np.ones((1, 7), bool), np.ones((1, 8), np.int64)):
+        with pytest.raises(ValueError, match=r"mask must be a bool array of the tokens' shape \(1, 8\)"):
+            parallel.loss_and_grads(config, params, tokens, tokens, mask, comm=COMM)
+
+
+def test_a_chunk_is_cut_from_a_batch_of_sequences_only():
+    with pytest.raises(ValueError, match=r"x must be at least 2-D \(batch, sequence, ...\), got shape \(8,\)"):
+        parallel.chunk(np.zeros(8), COMM)
