@@ -61,8 +61,8 @@ class PasskeyTask:
             check_int(getattr(self, name), name, minimum=1)
         check_int(self.n, "n", minimum=2)  # a passkey and the query
         check_real(self.reach_fraction, "reach_fraction", above=0)
-        if not 0 < self.reach_fraction <= 1:
-            raise ValueError(f"reach_fraction must lie in (0, 1], got {self.reach_fraction!r}")
+        if not 0 < self.reach_fraction < 1:  # 1 would leave no room for the key before the query
+            raise ValueError(f"reach_fraction must lie in (0, 1), got {self.reach_fraction!r}")
         if self.max_position + self.span > self.n - 1:
             raise ValueError(f"span {self.span} does not fit before the query: n * reach_fraction + span must be < n")
 

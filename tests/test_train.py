@@ -792,6 +792,20 @@ def test_the_smallest_passkey_vocabulary_and_reach():
             PasskeyTask(8, **{name: 0})
 
 
+def test_the_largest_reach_leaves_one_free_position_before_the_query():
+    """``reach_fraction`` lies in (0, 1): at 0.99 and n = 200 the key may start anywhere in
+    ``[0, floor(198))`` = [0, 198), so the last possible key is at 197, position 198 is filler and
+    199 the query; 1 itself would put the key range up to the query and is refused."""
+    task = PasskeyTask(200, reach_fraction=0.99)
+    batch = task.batch(4000, np.random.default_rng(0))
+    where = (batch.tokens[:, :-1] == batch.targets[:, -1:]).argmax(axis=1)  # the first copy
+    assert where.min() == 0 and where.max() == 197  # 4000 draws miss one of 198 with prob ~ 2e-9
+    assert (batch.tokens[:, 198] > task.num_keys).all() and (batch.tokens[:, -1] == QUERY).all()
+    for reach in (1, 1.5, 0, -0.5):
+        with pytest.raises(ValueError, match="reach_fraction must"):
+            PasskeyTask(200, reach_fraction=reach)
+
+
 def test_a_directory_is_not_a_text_file(tmp_path):
     with pytest.raises(ValueError, match="does not exist \\(or is not a file\\)"):
         read_text(tmp_path)
