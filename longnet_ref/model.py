@@ -9,7 +9,7 @@ The model, for tokens ``t_1..t_N`` (pre-norm blocks, tied embeddings; GPT-2 with
     x^0    = E[t]                                        (B, N, C)   token embedding
     x^l'   = x^(l-1) + Attn_l(LN_1l(x^(l-1)))                        attention block
     x^l    = x^l' + MLP_l(LN_2l(x^l'))                               MLP block
-    logits = LN_f(x^L) E^T                               (B, N, V)   tied output head
+    logits = LN_f(x^n_layers) E^T                        (B, N, V)   tied output head
 
 Positions enter only through RoPE inside attention (``rope=True``). The backward runs the same
 list in reverse; the residual stream's gradient ``dx`` flows through both branches of every
@@ -124,7 +124,7 @@ def parameter_shapes(config: LongNetConfig) -> dict[str, tuple[int, ...]]:
 
 def parameter_count(config: LongNetConfig) -> int:
     """The number of scalars of :func:`parameter_shapes`, counted without listing them:
-    ``V C`` (tied embedding) ``+ L (12 C^2 + 13 C)`` (per block: four ``C x C`` projections and
+    ``V C`` (tied embedding) ``+ n_layers (12 C^2 + 13 C)`` (per block: four ``C x C`` projections and
     an MLP ``C -> 4C -> C`` with their biases, two LayerNorms) ``+ 2 C`` (the final LayerNorm)."""
     C = config.d_model
     return config.vocab_size * C + config.n_layers * (12 * C * C + 13 * C) + 2 * C
@@ -134,7 +134,7 @@ def init_params(config: LongNetConfig) -> dict[str, np.ndarray]:
     """GPT-2 initialisation, deterministic from ``config.seed``.
 
     Weights ``~ N(0, 0.02^2)``; the two projections that write into the residual stream
-    (``out_proj``, ``fc2``) ``~ N(0, (0.02 / sqrt(2 L))^2)`` so the stream's variance does not
+    (``out_proj``, ``fc2``) ``~ N(0, (0.02 / sqrt(2 n_layers))^2)`` so the stream's variance does not
     grow with depth; biases 0; LayerNorm gains 1.
     """
     rng = np.random.default_rng(config.seed)
@@ -181,7 +181,7 @@ def attention_options(config: LongNetConfig) -> dict:
 
 
 def forward(config: LongNetConfig, params: dict, tokens, *, positions=None, kv_caches=None, attention_core=None) -> tuple[np.ndarray, dict]:
-    """``logits = LN_f(x^L) E^T`` for ``tokens (B, N)``; returns ``(logits (B, N, V), cache)``.
+    """``logits = LN_f(x^n_layers) E^T`` for ``tokens (B, N)``; returns ``(logits (B, N, V), cache)``.
 
     ``positions (N,)`` of the tokens feed RoPE (default ``0 .. N-1``). For decoding,
     ``kv_caches`` holds one KV cache per layer (``generate.new_caches``): each layer's attention

@@ -92,15 +92,15 @@ def linear_backward(params, cache, dy):
 
 
 def embedding_forward(params, tokens):
-    """``y[b, n] = W[tokens[b, n]]``: ``params = {"weight": (V, E)}``, int ``tokens (B, N) -> (B, N, E)``."""
+    """``y[b, n] = W[tokens[b, n]]``: ``params = {"weight": (V, C)}``, int ``tokens (B, N) -> (B, N, C)``."""
     tokens = check_tokens(tokens, params["weight"].shape[0], ndim=None)
-    return params["weight"][tokens], tokens  # (B, N, E)
+    return params["weight"][tokens], tokens  # (B, N, C)
 
 
 def embedding_backward(params, cache, dy):
     """``dW[v] = sum_{(b, n): tokens[b, n] = v} dy[b, n]``; tokens are integers, so ``dx = None``."""
     tokens = cache  # (B, N)
-    weight = params["weight"]  # (V, E)
+    weight = params["weight"]  # (V, C)
     dweight = np.zeros_like(weight)
     ids = tokens.ravel()  # (M,)
     order = np.argsort(ids, kind="stable")  # equal tokens next to each other
@@ -121,17 +121,17 @@ LAYERNORM_EPS = 1e-5  # torch.nn.LayerNorm's default
 def layernorm_forward(params, x, eps=LAYERNORM_EPS):
     """``xhat = (x - mean(x)) / sqrt(var(x) + eps)``, ``y = g * xhat + b`` over the last axis.
 
-    ``params = {"weight": g (E,), "bias": b (E,)}``, ``x (..., E) -> y (..., E)``; ``var`` is the
-    biased variance (divides by ``E``), as in ``torch.nn.LayerNorm``. Computed over blocks of
+    ``params = {"weight": g (C,), "bias": b (C,)}``, ``x (..., C) -> y (..., C)``; ``var`` is the
+    biased variance (divides by ``C``), as in ``torch.nn.LayerNorm``. Computed over blocks of
     ``ROW_BLOCK`` rows into preallocated outputs (the temporaries stay in cache).
     """
     width = x.shape[-1]
-    x2 = x.reshape(-1, width)  # (M, E)
+    x2 = x.reshape(-1, width)  # (M, C)
     dtype = np.result_type(x, params["weight"])
-    xhat, y = np.empty(x2.shape, dtype), np.empty(x2.shape, dtype)  # (M, E)
+    xhat, y = np.empty(x2.shape, dtype), np.empty(x2.shape, dtype)  # (M, C)
     rstd = np.empty((x2.shape[0], 1), dtype)  # (M, 1)
     for rows in _row_blocks(x2.shape[0]):
-        centred = x2[rows] - x2[rows].mean(axis=-1, keepdims=True)  # (rows, E)
+        centred = x2[rows] - x2[rows].mean(axis=-1, keepdims=True)  # (rows, C)
         rstd[rows] = 1.0 / np.sqrt((centred * centred).mean(axis=-1, keepdims=True) + eps)
         np.multiply(centred, rstd[rows], out=xhat[rows])
         np.multiply(xhat[rows], params["weight"], out=y[rows])
@@ -147,14 +147,14 @@ def layernorm_backward(params, cache, dy):
 
     Over blocks of ``ROW_BLOCK`` rows; ``dg``, ``db`` accumulate the blocks' sums.
     """
-    xhat, rstd = cache  # (..., E), (..., 1)
+    xhat, rstd = cache  # (..., C), (..., 1)
     width = xhat.shape[-1]
-    xhat2, rstd2, dy2 = xhat.reshape(-1, width), rstd.reshape(-1, 1), dy.reshape(-1, width)  # (M, E), (M, 1), (M, E)
+    xhat2, rstd2, dy2 = xhat.reshape(-1, width), rstd.reshape(-1, 1), dy.reshape(-1, width)  # (M, C), (M, 1), (M, C)
     dtype = np.result_type(dy, xhat)
     dx = np.empty(dy2.shape, dtype)
     dweight, dbias = np.zeros(width, dtype), np.zeros(width, dtype)
     for rows in _row_blocks(dy2.shape[0]):
-        dxhat = dy2[rows] * params["weight"]  # (rows, E)
+        dxhat = dy2[rows] * params["weight"]  # (rows, C)
         dweight += (dy2[rows] * xhat2[rows]).sum(axis=0)
         dbias += dy2[rows].sum(axis=0)
         correction = dxhat.mean(axis=-1, keepdims=True) + xhat2[rows] * (dxhat * xhat2[rows]).mean(axis=-1, keepdims=True)
@@ -190,8 +190,8 @@ def gelu_backward(params, cache, dy):
 
 
 def mlp_forward(params, x):
-    """``y = fc2(gelu(fc1(x)))``; params ``fc1.weight (F, E)``, ``fc1.bias (F,)``,
-    ``fc2.weight (E, F)``, ``fc2.bias (E,)``; ``x (..., E) -> y (..., E)``.
+    """``y = fc2(gelu(fc1(x)))``; params ``fc1.weight (F, C)``, ``fc1.bias (F,)``,
+    ``fc2.weight (C, F)``, ``fc2.bias (C,)``; ``x (..., C) -> y (..., C)``.
 
     Over blocks of ``ROW_BLOCK`` rows: a block's ``gelu`` temporaries stay in cache. The cache
     keeps ``x`` and ``fc1(x)``; the backward recomputes ``gelu`` block by block (one ``tanh``
@@ -199,10 +199,10 @@ def mlp_forward(params, x):
     """
     fc1, fc2 = subtree(params, "fc1"), subtree(params, "fc2")
     width = x.shape[-1]
-    x2 = x.reshape(-1, width)  # (M, E)
+    x2 = x.reshape(-1, width)  # (M, C)
     dtype = np.result_type(x, fc1["weight"])
     hidden = np.empty((x2.shape[0], fc1["weight"].shape[0]), dtype)  # (M, F) fc1(x)
-    y = np.empty((x2.shape[0], fc2["weight"].shape[0]), dtype)  # (M, E)
+    y = np.empty((x2.shape[0], fc2["weight"].shape[0]), dtype)  # (M, C)
     for rows in _row_blocks(x2.shape[0]):
         hidden[rows], _ = linear_forward(fc1, x2[rows])
         activated, _ = gelu_forward(None, hidden[rows])  # (rows, F)
@@ -213,16 +213,16 @@ def mlp_forward(params, x):
 def mlp_backward(params, cache, dy):
     """The chain rule through the three layers, last first: fc2, GELU, fc1; block by block, the
     weight gradients summed over the blocks."""
-    x2, hidden = cache  # (M, E), (M, F)
+    x2, hidden = cache  # (M, C), (M, F)
     fc1, fc2 = subtree(params, "fc1"), subtree(params, "fc2")
-    dy2 = dy.reshape(-1, dy.shape[-1])  # (M, E)
+    dy2 = dy.reshape(-1, dy.shape[-1])  # (M, C)
     dx = np.empty(x2.shape, np.result_type(dy, x2))
     grads = {name: np.zeros_like(value) for name, value in params.items()}
     for rows in _row_blocks(dy2.shape[0]):
         activated, gelu_cache = gelu_forward(None, hidden[rows])  # recomputed: (rows, F)
         dactivated, fc2_grads = linear_backward(fc2, activated, dy2[rows])  # (rows, F)
         dhidden, _ = gelu_backward(None, gelu_cache, dactivated)
-        dx[rows], fc1_grads = linear_backward(fc1, x2[rows], dhidden)  # (rows, E)
+        dx[rows], fc1_grads = linear_backward(fc1, x2[rows], dhidden)  # (rows, C)
         for name, g in {**prefixed(fc1_grads, "fc1"), **prefixed(fc2_grads, "fc2")}.items():
             grads[name] += g
     return dx.reshape(dy.shape[:-1] + (x2.shape[1],)), grads
@@ -365,8 +365,8 @@ def _attention_pattern(kind, segment_lengths, dilation_rates, window):
 
 
 def _check_attention_input(params, x, num_heads):
-    """Validate ``x (B, N, E)`` and the projections; return ``(B, N, E, H, D)``."""
-    check_array(x, "x", 3)  # (B, N, E): the projections run in NumPy whatever the backend
+    """Validate ``x (B, N, C)`` and the projections; return ``(B, N, C, H, D)``."""
+    check_array(x, "x", 3)  # (B, N, C): the projections run in NumPy whatever the backend
     num_heads = check_int(num_heads, "num_heads", minimum=1)
     batch, n, embed_dim = x.shape
     if embed_dim % num_heads:
@@ -406,14 +406,14 @@ def attention_forward(
 ):
     """Multi-head self-attention of kind ``"dilated"``, ``"dense"`` or ``"window"``:
 
-        q, k, v = x Wq^T + bq, x Wk^T + bk, x Wv^T + bv       # (B, N, E) -> (B, N, H, E/H)
+        q, k, v = x Wq^T + bq, x Wk^T + bk, x Wv^T + bv       # (B, N, C) -> (B, N, H, C/H)
         q, k    = rope(q), rope(k)                               # only if rope=True
-        o       = attention_kind(q, k, v), scale (E/H)^-1/2      # (B, N, H, E/H)
-        y       = o Wo^T + bo                                    # (B, N, E)
+        o       = attention_kind(q, k, v), scale (C/H)^-1/2      # (B, N, H, C/H)
+        y       = o Wo^T + bo                                    # (B, N, C)
 
     ``attention_kind`` is ``dilated_attention`` with the given branches (SPEC §2-4), softmax over
     all keys (``dense``), or one branch ``(W, 1)`` (``window``; ``W = window`` or
-    [`window_for`][] of the branches). ``params``: ``{q,k,v,out}_proj.{weight (E, E), bias (E,)}``
+    [`window_for`][] of the branches). ``params``: ``{q,k,v,out}_proj.{weight (C, C), bias (C,)}``
     in ``x``'s dtype. ``positions`` (``(N,)`` or ``(B, N)``, default ``0..N-1``) feed RoPE.
     With a GPU backend (``"cupy"``, ``"cupy-fused"``) only the attention runs on the GPU, on CuPy
     copies of ``q, k, v`` (the registry's ``arrays``); the projections stay NumPy.
@@ -436,12 +436,12 @@ def attention_forward(
     offsets = validate_offset_rule(offsets)
     get_backend(backend)  # an unknown name, or a GPU backend without CuPy, fails before any work
     if rope and head_dim % 2:
-        raise ValueError(f"rope needs an even head dimension E // num_heads, got {head_dim}")
+        raise ValueError(f"rope needs an even head dimension (the width over the number of heads), got {head_dim}")
     if branches is None and backend_spec(backend).name != "reference":
         branches = [max(n, 1)], [1]  # dense on a fast backend: one full segment, no dilation
 
-    split = lambda t: t.reshape(batch, n, heads, head_dim)  # (B, N, E) -> (B, N, H, D)
-    q, q_cache = linear_forward(subtree(params, "q_proj"), x)  # (B, N, E)
+    split = lambda t: t.reshape(batch, n, heads, head_dim)  # (B, N, C) -> (B, N, H, D)
+    q, q_cache = linear_forward(subtree(params, "q_proj"), x)  # (B, N, C)
     k, k_cache = linear_forward(subtree(params, "k_proj"), x)
     v, v_cache = linear_forward(subtree(params, "v_proj"), x)
     q, k, v = split(q), split(k), split(v)  # (B, N, H, D)
@@ -460,7 +460,7 @@ def attention_forward(
         o, lse = _attention_core(q, k, v, branches, options)  # (B, N, H, D), (B, N, H)
     else:
         o, lse = _cached_attention(kv_cache, q, k, v, kind, branches, causal)  # rows t .. t + N - 1
-    y, out_cache = linear_forward(subtree(params, "out_proj"), o.reshape(batch, n, embed_dim))  # (B, N, E)
+    y, out_cache = linear_forward(subtree(params, "out_proj"), o.reshape(batch, n, embed_dim))  # (B, N, C)
     cache = {
         "projections": (q_cache, k_cache, v_cache, out_cache),
         "qkv": (q, k, v),
@@ -490,14 +490,14 @@ def attention_backward(params, cache, dy):
     check_array(dy, "dy", 3)
     if dy.shape != (batch, n, heads * head_dim):
         raise ValueError(f"dy must have the forward output's shape {(batch, n, heads * head_dim)}, got {dy.shape}")
-    do, out_grads = linear_backward(subtree(params, "out_proj"), out_cache, dy)  # (B, N, E)
+    do, out_grads = linear_backward(subtree(params, "out_proj"), out_cache, dy)  # (B, N, C)
     do = do.reshape(batch, n, heads, head_dim)  # (B, N, H, D)
     core_backward = _attention_core_backward if cache.get("core") is None else cache["core"].backward
     dq, dk, dv = core_backward(do, q, k, v, cache["o"], cache["lse"], cache["branches"], cache["options"])
     if cache["rope"] is not None:
         q_rope, k_rope = cache["rope"]
         dq, dk = rope_backward(q_rope, dq), rope_backward(k_rope, dk)
-    merge = lambda t: t.reshape(batch, n, heads * head_dim)  # (B, N, H, D) -> (B, N, E)
+    merge = lambda t: t.reshape(batch, n, heads * head_dim)  # (B, N, H, D) -> (B, N, C)
     dx_q, q_grads = linear_backward(subtree(params, "q_proj"), q_cache, merge(dq))
     dx_k, k_grads = linear_backward(subtree(params, "k_proj"), k_cache, merge(dk))
     dx_v, v_grads = linear_backward(subtree(params, "v_proj"), v_cache, merge(dv))
@@ -557,7 +557,7 @@ def init_linear(rng, in_features, out_features, *, dtype=np.float64, gain=1.0, z
 
 
 def init_embedding(rng, vocab_size, embed_dim, *, dtype=np.float64, std=0.02):
-    """``W ~ N(0, std^2)``, ``(V, E)`` (GPT-2's 0.02)."""
+    """``W ~ N(0, std^2)``, ``(V, C)`` (GPT-2's 0.02)."""
     return {"weight": (std * rng.standard_normal((vocab_size, embed_dim))).astype(dtype)}
 
 
@@ -567,7 +567,7 @@ def init_layernorm(embed_dim, *, dtype=np.float64):
 
 
 def init_mlp(rng, embed_dim, hidden_dim, *, dtype=np.float64):
-    """``fc1 (F, E)``, ``fc2 (E, F)``, both [`init_linear`][]."""
+    """``fc1 (F, C)``, ``fc2 (C, F)``, both [`init_linear`][]."""
     fc1 = init_linear(rng, embed_dim, hidden_dim, dtype=dtype)
     fc2 = init_linear(rng, hidden_dim, embed_dim, dtype=dtype)
     return {**prefixed(fc1, "fc1"), **prefixed(fc2, "fc2")}
@@ -640,7 +640,7 @@ class MultiheadDilatedAttention:
         return {name: value.copy() for name, value in self.params.items()}
 
     def forward(self, x):
-        """``x (B, N, E) -> (y (B, N, E), cache)``: [`attention_forward`][longnet_ref.nn.attention_forward] with ``kind="dilated"``."""
+        """``x (B, N, C) -> (y (B, N, C), cache)``: [`attention_forward`][longnet_ref.nn.attention_forward] with ``kind="dilated"``."""
         check_array(x, "x", 3)
         if x.shape[2] != self.embed_dim:
             raise ValueError(f"x must have shape (B, N, {self.embed_dim}) (the layer's params are for embed_dim={self.embed_dim}), got {x.shape}")
@@ -657,5 +657,5 @@ class MultiheadDilatedAttention:
         )
 
     def backward(self, dy, cache):
-        """``(dx (B, N, E), grads)``, ``grads`` keyed like ``params``: the exact gradient."""
+        """``(dx (B, N, C), grads)``, ``grads`` keyed like ``params``: the exact gradient."""
         return attention_backward(self.params, cache, dy)
