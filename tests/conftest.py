@@ -36,3 +36,16 @@ def pytest_configure(config):
 def pytest_report_header(config):
     seed = config.stash.get(SEED_KEY, None)
     return f"hypothesis seed: {seed} (reproduce with: python -m pytest --hypothesis-seed={seed})"
+
+
+@pytest.fixture
+def attention_calls(monkeypatch):
+    """The ``(function, backend)`` of every call the layers make to the dilated attention, forward
+    and backward: ``nn``'s two entry points wrapped to record their ``backend=`` and then run."""
+    from longnet_ref import nn
+
+    calls = []
+    for name in ("dilated_attention", "dilated_attention_backward"):
+        real = getattr(nn, name)
+        monkeypatch.setattr(nn, name, lambda *a, _real=real, _name=name, **kw: calls.append((_name, kw["backend"])) or _real(*a, **kw))
+    return calls

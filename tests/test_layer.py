@@ -558,13 +558,9 @@ def test_state_dict_is_a_copy():
 
 
 @pytest.mark.parametrize("backend", ["reference", "numba"])
-def test_the_layers_backend_runs_its_attention_forward_and_backward(monkeypatch, backend):
+def test_the_layers_backend_runs_its_attention_forward_and_backward(attention_calls, backend):
     """``MultiheadDilatedAttention(..., backend=b)`` runs its dilated attention on ``b``, both ways."""
-    seen = []
-    for name in ("dilated_attention", "dilated_attention_backward"):
-        real = getattr(nn, name)
-        monkeypatch.setattr(nn, name, lambda *a, _real=real, _name=name, **kw: seen.append((_name, kw["backend"])) or _real(*a, **kw))
     layer = MultiheadDilatedAttention(8, 2, [4], [1], causal=True, backend=backend)
     y, cache = layer.forward(np.random.default_rng(0).standard_normal((1, 8, 8)))
     layer.backward(np.ones_like(y), cache)
-    assert seen == [("dilated_attention", backend), ("dilated_attention_backward", backend)]
+    assert attention_calls == [("dilated_attention", backend), ("dilated_attention_backward", backend)]
