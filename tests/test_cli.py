@@ -899,3 +899,11 @@ def test_blas_threads_limits_the_blas_pool_of_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(threadpoolctl, "threadpool_limits", lambda limit, **kw: limits.append((limit, kw)) or real(limit, **kw))
     assert main(["train", *TINY_TRAIN, "--steps", "1", "--eval-every", "0", "--blas-threads", "3", "--out", str(tmp_path / "r")]) == 0
     assert limits == [(3, {"user_api": "blas"})]
+
+
+def test_the_summary_counts_its_steps_in_words(tmp_path, capsys):
+    """``... ; 1 step in ...`` for one step, ``2 steps`` for two (the summary line of a run)."""
+    loud = [a for a in TINY_TRAIN if a != "--quiet"]
+    for steps, words in (("1", "; 1 step in "), ("2", "; 2 steps in ")):
+        assert main(["train", *loud, "--steps", steps, "--eval-every", "0", "--out", str(tmp_path / steps)]) == 0
+        assert words in capsys.readouterr().out

@@ -516,7 +516,7 @@ def _fit_and_report(args, task, state: TrainState, extra: dict, out: Path, comm=
     summary = f"loss {first['loss']:.3f} -> {last['loss']:.3f}"
     if evals:
         summary += f"; held-out loss {evals[-1]['eval_loss']:.3f}, accuracy {evals[-1]['eval_accuracy']:.3f}"
-    print(f"{summary}; {len(records)} steps in {seconds:.1f} s")
+    print(f"{summary}; {len(records)} step{'s' if len(records) != 1 else ''} in {seconds:.1f} s")
     written = [out / "log.json"]
     try:
         written.append(plot_log(records, out / "loss.png", title, task.chance_loss))
